@@ -1,0 +1,39 @@
+# Two commands: `make run` (the pipeline) and `make test` (the test suite).
+# Both create or refresh the virtual environment from pyproject.toml first.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.imagegen-$(shell sha256sum pyproject.toml | cut -c1-16)
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: run test venv dataset
+
+run: venv dataset
+	dvc repro
+
+test: venv dataset
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+venv: $(STAMP)
+	@# An editable install points at one checkout: re-point it when the venv is shared.
+	@$(PY) -c "import imagegen, sys; sys.exit(not imagegen.__file__.startswith('$(CURDIR)/'))" 2>/dev/null \
+		|| $(PY) -m pip install -q --no-deps -e .
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -e '.[dev]'
+	rm -f $(VENV)/.imagegen-* && touch $@
+
+# The offline data source: Debian's dataset-fashion-mnist (installed here when running as root).
+dataset:
+	@test -d /usr/share/datasets/fashion-mnist && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+		echo "note: /usr/share/datasets/fashion-mnist is missing; fetch will try the official URLs" \
+		     "(offline: sudo apt-get install dataset-fashion-mnist)"; \
+	fi

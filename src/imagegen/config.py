@@ -1,0 +1,86 @@
+"""Typed view of params.yaml, the one source of truth for every stage's parameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from imagegen.errors import ImagegenError
+
+DATASETS = ("fashion-mnist", "mnist")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    dataset: Literal["fashion-mnist", "mnist"] = "fashion-mnist"
+    # Tried in order. A folder (mirror holding the IDX files, .gz or not), an http(s)
+    # base URL, or "official" for the dataset's own URLs. "{dataset}" is substituted.
+    sources: list[str] = Field(
+        default_factory=lambda: ["/usr/share/datasets/{dataset}", "official"], min_length=1
+    )
+    retries: Annotated[int, Field(ge=0, le=10)] = 3
+    backoff_s: Annotated[float, Field(ge=0)] = 1.0
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+
+    @field_validator("sources")
+    @classmethod
+    def _no_empty_source(cls, sources: list[str]) -> list[str]:
+        if any(not s.strip() for s in sources):
+            raise ValueError("sources must not contain empty strings")
+        return sources
+
+
+class ValidateConfig(Section):
+    # Rows expected per split; null means the dataset's published sizes (60000 / 10000).
+    expected_counts: dict[Literal["train", "test"], Annotated[int, Field(ge=1)]] | None = None
+    # Each class's share of a split may differ from 1/num_classes by this fraction of it.
+    class_balance_tolerance: Annotated[float, Field(ge=0, le=1)] = 0.1
+    # Largest allowed fraction of a split's images that repeat an earlier image of the same split.
+    max_duplicate_fraction: Annotated[float, Field(ge=0, le=1)] = 0.01
+    # Two images of different splits closer than this RMS pixel distance (0..255) count as
+    # near-duplicates; exact copies have distance 0.
+    near_duplicate_rms: Annotated[float, Field(gt=0, le=255)] = 5.0
+    # Largest allowed fraction of a split's images with a (near-)duplicate in the other split.
+    max_cross_split_duplicate_fraction: Annotated[float, Field(ge=0, le=1)] = 0.01
+
+
+class Config(Section):
+    data: DataConfig = DataConfig()
+    validate_: ValidateConfig = Field(default=ValidateConfig(), alias="validate")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def load_config(path: Path | str = "params.yaml") -> Config:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ImagegenError(f"{path}: file not found (expected the pipeline's params file)") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ImagegenError(f"{path}:{where} is not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise ImagegenError(f"{path}: expected a mapping of sections at the top level")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ImagegenError(f"{path}: {_describe(exc)}") from None
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"{key}: unknown key")
+        else:
+            parts.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(parts)
