@@ -1,0 +1,40 @@
+import subprocess
+import sys
+
+HEAVY = ("torch", "great_expectations", "pandas", "numpy", "mlflow", "prefect", "dvc")
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "imagegen.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_help_imports_nothing_heavy():
+    code = ("import sys, imagegen.cli as c; c.build_parser().format_help(); "
+            f"print([m for m in {HEAVY!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    help_text = run_cli("--help").stdout
+    for stage in ("fetch", "prepare", "validate"):
+        assert stage in help_text
+
+
+def test_bad_params_is_one_line_and_non_zero(tmp_path):
+    (tmp_path / "params.yaml").write_text("data:\n  retries: lots\n")
+    result = run_cli("fetch", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "imagegen fetch: error: params.yaml: data.retries: Input should be a valid integer, "
+        "unable to parse string as an integer (got 'lots')"
+    ]
+    assert not (tmp_path / "data").exists()
+
+
+def test_stage_failure_is_one_line(tmp_path):
+    (tmp_path / "params.yaml").write_text(f"data:\n  sources: [{tmp_path / 'none'}]\n")
+    result = run_cli("fetch", cwd=tmp_path)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "no such folder" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert list((tmp_path / "data").iterdir()) == []
