@@ -52,3 +52,14 @@ def set_params(root: Path, **sections: dict) -> None:
     for section, values in sections.items():
         params.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(autouse=True)
+def restore_mlflow_tracking_uri():
+    """mlflow.set_tracking_uri() also sets MLFLOW_TRACKING_URI: keep it from leaking between tests."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before

@@ -33,10 +33,25 @@ def _validate(cfg, root):
     return f"{result.summary['evaluated_expectations']} expectations passed"
 
 
+def _train(kind):
+    def run(cfg, root):
+        from imagegen.training.stage import run_train
+
+        result = run_train(cfg, kind, root)
+        m = result.metrics
+        if not m:  # a non-main DDP process
+            return "done"
+        return f"{m['epochs']} epochs, {m['images_per_s']} images/s, weights in {result.model_dir}"
+
+    return run
+
+
 STAGES: dict[str, tuple[Callable, str]] = {
     "fetch": (_fetch, "download or copy the dataset's IDX files, verified by checksum"),
     "prepare": (_prepare, "parse IDX files into .npz arrays and a per-image manifest"),
     "validate": (_validate, "run the Great Expectations suite over the prepared data"),
+    "train-gan": (_train("gan"), "train the DCGAN (GPU when present); resumable"),
+    "train-vae": (_train("vae"), "train the convolutional VAE (GPU when present); resumable"),
 }
 
 
@@ -58,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("great_expectations", "urllib3"):
+    for noisy in ("great_expectations", "urllib3", "alembic", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     run, _ = STAGES[args.command]
     started = time.perf_counter()

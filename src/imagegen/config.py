@@ -50,9 +50,53 @@ class ValidateConfig(Section):
     max_cross_split_duplicate_fraction: Annotated[float, Field(ge=0, le=1)] = 0.01
 
 
+class TrainConfig(Section):
+    """Shared by train-gan and train-vae."""
+
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    seed: int = 0
+    amp: bool = True  # bf16 autocast on CUDA; ignored elsewhere
+    channels_last: bool = True  # CUDA only
+    compile: bool = False  # torch.compile the training models
+    threads: Annotated[int, Field(ge=0)] = 0  # CPU threads; 0 = torch's default
+    checkpoint_every: Annotated[int, Field(ge=1)] = 500  # steps
+    resume: bool = True  # continue from checkpoints/<kind>/last.pt when it matches params and data
+    limit: Annotated[int, Field(ge=1)] | None = None  # train on the first N images only (smoke runs)
+    mlflow: bool = True  # log runs to MLflow (MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)
+
+
+class GANConfig(Section):
+    epochs: Annotated[int, Field(ge=1)] = 10
+    batch_size: Annotated[int, Field(ge=2)] = 64
+    latent_dim: Annotated[int, Field(ge=1)] = 64
+    width: Annotated[int, Field(ge=1)] = 32  # channels of the first/last conv; x2, x4 deeper
+    kernel_size: Literal[4, 5] = 4
+    conditional: bool = False
+    spectral_norm: bool = True
+    loss: Literal["hinge", "bce"] = "hinge"
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0  # one-sided, bce only
+    lr_g: Annotated[float, Field(gt=0)] = 2e-4
+    lr_d: Annotated[float, Field(gt=0)] = 2e-4
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.5, 0.999)
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.999
+
+
+class VAEConfig(Section):
+    epochs: Annotated[int, Field(ge=1)] = 10
+    batch_size: Annotated[int, Field(ge=2)] = 128
+    latent_dim: Annotated[int, Field(ge=1)] = 16
+    width: Annotated[int, Field(ge=1)] = 32
+    conditional: bool = False
+    beta: Annotated[float, Field(gt=0)] = 1.0
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+
+
 class Config(Section):
     data: DataConfig = DataConfig()
     validate_: ValidateConfig = Field(default=ValidateConfig(), alias="validate")
+    train: TrainConfig = TrainConfig()
+    gan: GANConfig = GANConfig()
+    vae: VAEConfig = VAEConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

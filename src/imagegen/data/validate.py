@@ -169,10 +169,11 @@ def build_suite(num_classes: int, cfg: ValidateConfig):
 def run_suite(batches: dict, expected_counts: dict, num_classes: int, cfg: ValidateConfig, report_dir: Path) -> dict:
     """Validate each split's frame; write Data Docs under report_dir; return results as JSON dicts."""
     import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
+    from great_expectations.data_context.types import base
 
+    base.logger.setLevel(logging.WARNING)  # it sets INFO itself and announces a temp folder per context
     context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    context.variables.progress_bars = base.ProgressBarsConfig(globally=False, metric_calculations=False)
     context.add_data_docs_site(
         site_name="validation",
         site_config={

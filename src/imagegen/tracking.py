@@ -1,0 +1,96 @@
+"""MLflow set-up: the embedded default store, runs with lineage tags, per-epoch logging.
+
+With MLFLOW_TRACKING_URI unset, runs go to sqlite:///mlruns.db with artifacts in ./mlartifacts
+(both beside params.yaml); set the variable to use a tracking server instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
+
+from imagegen.errors import ImagegenError
+
+PIPELINE_RUN_ENV = "IMAGEGEN_PIPELINE_RUN"  # set by an orchestrator to group one pipeline run's stages
+PARENT_RUN_ENV = "IMAGEGEN_PARENT_RUN_ID"  # an MLflow run id to nest stage runs under
+
+
+def embedded_uri(root: Path) -> str:
+    return f"sqlite:///{(root / 'mlruns.db').resolve()}"
+
+
+def configure(root: Path) -> str:
+    import mlflow
+
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri(embedded_uri(root))  # note: this also sets the variable
+    return mlflow.get_tracking_uri()
+
+
+def experiment_id(name: str, root: Path) -> str:
+    import mlflow
+
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    embedded = mlflow.get_tracking_uri() == embedded_uri(root)
+    location = (root / "mlartifacts").resolve().as_uri() if embedded else None
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def lineage_tags(root: Path, params: dict, device: str) -> dict[str, str]:
+    commit = git_commit(root)
+    params_hash = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {
+        "git_commit": commit,
+        "params_hash": params_hash,
+        "dvc_data_md5": dvc_out_md5(root, "prepare", "data/prepared"),
+        "device": device,
+        "pipeline_run": os.environ.get(PIPELINE_RUN_ENV) or f"{commit[:10]}-{params_hash[:8]}",
+    }
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def dvc_out_md5(root: Path, stage: str, path: str) -> str:
+    """The md5 DVC recorded in dvc.lock for a stage output ('untracked' outside a DVC run)."""
+    try:
+        lock = yaml.safe_load((root / "dvc.lock").read_text()) or {}
+        outs = lock["stages"][stage]["outs"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return "untracked"
+    return next((o.get("md5", "untracked") for o in outs if o.get("path") == path), "untracked")
+
+
+def flatten(prefix: str, values: dict) -> dict[str, object]:
+    return {f"{prefix}.{k}": v for k, v in values.items()}
+
+
+@contextlib.contextmanager
+def stage_run(root: Path, experiment: str, run_name: str, params: dict, tags: dict) -> Iterator[object]:
+    """An active MLflow run for one stage, nested under IMAGEGEN_PARENT_RUN_ID when set."""
+    import mlflow
+
+    uri = configure(root)
+    try:
+        exp_id = experiment_id(experiment, root)
+        run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags,
+                               parent_run_id=os.environ.get(PARENT_RUN_ENV) or None)
+    except Exception as exc:  # MLflow raises many kinds for an unreachable or broken store
+        raise ImagegenError(f"MLflow tracking at {uri} is not usable: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    with run:
+        mlflow.log_params(params)
+        yield run

@@ -1,0 +1,49 @@
+"""The whole uint8 training set lives on the device; batches are index slices of it.
+
+60k x 28 x 28 bytes is 47 MB: a DataLoader would only add worker overhead. Each epoch's order
+is a permutation drawn from (seed, epoch), so a resumed run sees exactly the batches an
+uninterrupted one would. Under DDP each rank takes its own slice of every global batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imagegen.errors import ImagegenError
+
+
+def load_split(path: Path, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            images, labels = arrays["images"], arrays["labels"]
+    except FileNotFoundError:
+        raise ImagegenError(f"{path}: file not found (run the prepare stage first)") from None
+    if images.dtype != np.uint8 or images.ndim != 3:
+        raise ImagegenError(f"{path}: images are {images.dtype} {images.shape}, expected uint8 N x H x W")
+    return (images[:limit], labels[:limit]) if limit else (images, labels)
+
+
+class DeviceBatches:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device,
+                 seed: int, rank: int = 0, world_size: int = 1):
+        self.images = torch.from_numpy(images).to(device).unsqueeze(1)  # N x 1 x H x W, uint8
+        self.labels = torch.from_numpy(labels.astype(np.int64)).to(device)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.steps_per_epoch = len(self.images) // (batch_size * world_size)
+        if self.steps_per_epoch == 0:
+            raise ImagegenError(
+                f"train: {len(self.images)} images are fewer than one batch of {batch_size} x {world_size} process(es); "
+                "lower the batch_size"
+            )
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        order = order.to(self.images.device)
+        for step in range(start_step, self.steps_per_epoch):
+            start = (step * self.world_size + self.rank) * self.batch_size
+            index = order[start:start + self.batch_size]
+            yield self.images[index], self.labels[index]

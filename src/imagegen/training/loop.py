@@ -1,0 +1,161 @@
+"""The training loop shared by the GAN and the VAE: epochs, checkpoints, resume, NaN guard.
+
+It reports through a `TrainingLogger` (no MLflow import here), so it runs on a bare GPU box.
+Checkpoints hold models, optimisers, EMA, the epoch and the step within it; the data order is
+drawn from (seed, epoch) and the noise from (seed, rank, epoch, step), so a resumed CPU run
+finishes with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from imagegen.errors import ImagegenError
+from imagegen.fsutil import atomic_file
+from imagegen.training.data import DeviceBatches
+from imagegen.training.runtime import Runtime
+from imagegen.training.tasks import Task
+
+log = logging.getLogger(__name__)
+
+
+class TrainingLogger:
+    """Callbacks the loop calls on the main process; the default does nothing."""
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float], samples: torch.Tensor) -> None: ...
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    epochs: int
+    seed: int
+    checkpoint_path: Path
+    checkpoint_every: int  # steps
+    fingerprint: str  # a checkpoint is resumed only when this matches
+    resume: bool = True
+    grid_size: int = 64
+    check_every: int = 50  # steps between finiteness checks (each one syncs the device)
+
+
+@dataclass
+class History:
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int | None = None  # global step
+    steps: int = 0
+    seconds: float = 0.0
+    images: int = 0
+
+
+def train(task: Task, data: DeviceBatches, cfg: LoopConfig, runtime: Runtime,
+          logger: TrainingLogger | None = None) -> History:
+    logger = logger or TrainingLogger()
+    noise = torch.Generator(device=runtime.device)
+    fixed_z, fixed_labels = fixed_inputs(task, cfg, runtime.device)
+    history = History()
+    epoch, step_in_epoch = 0, 0
+    state = load_checkpoint(cfg) if cfg.resume else None
+    if state is not None:
+        task.load_state_dict(state["task"])
+        epoch, step_in_epoch = state["epoch"], state["step_in_epoch"]
+        history.epochs = state["history"]
+        history.resumed_from = epoch * data.steps_per_epoch + step_in_epoch
+        log.info("%s: resuming from %s at epoch %d, step %d", task.kind, cfg.checkpoint_path, epoch + 1, step_in_epoch)
+
+    started = time.perf_counter()
+    while epoch < cfg.epochs:
+        sums: dict[str, torch.Tensor] = {}
+        epoch_start, done = time.perf_counter(), 0
+        bar = progress(task.kind, epoch, cfg.epochs, data.steps_per_epoch, step_in_epoch, runtime)
+        for images, labels in data.epoch(epoch, step_in_epoch):
+            # Noise seeded per (rank, step): a resumed or distributed run needs no generator state.
+            noise.manual_seed(hash((cfg.seed, runtime.rank, epoch, step_in_epoch)) & 0xFFFF_FFFF_FFFF)
+            losses = task.step(images, labels, noise)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0) + v
+            step_in_epoch += 1
+            done += 1
+            if step_in_epoch % cfg.check_every == 0 or step_in_epoch % cfg.checkpoint_every == 0:
+                means = check_finite(task, sums, done, epoch, step_in_epoch, cfg)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()}, refresh=False)
+            if step_in_epoch % cfg.checkpoint_every == 0 and runtime.is_main:
+                save_checkpoint(task, epoch, step_in_epoch, history, cfg)
+            bar.update(1)
+        bar.close()
+        seconds = time.perf_counter() - epoch_start
+        means = check_finite(task, sums, done, epoch, step_in_epoch, cfg) if done else {}
+        images_per_s = done * len(images) * runtime.world_size / seconds if done else 0.0
+        history.steps += done
+        history.images += done * data.batch_size * runtime.world_size
+        epoch += 1
+        step_in_epoch = 0
+        row = {"epoch": epoch, **means, "images_per_s": round(images_per_s, 1), "seconds": round(seconds, 2)}
+        history.epochs.append(row)
+        if runtime.is_main:
+            log.info("%s: epoch %d/%d %s", task.kind, epoch, cfg.epochs,
+                     " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+            logger.on_epoch_end(epoch, row, task.sample(fixed_z, fixed_labels))
+            save_checkpoint(task, epoch, 0, history, cfg)
+    history.seconds = time.perf_counter() - started
+    return history
+
+
+def fixed_inputs(task: Task, cfg: LoopConfig, device: torch.device):
+    """The same latents every epoch, so the sample grids show progress; one row per class if conditional."""
+    gen = torch.Generator().manual_seed(cfg.seed + 12345)
+    z = torch.randn(cfg.grid_size, task.cfg.latent_dim, generator=gen).to(device)
+    if not task.num_classes:
+        return z, None
+    labels = torch.arange(cfg.grid_size) * task.num_classes // cfg.grid_size
+    return z, labels.to(device)
+
+
+def check_finite(task, sums, count, epoch, step_in_epoch, cfg) -> dict[str, float]:
+    means = {k: float(v) / count for k, v in sums.items()}
+    bad = {k: v for k, v in means.items() if not math.isfinite(v)}
+    if bad:
+        kept = cfg.checkpoint_path if cfg.checkpoint_path.exists() else "none yet"
+        raise ImagegenError(
+            f"train-{task.kind}: non-finite loss in epoch {epoch + 1} by step {step_in_epoch} "
+            f"({', '.join(f'{k}={v}' for k, v in bad.items())}); last good checkpoint: {kept}. "
+            "Lower the learning rate or check the data"
+        )
+    return means
+
+
+def progress(kind, epoch, epochs, total, start, runtime):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc=f"{kind} epoch {epoch + 1}/{epochs}", unit="step",
+                disable=None if runtime.is_main else True, leave=False, dynamic_ncols=True)
+
+
+def save_checkpoint(task, epoch, step_in_epoch, history, cfg: LoopConfig) -> None:
+    state = {
+        "fingerprint": cfg.fingerprint,
+        "task": task.state_dict(),
+        "epoch": epoch,
+        "step_in_epoch": step_in_epoch,
+        "history": history.epochs,
+    }
+    with atomic_file(cfg.checkpoint_path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(cfg: LoopConfig) -> dict | None:
+    if not cfg.checkpoint_path.exists():
+        return None
+    try:
+        state = torch.load(cfg.checkpoint_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file is not worth failing over: start afresh
+        log.warning("ignoring unreadable checkpoint %s (%s)", cfg.checkpoint_path, exc)
+        return None
+    if state.get("fingerprint") != cfg.fingerprint:
+        log.info("checkpoint %s is for other params or data; starting afresh", cfg.checkpoint_path)
+        return None
+    return state

@@ -1,0 +1,69 @@
+"""Where training runs: device choice and (when launched by torchrun) the process group."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from imagegen.errors import ImagegenError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def select_device(preference: str) -> torch.device:
+    """'auto' picks cuda > mps > cpu; an explicit choice that is not available is an error."""
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+        "cpu": True,
+    }
+    if preference == "auto":
+        return torch.device(next(name for name in ("cuda", "mps", "cpu") if available[name]))
+    if not available[preference]:
+        raise ImagegenError(f"params.yaml train.device: '{preference}' is not available on this machine; use auto or cpu")
+    return torch.device(preference)
+
+
+def setup_runtime(preference: str) -> Runtime:
+    """Single process unless torchrun set RANK/WORLD_SIZE; then join the process group."""
+    device = select_device(preference)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Runtime(device)
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    runtime = Runtime(device, dist.get_rank(), dist.get_world_size())
+    log.info("distributed: rank %d of %d on %s", runtime.rank, runtime.world_size, device)
+    return runtime
+
+
+def teardown_runtime(runtime: Runtime) -> None:
+    if runtime.distributed:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,175 @@
+"""The train-gan / train-vae stages: data -> loop -> weights, metrics, curves, sample grids, MLflow."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from imagegen.config import Config
+from imagegen.data.datasets import DATASETS
+from imagegen.data.prepare import PREPARED_DIR
+from imagegen.fsutil import atomic_dir, atomic_file, write_json
+from imagegen.models.io import save_model
+from imagegen.training.data import DeviceBatches, load_split
+from imagegen.training.loop import History, LoopConfig, TrainingLogger, train
+from imagegen.training.runtime import Runtime, setup_runtime, teardown_runtime
+from imagegen.training.tasks import GANTask, Task, VAETask
+
+log = logging.getLogger(__name__)
+
+TASKS = {"gan": GANTask, "vae": VAETask}
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    kind: str
+    model_dir: Path
+    metrics: dict
+
+
+def paths(root: Path, kind: str) -> dict[str, Path]:
+    return {
+        "model": root / "models" / kind,
+        "metrics": root / "metrics" / f"train-{kind}.json",
+        "plot": root / "plots" / f"train-{kind}.csv",
+        "samples": root / "reports" / kind,
+        "checkpoint": root / "checkpoints" / kind / "last.pt",
+    }
+
+
+def run_train(cfg: Config, kind: str, root: Path = Path(".")) -> TrainResult:
+    section = getattr(cfg, kind)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    runtime = setup_runtime(cfg.train.device)
+    try:
+        spec = DATASETS[cfg.data.dataset]
+        train_file = root / PREPARED_DIR / "train.npz"
+        images, labels = load_split(train_file, cfg.train.limit)
+        torch.manual_seed(cfg.train.seed)
+        task = TASKS[kind](section, len(spec.classes), runtime.device, cfg.train.amp, cfg.train.channels_last)
+        task.prepare_models(cfg.train.compile, runtime.distributed)
+        data = DeviceBatches(images, labels, section.batch_size, runtime.device, cfg.train.seed,
+                             runtime.rank, runtime.world_size)
+        out = paths(root, kind)
+        params = {"data.dataset": cfg.data.dataset, **_flat("train", cfg.train), **_flat(kind, section)}
+        loop_cfg = LoopConfig(
+            epochs=section.epochs, seed=cfg.train.seed, checkpoint_path=out["checkpoint"],
+            checkpoint_every=cfg.train.checkpoint_every, resume=cfg.train.resume,
+            fingerprint=fingerprint(kind, params, train_file, runtime.world_size),
+        )
+        if not runtime.is_main:
+            train(task, data, loop_cfg, runtime)
+            return TrainResult(kind, out["model"], {})
+        log.info("train-%s: %d images, %d steps/epoch, %d epochs on %s%s", kind, len(images), data.steps_per_epoch,
+                 section.epochs, runtime.device, f" x {runtime.world_size}" if runtime.distributed else "")
+        grids = GridWriter(out["samples"])
+        if not cfg.train.mlflow:
+            history = train(task, data, loop_cfg, runtime, grids)
+            return finish(task, history, cfg, kind, runtime, out)
+        from imagegen import tracking
+
+        tags = tracking.lineage_tags(root, params, str(runtime.device))
+        with tracking.stage_run(root, f"imagegen-{cfg.data.dataset}", f"train-{kind}", params, tags):
+            history = train(task, data, loop_cfg, runtime, MlflowLogger(grids))
+            result = finish(task, history, cfg, kind, runtime, out)
+            log_outputs(result, out)
+        return result
+    finally:
+        teardown_runtime(runtime)
+
+
+def _flat(prefix: str, section) -> dict:
+    return {f"{prefix}.{k}": v for k, v in section.model_dump().items()}
+
+
+def fingerprint(kind: str, params: dict, train_file: Path, world_size: int) -> str:
+    """What a checkpoint must match to be resumed: params (but not resume itself), data, world size."""
+    digest = hashlib.sha256(train_file.read_bytes()).hexdigest()
+    relevant = {k: v for k, v in params.items() if k not in ("train.resume", "train.mlflow", "train.threads")}
+    blob = json.dumps([kind, relevant, digest, world_size], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class GridWriter(TrainingLogger):
+    """reports/<kind>/samples-epoch-NNN.png, written atomically."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.last: Path | None = None
+
+    def on_epoch_end(self, epoch, metrics, samples):
+        from torchvision.utils import save_image
+
+        self.last = self.folder / f"samples-epoch-{epoch:03d}.png"
+        buffer = io.BytesIO()
+        save_image(samples.cpu(), buffer, nrow=8, padding=2, format="png")
+        with atomic_file(self.last) as tmp:
+            tmp.write_bytes(buffer.getvalue())
+
+
+class MlflowLogger(TrainingLogger):
+    def __init__(self, grids: GridWriter):
+        self.grids = grids
+
+    def on_epoch_end(self, epoch, metrics, samples):
+        import mlflow
+
+        self.grids.on_epoch_end(epoch, metrics, samples)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        mlflow.log_artifact(str(self.grids.last), artifact_path="samples")
+
+
+def finish(task: Task, history: History, cfg: Config, kind: str, runtime: Runtime, out: dict) -> TrainResult:
+    section = getattr(cfg, kind)
+    module = task.export()
+    meta = {
+        "kind": kind,
+        "dataset": cfg.data.dataset,
+        "classes": list(DATASETS[cfg.data.dataset].classes),
+        "num_classes": task.num_classes,
+        "arch": {k: getattr(section, k) for k in ("latent_dim", "width", "kernel_size") if hasattr(section, k)},
+        "output_range": [0, 1],
+        "parameters": sum(p.numel() for p in module.parameters()),
+    }
+    with atomic_dir(out["model"]) as tmp:
+        save_model(tmp, module, meta)
+    last = history.epochs[-1] if history.epochs else {}
+    metrics = {
+        **{k: round(v, 5) for k, v in last.items() if k not in ("epoch", "seconds", "images_per_s")},
+        "epochs": len(history.epochs),
+        "steps": history.steps,
+        "images_per_s": round(history.images / history.seconds, 1) if history.seconds else None,
+        "train_minutes": round(history.seconds / 60, 2),
+        "resumed_from_step": history.resumed_from,
+        "device": str(runtime.device),
+        "world_size": runtime.world_size,
+        "parameters": meta["parameters"],
+    }
+    write_json(out["metrics"], metrics)
+    write_plot(out["plot"], history.epochs)
+    log.info("train-%s: done: %s", kind, metrics)
+    return TrainResult(kind, out["model"], metrics)
+
+
+def write_plot(path: Path, rows: list[dict]) -> None:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with atomic_file(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def log_outputs(result: TrainResult, out: dict) -> None:
+    import mlflow
+
+    mlflow.log_metrics({f"final_{k}": v for k, v in result.metrics.items() if isinstance(v, (int, float)) and v is not None})
+    mlflow.log_artifacts(str(out["model"]), artifact_path="model")
+    mlflow.log_artifact(str(out["plot"]))

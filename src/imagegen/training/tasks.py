@@ -1,0 +1,179 @@
+"""What one optimisation step means for each model; the loop in loop.py is shared.
+
+A task owns its models, optimisers and (for the GAN) the EMA generator, and exposes
+`step`, `sample`, `state_dict` / `load_state_dict` and `export` (the weights to ship).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imagegen.models.gan import Discriminator, Generator
+from imagegen.models.vae import VAE, negative_elbo
+
+
+class Task:
+    kind: str
+    trained: tuple[str, ...]
+    modules: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+
+    def __init__(self, device: torch.device, amp: bool, channels_last: bool):
+        self.device = device
+        self.autocast_enabled = amp and device.type == "cuda"
+        self.memory_format = torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format
+
+    def autocast(self):
+        if not self.autocast_enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def prepare_models(self, compile_models: bool, ddp: bool) -> None:
+        """Move to the device, then optionally torch.compile and wrap for DDP (training copies only)."""
+        for module in self.modules.values():
+            module.to(self.device, memory_format=self.memory_format)
+        self.train_modules = dict(self.modules)
+        for name in self.trained:
+            module = self.modules[name]
+            if ddp:
+                from torch.nn.parallel import DistributedDataParallel
+
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                module = DistributedDataParallel(module, device_ids=ids)
+            if compile_models:
+                module = torch.compile(module)
+            self.train_modules[name] = module
+
+    def state_dict(self) -> dict:
+        return {
+            "modules": {k: m.state_dict() for k, m in self.modules.items()},
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, m in self.modules.items():
+            m.load_state_dict(state["modules"][k])
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+
+    def as_input(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class GANTask(Task):
+    kind = "gan"
+    trained = ("generator", "discriminator")  # the EMA copy is updated by hand, never wrapped
+
+    def __init__(self, cfg, num_classes: int, device, amp=True, channels_last=True):
+        super().__init__(device, amp, channels_last)
+        self.cfg = cfg
+        self.num_classes = num_classes if cfg.conditional else 0
+        self.generator = Generator(cfg.latent_dim, cfg.width, self.num_classes, cfg.kernel_size)
+        self.discriminator = Discriminator(cfg.width, self.num_classes, cfg.spectral_norm, cfg.kernel_size)
+        self.ema = copy.deepcopy(self.generator).requires_grad_(False)
+        self.modules = {"generator": self.generator, "discriminator": self.discriminator, "ema": self.ema}
+        betas = tuple(cfg.betas)
+        self.optimizers = {
+            "generator": torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=betas),
+            "discriminator": torch.optim.Adam(self.discriminator.parameters(), lr=cfg.lr_d, betas=betas),
+        }
+
+    def as_input(self, images):
+        return (images.float() / 127.5 - 1).contiguous(memory_format=self.memory_format)
+
+    def d_loss(self, real_out, fake_out):
+        if self.cfg.loss == "hinge":
+            return F.relu(1 - real_out).mean() + F.relu(1 + fake_out).mean()
+        real_target = torch.full_like(real_out, 1 - self.cfg.label_smoothing)
+        return (F.binary_cross_entropy_with_logits(real_out, real_target)
+                + F.binary_cross_entropy_with_logits(fake_out, torch.zeros_like(fake_out)))
+
+    def g_loss(self, fake_out):
+        if self.cfg.loss == "hinge":
+            return -fake_out.mean()
+        return F.binary_cross_entropy_with_logits(fake_out, torch.ones_like(fake_out))  # non-saturating
+
+    def step(self, images, labels, noise: torch.Generator) -> dict[str, torch.Tensor]:
+        generator, discriminator = self.train_modules["generator"], self.train_modules["discriminator"]
+        real = self.as_input(images)
+        labels = labels if self.num_classes else None
+        z = torch.randn(len(real), self.cfg.latent_dim, generator=noise, device=self.device)
+        with self.autocast():
+            fake = generator(z, labels)
+            both_labels = torch.cat([labels, labels]) if labels is not None else None
+            real_out, fake_out = discriminator(torch.cat([real, fake.detach()]), both_labels).float().chunk(2)
+            d_loss = self.d_loss(real_out, fake_out)
+        self.optimizers["discriminator"].zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.optimizers["discriminator"].step()
+
+        with self.autocast():
+            g_loss = self.g_loss(discriminator(fake, labels).float())
+        self.optimizers["generator"].zero_grad(set_to_none=True)
+        g_loss.backward()
+        self.optimizers["generator"].step()
+        self.update_ema()
+        return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(),
+                "d_real": real_out.detach().mean(), "d_fake": fake_out.detach().mean()}
+
+    @torch.no_grad()
+    def update_ema(self):
+        decay = self.cfg.ema_decay
+        for ema_p, p in zip(self.ema.parameters(), self.generator.parameters()):
+            ema_p.lerp_(p, 1 - decay)
+        for ema_b, b in zip(self.ema.buffers(), self.generator.buffers()):
+            ema_b.copy_(b)
+
+    @torch.no_grad()
+    def sample(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """Images in [0, 1] from the EMA generator."""
+        self.ema.eval()
+        with self.autocast():
+            out = self.ema(z, labels if self.num_classes else None)
+        return (out.float() + 1) / 2
+
+    def export(self) -> nn.Module:
+        return self.ema
+
+
+class VAETask(Task):
+    kind = "vae"
+    trained = ("vae",)
+
+    def __init__(self, cfg, num_classes: int, device, amp=True, channels_last=True):
+        super().__init__(device, amp, channels_last)
+        self.cfg = cfg
+        self.num_classes = num_classes if cfg.conditional else 0
+        self.vae = VAE(cfg.latent_dim, cfg.width, self.num_classes)
+        self.modules = {"vae": self.vae}
+        self.optimizers = {"vae": torch.optim.Adam(self.vae.parameters(), lr=cfg.lr)}
+
+    def as_input(self, images):
+        return (images.float() / 255).contiguous(memory_format=self.memory_format)
+
+    def step(self, images, labels, noise: torch.Generator) -> dict[str, torch.Tensor]:
+        x = self.as_input(images)
+        labels = labels if self.num_classes else None
+        with self.autocast():
+            logits, mu, logvar = self.train_modules["vae"](x, labels, generator=noise)
+        loss, recon, kl = negative_elbo(logits.float(), x, mu.float(), logvar.float(), self.cfg.beta)
+        loss = loss.mean()
+        self.optimizers["vae"].zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizers["vae"].step()
+        return {"loss": loss.detach(), "recon": recon.detach().mean(), "kl": kl.detach().mean()}
+
+    @torch.no_grad()
+    def sample(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        self.vae.eval()
+        out = torch.sigmoid(self.vae.decode(z, labels if self.num_classes else None).float())
+        self.vae.train()
+        return out
+
+    def export(self) -> nn.Module:
+        return self.vae
