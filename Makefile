@@ -9,7 +9,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run test venv dataset
+.PHONY: run test venv dataset schedule schedule-status
 
 run: venv dataset
 	dvc repro
@@ -27,6 +27,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -e '.[dev]'
 	rm -f $(VENV)/.imagegen-* && touch $@
+
+# Scheduled retraining against a Prefect server (start one with `prefect server start --host 127.0.0.1`).
+schedule schedule-status: export PREFECT_API_URL ?= http://127.0.0.1:4200/api
+
+schedule: venv  ## register the weekly retrain deployment, then run its worker in the foreground
+	$(PY) -m pipelines.deploy serve
+
+schedule-status: venv  ## deployment, next runs, and whether a worker is polling (exit 1 if none)
+	$(PY) -m pipelines.deploy status
 
 # The offline data source: Debian's dataset-fashion-mnist (installed here when running as root).
 dataset:

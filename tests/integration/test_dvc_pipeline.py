@@ -13,7 +13,12 @@ from tests.conftest import set_params
 
 MIRROR = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.skipif(not MIRROR.is_dir(), reason="needs the dataset-fashion-mnist package (make test installs it)")
-STAGES = ("fetch", "prepare", "validate")
+STAGES = ("fetch", "prepare", "validate", "train-gan", "train-vae")
+TINY_TRAINING = {
+    "train": {"limit": 256, "mlflow": False},
+    "gan": {"epochs": 1, "width": 4, "latent_dim": 8, "batch_size": 32},
+    "vae": {"epochs": 1, "width": 4, "latent_dim": 4, "batch_size": 32},
+}
 
 
 def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -28,6 +33,7 @@ def ran(output: str) -> list[str]:
 
 
 def test_repro_runs_once_then_only_what_changed(project):
+    set_params(project, **TINY_TRAINING)
     first = dvc(project, "repro")
     assert ran(first.stdout) == list(STAGES)
     assert sorted(p.name for p in (project / "data/raw").iterdir()) == [
@@ -36,6 +42,10 @@ def test_repro_runs_once_then_only_what_changed(project):
     assert (project / "reports/validation/data_docs/index.html").is_file()
     metrics = json.loads((project / "metrics/validate.json").read_text())
     assert metrics["success"] and metrics["train"]["rows"] == 60000 and metrics["test"]["rows"] == 10000
+    for kind in ("gan", "vae"):
+        assert (project / f"models/{kind}/weights.pt").is_file()
+        assert (project / f"reports/{kind}/samples-epoch-001.png").is_file()
+        assert json.loads((project / f"metrics/train-{kind}.json").read_text())["steps"] == 8
 
     second = dvc(project, "repro")
     assert ran(second.stdout) == []
@@ -47,9 +57,15 @@ def test_repro_runs_once_then_only_what_changed(project):
     subprocess.run(["git", "add", "-A"], cwd=project, check=True)
     subprocess.run(["git", "commit", "-qm", "baseline"], cwd=project, check=True, env={**os.environ, **env})
     variant = dvc(project, "exp", "run", "-S", "validate.class_balance_tolerance=0.05")
-    assert ran(variant.stdout) == ["validate"]
-    shown = json.loads(dvc(project, "metrics", "show", "--json").stdout)
-    assert shown  # dvc reads metrics/validate.json
+    assert ran(variant.stdout) == ["validate"]  # its metrics did not change, so training is not re-run
+    variant = dvc(project, "exp", "run", "-S", "gan.lr_g=0.0001")
+    assert ran(variant.stdout) == ["train-gan"]
+
+    shown = dvc(project, "metrics", "show").stdout
+    for name in ("metrics/validate.json", "metrics/train-gan.json", "metrics/train-vae.json"):
+        assert name in shown
+    plots = json.loads(dvc(project, "plots", "show", "--json").stdout)
+    assert "plots/train-gan.csv" in json.dumps(plots)
 
 
 def test_failed_validation_stops_repro(project):

@@ -53,3 +53,21 @@ def test_bad_params_name_the_key(tmp_path, text, expected):
 def test_missing_file(tmp_path):
     with pytest.raises(ImagegenError, match="file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_gpu_profile_is_valid_and_documented():
+    from imagegen.config import GPU_PROFILE, with_overrides
+
+    cfg = with_overrides(Config(), GPU_PROFILE)
+    assert cfg.gan.width == GPU_PROFILE["gan.width"] and cfg.train.compile is True
+    readme = (REPO_PARAMS.parent / "README.md").read_text()
+    for key, value in GPU_PROFILE.items():
+        spelled = str(value).lower() if isinstance(value, bool) else f"{value:g}"
+        assert f"-S {key}={spelled}" in readme
+
+
+def test_overrides_are_validated():
+    from imagegen.config import with_overrides
+
+    with pytest.raises(Exception):
+        with_overrides(Config(), {"gan.width": -1})

@@ -1,0 +1,173 @@
+"""The `retrain` schedule: a cron deployment on a process work pool, and the worker it needs.
+
+    python -m pipelines.deploy apply    # create the pool if missing, register/update the deployment
+    python -m pipelines.deploy status   # deployment, schedule, next runs, is a worker polling?
+    python -m pipelines.deploy serve    # apply, then run a worker in the foreground (Ctrl-C stops)
+
+A schedule with no worker polling its pool leaves runs Late, silently: `status` exits 1 then.
+Talks to the Prefect API at PREFECT_API_URL (a `prefect server start`; see pipelines/README.md).
+Defaults come from IMAGEGEN_SCHEDULE_CRON, IMAGEGEN_SCHEDULE_TIMEZONE, IMAGEGEN_WORK_POOL,
+IMAGEGEN_DEPLOYMENT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import datetime, timezone
+
+from pipelines.retrain import REPO_ROOT  # also sets the offline Prefect defaults before prefect loads
+
+FLOW_NAME = "retrain"
+ENTRYPOINT = "pipelines/retrain.py:retrain"
+
+
+def ensure_pool(client, pool: str) -> bool:
+    """Create the process work pool when missing; True when it was created."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    try:
+        client.read_work_pool(pool)
+        return False
+    except ObjectNotFound:
+        pass
+    template = ProcessWorker.get_default_base_job_template()  # local: no registry look-up
+    try:
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
+    except ObjectAlreadyExists:  # created meanwhile by another `apply`
+        return False
+    return True
+
+
+def apply(args) -> int:
+    """Register (or update) the deployment of `retrain` from this checkout with its cron schedule."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.schedules import Cron
+
+    with get_client(sync_client=True) as client:
+        if ensure_pool(client, args.pool):
+            print(f"created process work pool '{args.pool}'")
+    parameters = {"target": args.target, "only_if_changed": args.only_if_changed, "push": args.push}
+    deployment_id = flow.from_source(str(args.repo), ENTRYPOINT).deploy(
+        args.name, work_pool_name=args.pool, schedules=[Cron(args.cron, timezone=args.timezone)],
+        parameters=parameters, build=False, push=False, print_next_steps=False, ignore_warnings=True,
+        concurrency_limit=1)  # one run at a time: DVC locks the repo, a second `dvc repro` would fail
+    print(f"deployment {FLOW_NAME}/{args.name} ({deployment_id}): cron '{args.cron}' {args.timezone}, "
+          f"pool '{args.pool}', source {args.repo}")
+    return 0
+
+
+def scheduled_runs(client, deployment_id, limit: int) -> list:
+    """The deployment's next runs still waiting to start (state type SCHEDULED: Scheduled or Late)."""
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
+                                                FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    return client.read_flow_runs(
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+        flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+            type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))),
+        sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=limit)
+
+
+def status(args) -> int:
+    """Print the deployment, its schedules, next runs and the pool's workers; 1 when something is missing."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        print(f"API: {client.api_url}")
+        try:
+            deployment = client.read_deployment_by_name(f"{FLOW_NAME}/{args.name}")
+        except ObjectNotFound:
+            print(f"deployment {FLOW_NAME}/{args.name}: not found (run: python -m pipelines.deploy apply)")
+            return 1
+        state = "PAUSED" if deployment.paused else "active"
+        print(f"deployment {FLOW_NAME}/{args.name}: {state}, pool '{deployment.work_pool_name}'")
+        for item in deployment.schedules:
+            print(f"  schedule: {describe(item.schedule)}{'' if item.active else ' (inactive)'}")
+        runs = scheduled_runs(client, deployment.id, args.next)
+        print("next runs:" if runs else "next runs: none scheduled yet")
+        for run in runs:  # state Late: its start time has passed and no worker picked it up
+            print(f"  {run.expected_start_time:%Y-%m-%d %H:%M %Z}  {run.state_name}  {run.name}")
+        return report_workers(client, deployment.work_pool_name)
+
+
+def describe(schedule) -> str:
+    cron = getattr(schedule, "cron", None)
+    return f"cron '{cron}' {schedule.timezone or 'UTC'}" if cron else str(schedule)
+
+
+def report_workers(client, pool: str) -> int:
+    """Print the workers polling the pool; 1 (with what to do) when none is online."""
+    workers = client.read_workers_for_work_pool(pool)
+    now = datetime.now(timezone.utc)
+    online = [worker for worker in workers if worker.status == "ONLINE"]
+    for worker in workers:
+        age = (now - worker.last_heartbeat_time).total_seconds() if worker.last_heartbeat_time else None
+        print(f"  worker {worker.name}: {worker.status.value}"
+              + (f", last heartbeat {age:.0f} s ago" if age is not None else ""))
+    if online:
+        print(f"workers: {len(online)} online polling pool '{pool}'")
+        return 0
+    print(f"WARNING: no worker is polling pool '{pool}': scheduled runs will go Late. "
+          f"Start one: python -m pipelines.deploy serve (or: prefect worker start --pool {pool})")
+    return 1
+
+
+def serve(args) -> int:
+    """Apply the deployment, then replace this process with a worker polling its pool."""
+    apply(args)
+    command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", args.pool, "--type", "process"]
+    print("starting worker:", " ".join(command[2:]), flush=True)
+    os.execv(sys.executable, command)
+    return 0  # not reached
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--name", default=os.environ.get("IMAGEGEN_DEPLOYMENT", "weekly"),
+                        help="deployment name (default: weekly)")
+    common.add_argument("--pool", default=os.environ.get("IMAGEGEN_WORK_POOL", "imagegen"),
+                        help="process work pool (default: imagegen)")
+    parser = argparse.ArgumentParser(prog="python -m pipelines.deploy", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("apply", "register the deployment"), ("serve", "apply, then run a worker")):
+        sub = commands.add_parser(name, help=help_text, parents=[common])
+        sub.add_argument("--cron", default=os.environ.get("IMAGEGEN_SCHEDULE_CRON", "0 3 * * 1"),
+                         help="cron schedule (default: Mondays 03:00)")
+        sub.add_argument("--timezone", default=os.environ.get("IMAGEGEN_SCHEDULE_TIMEZONE", "UTC"))
+        sub.add_argument("--repo", default=str(REPO_ROOT), help="checkout the worker runs (default: this one)")
+        sub.add_argument("--target", default=None, help="runs do only this stage and its upstream")
+        sub.add_argument("--only-if-changed", action="store_true", help="runs skip when dvc status is clean")
+        sub.add_argument("--push", action="store_true", help="runs end with `dvc push`")
+    sub = commands.add_parser("status", help="deployment, schedule, next runs, workers", parents=[common])
+    sub.add_argument("--next", type=int, default=3, help="how many upcoming runs to list (default 3)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    args = build_parser().parse_args(argv)
+    api_url = PREFECT_API_URL.value()
+    if not api_url:  # an ephemeral API has no scheduler: the schedule would never fire
+        print("deploy: error: PREFECT_API_URL is not set; start a server (prefect server start "
+              "--host 127.0.0.1) and export PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
+        return 2
+    try:
+        return {"apply": apply, "status": status, "serve": serve}[args.command](args)
+    except httpx.TransportError as exc:
+        print(f"deploy: error: cannot reach the Prefect API at {api_url}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
