@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 HEAVY = ("torch", "great_expectations", "pandas", "numpy", "mlflow", "prefect", "dvc")
 
 
@@ -38,3 +40,16 @@ def test_stage_failure_is_one_line(tmp_path):
     assert len(errors) == 1 and "no such folder" in errors[0]
     assert "Traceback" not in result.stderr
     assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_unavailable_device_is_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    (tmp_path / "params.yaml").write_text("train:\n  device: cuda\n")
+    result = run_cli("train-gan", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "imagegen train-gan: error: params.yaml train.device: 'cuda' is not available on this machine; use auto or cpu"
+    ]

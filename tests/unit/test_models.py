@@ -80,3 +80,22 @@ def test_gan_steps_lower_their_losses(loss_kind):
         before.backward()
         opt.step()
         assert loss_fn().item() < before.item()
+
+
+def test_batchnorm_recalibration_fits_statistics_to_the_weights():
+    from imagegen.training.tasks import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    g = Generator(latent_dim=8, width=4)
+    for module in g.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.fill_(5.0)  # statistics that belong to other weights
+    z = torch.randn(2048, 8)
+    with torch.no_grad():
+        batch_stats = g.train()(z)
+        stale = g.eval()(z)
+        recalibrate_batchnorm(g, 8, 0, torch.device("cpu"), batches=8, batch_size=512)
+        assert not g.training
+        fresh = g(z)
+    assert (stale - batch_stats).abs().mean() > 0.1
+    assert (fresh - batch_stats).abs().mean() < 0.02

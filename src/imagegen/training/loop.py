@@ -71,7 +71,7 @@ def train(task: Task, data: DeviceBatches, cfg: LoopConfig, runtime: Runtime,
     while epoch < cfg.epochs:
         sums: dict[str, torch.Tensor] = {}
         epoch_start, done = time.perf_counter(), 0
-        bar = progress(task.kind, epoch, cfg.epochs, data.steps_per_epoch, step_in_epoch, runtime)
+        bar = progress(task.kind, epoch, cfg.epochs, data, step_in_epoch, runtime)
         for images, labels in data.epoch(epoch, step_in_epoch):
             # Noise seeded per (rank, step): a resumed or distributed run needs no generator state.
             noise.manual_seed(hash((cfg.seed, runtime.rank, epoch, step_in_epoch)) & 0xFFFF_FFFF_FFFF)
@@ -85,11 +85,11 @@ def train(task: Task, data: DeviceBatches, cfg: LoopConfig, runtime: Runtime,
                 bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()}, refresh=False)
             if step_in_epoch % cfg.checkpoint_every == 0 and runtime.is_main:
                 save_checkpoint(task, epoch, step_in_epoch, history, cfg)
-            bar.update(1)
+            bar.update(len(images))
         bar.close()
         seconds = time.perf_counter() - epoch_start
         means = check_finite(task, sums, done, epoch, step_in_epoch, cfg) if done else {}
-        images_per_s = done * len(images) * runtime.world_size / seconds if done else 0.0
+        images_per_s = done * data.batch_size * runtime.world_size / seconds if done else 0.0
         history.steps += done
         history.images += done * data.batch_size * runtime.world_size
         epoch += 1
@@ -128,10 +128,12 @@ def check_finite(task, sums, count, epoch, step_in_epoch, cfg) -> dict[str, floa
     return means
 
 
-def progress(kind, epoch, epochs, total, start, runtime):
+def progress(kind, epoch, epochs, data: DeviceBatches, start_step, runtime):
+    """A bar per epoch counting images (so its rate is images/s), losses as its postfix."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=start, desc=f"{kind} epoch {epoch + 1}/{epochs}", unit="step",
+    return tqdm(total=data.steps_per_epoch * data.batch_size, initial=start_step * data.batch_size,
+                desc=f"{kind} epoch {epoch + 1}/{epochs}", unit="img", unit_scale=True,
                 disable=None if runtime.is_main else True, leave=False, dynamic_ncols=True)
 
 
