@@ -66,7 +66,7 @@ class TrainConfig(Section):
 
 
 class GANConfig(Section):
-    epochs: Annotated[int, Field(ge=1)] = 10
+    epochs: Annotated[int, Field(ge=1)] = 18
     batch_size: Annotated[int, Field(ge=2)] = 64
     latent_dim: Annotated[int, Field(ge=1)] = 64
     width: Annotated[int, Field(ge=1)] = 32  # channels of the first/last conv; x2, x4 deeper
@@ -82,7 +82,7 @@ class GANConfig(Section):
 
 
 class VAEConfig(Section):
-    epochs: Annotated[int, Field(ge=1)] = 10
+    epochs: Annotated[int, Field(ge=1)] = 12
     batch_size: Annotated[int, Field(ge=2)] = 128
     latent_dim: Annotated[int, Field(ge=1)] = 16
     width: Annotated[int, Field(ge=1)] = 32
