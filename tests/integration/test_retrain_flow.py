@@ -197,6 +197,23 @@ def test_flow_runs_each_stage_then_skips_up_to_date_stages(prefect_api, data_pro
 
 # --- (b) fetch fails, is retried with backoff, and succeeds once its source appears
 
+def test_stages_get_the_flow_run_id_for_mlflow_grouping(prefect_api):
+    """Stage subprocesses see IMAGEGEN_PIPELINE_RUN, the tag that groups one run's MLflow runs."""
+    from prefect import flow
+
+    from pipelines.retrain import _env
+
+    @flow
+    def probe():
+        from prefect.runtime import flow_run
+
+        return _env().get("IMAGEGEN_PIPELINE_RUN"), str(flow_run.id)
+
+    value, run_id = probe()
+    assert value == f"prefect-{run_id}"
+    assert "IMAGEGEN_PIPELINE_RUN" not in _env()  # outside a flow run nothing is set
+
+
 def test_fetch_is_retried_until_its_source_appears(prefect_api, data_project, tmp_path):
     from pipelines.retrain import retrain
 
