@@ -82,7 +82,7 @@ class GANConfig(Section):
 
 
 class VAEConfig(Section):
-    epochs: Annotated[int, Field(ge=1)] = 12
+    epochs: Annotated[int, Field(ge=1)] = 20
     batch_size: Annotated[int, Field(ge=2)] = 128
     latent_dim: Annotated[int, Field(ge=1)] = 16
     width: Annotated[int, Field(ge=1)] = 32
