@@ -75,10 +75,6 @@ def dvc_out_md5(root: Path, stage: str, path: str) -> str:
     return next((o.get("md5", "untracked") for o in outs if o.get("path") == path), "untracked")
 
 
-def flatten(prefix: str, values: dict) -> dict[str, object]:
-    return {f"{prefix}.{k}": v for k, v in values.items()}
-
-
 @contextlib.contextmanager
 def stage_run(root: Path, experiment: str, run_name: str, params: dict, tags: dict) -> Iterator[object]:
     """An active MLflow run for one stage, nested under IMAGEGEN_PARENT_RUN_ID when set."""

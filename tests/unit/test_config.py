@@ -69,5 +69,7 @@ def test_gpu_profile_is_valid_and_documented():
 def test_overrides_are_validated():
     from imagegen.config import with_overrides
 
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="gan.width"):
         with_overrides(Config(), {"gan.width": -1})

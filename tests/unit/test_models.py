@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from imagegen.config import GANConfig, VAEConfig
+from imagegen.config import GANConfig
 from imagegen.models.gan import Discriminator, Generator
 from imagegen.models.vae import VAE, negative_elbo
 from imagegen.training.tasks import GANTask

@@ -46,6 +46,7 @@ def paths(root: Path, kind: str) -> dict[str, Path]:
 
 def run_train(cfg: Config, kind: str, root: Path = Path(".")) -> TrainResult:
     section = getattr(cfg, kind)
+    threads = torch.get_num_threads()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     runtime = setup_runtime(cfg.train.device)
@@ -84,6 +85,7 @@ def run_train(cfg: Config, kind: str, root: Path = Path(".")) -> TrainResult:
         return result
     finally:
         teardown_runtime(runtime)
+        torch.set_num_threads(threads)
 
 
 def _flat(prefix: str, section) -> dict:

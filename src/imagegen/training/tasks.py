@@ -134,7 +134,7 @@ class GANTask(Task):
         # Warm-up: early on, average over the few steps there are rather than the random init.
         self.ema_updates += 1
         decay = min(self.cfg.ema_decay, (1 + self.ema_updates) / (10 + self.ema_updates))
-        for ema_p, p in zip(self.ema.parameters(), self.generator.parameters()):
+        for ema_p, p in zip(self.ema.parameters(), self.generator.parameters(), strict=True):
             ema_p.lerp_(p, 1 - decay)
 
     @torch.no_grad()
