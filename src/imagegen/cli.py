@@ -3,30 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from imagegen.errors import ImagegenError
 
 
-def _fetch(cfg, root):
+def _fetch(cfg, root, args):
     from imagegen.data.fetch import run_fetch
 
     result = run_fetch(cfg, root)
     return f"{result.dataset}: 4 files in {result.raw_dir}"
 
 
-def _prepare(cfg, root):
+def _prepare(cfg, root, args):
     from imagegen.data.prepare import run_prepare
 
     result = run_prepare(cfg, root)
     return ", ".join(f"{split} {n}" for split, n in result.counts.items()) + f" images in {result.prepared_dir}"
 
 
-def _validate(cfg, root):
+def _validate(cfg, root, args):
     from imagegen.data.validate import run_validate
 
     result = run_validate(cfg, root)
@@ -34,7 +36,7 @@ def _validate(cfg, root):
 
 
 def _train(kind):
-    def run(cfg, root):
+    def run(cfg, root, args):
         from imagegen.training.stage import run_train
 
         result = run_train(cfg, kind, root)
@@ -46,12 +48,86 @@ def _train(kind):
     return run
 
 
-STAGES: dict[str, tuple[Callable, str]] = {
-    "fetch": (_fetch, "download or copy the dataset's IDX files, verified by checksum"),
-    "prepare": (_prepare, "parse IDX files into .npz arrays and a per-image manifest"),
-    "validate": (_validate, "run the Great Expectations suite over the prepared data"),
-    "train-gan": (_train("gan"), "train the DCGAN (GPU when present); resumable"),
-    "train-vae": (_train("vae"), "train the convolutional VAE (GPU when present); resumable"),
+def _train_features(cfg, root, args):
+    from imagegen.evaluation.features import run_train_features
+
+    result = run_train_features(cfg, root)
+    return f"test accuracy {result.metrics['test_accuracy']:.4f}, weights in {result.model_dir}"
+
+
+def _evaluate(cfg, root, args):
+    from imagegen.evaluation.stage import run_evaluate, score_samples_file
+
+    if args.samples is not None:
+        metrics = score_samples_file(cfg, root, args.samples)
+        print(json.dumps(metrics, indent=2, sort_keys=True))
+        return f"scored {metrics['n_samples']} samples from {args.samples}"
+    result = run_evaluate(cfg, root)
+    return "; ".join(f"{kind} FID {result.metrics[kind]['fid']:.3f}" for kind in ("gan", "vae"))
+
+
+def _evaluate_args(parser):
+    parser.add_argument("--samples", type=Path, metavar="FILE.npy",
+                        help="score these samples (N x 28 x 28, uint8 or float in [0, 1]) instead of the "
+                             "trained models; prints the metrics as JSON and writes nothing")
+
+
+def _register(cfg, root, args):
+    from imagegen.registry import run_register
+
+    return run_register(cfg, root).summary
+
+
+def _sample(cfg, root, args):
+    from imagegen.evaluation.sampling import generate, save_images
+
+    if args.model is not None:
+        from imagegen.registry import load_registered
+
+        module, meta = load_registered(args.model)
+    else:
+        from imagegen.models.io import load_model
+
+        module, meta = load_model(args.source)
+    images = generate(module, meta, args.n, args.seed, args.label)
+    save_images(args.out, images)
+    return f"{len(images)} {meta['kind']} images in {args.out}"
+
+
+def _sample_args(parser):
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from", dest="source", type=Path, metavar="DIR",
+                        help="a trained model folder, e.g. models/gan")
+    source.add_argument("--model", metavar="URI",
+                        help="an MLflow model, e.g. models:/fashion-mnist-gan@champion (MLFLOW_TRACKING_URI, "
+                             "else the embedded store)")
+    parser.add_argument("-n", type=int, default=64, help="number of images (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="latent seed (default 0)")
+    parser.add_argument("--label", type=int, help="class index for a conditional model (default: classes in turn)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="FILE.npy (N x 28 x 28 uint8) or FILE.png (a grid)")
+
+
+@dataclass(frozen=True)
+class Command:
+    run: Callable
+    help: str
+    arguments: Callable | None = None
+    needs_params: bool = True
+
+
+COMMANDS: dict[str, Command] = {
+    "fetch": Command(_fetch, "download or copy the dataset's IDX files, verified by checksum"),
+    "prepare": Command(_prepare, "parse IDX files into .npz arrays and a per-image manifest"),
+    "validate": Command(_validate, "run the Great Expectations suite over the prepared data"),
+    "train-gan": Command(_train("gan"), "train the DCGAN (GPU when present); resumable"),
+    "train-vae": Command(_train("vae"), "train the convolutional VAE (GPU when present); resumable"),
+    "train-features": Command(_train_features, "train the domain classifier whose features FID, KID and P/R use"),
+    "evaluate": Command(_evaluate, "score the trained models (FID, KID, precision/recall, VAE likelihood)",
+                        _evaluate_args),
+    "register": Command(_register, "register the evaluated models in MLflow; promote a better one to champion"),
+    "sample": Command(_sample, "write images from a trained model folder or a registered model",
+                      _sample_args, needs_params=False),
 }
 
 
@@ -61,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="parameters file (default: params.yaml)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (_, help_text) in STAGES.items():
-        commands.add_parser(name, help=help_text, description=help_text)
+    for name, command in COMMANDS.items():
+        sub = commands.add_parser(name, help=command.help, description=command.help)
+        if command.arguments:
+            command.arguments(sub)
     return parser
 
 
@@ -75,13 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("great_expectations", "urllib3", "alembic", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    run, _ = STAGES[args.command]
+    command = COMMANDS[args.command]
     started = time.perf_counter()
     try:
         from imagegen.config import load_config
 
-        cfg = load_config(args.params)
-        message = run(cfg, Path("."))
+        cfg = load_config(args.params) if command.needs_params else None
+        message = command.run(cfg, Path("."), args)
     except ImagegenError as exc:
         print(f"imagegen {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -91,12 +91,49 @@ class VAEConfig(Section):
     lr: Annotated[float, Field(gt=0)] = 1e-3
 
 
+class FeaturesConfig(Section):
+    """The domain classifier whose penultimate layer is the feature space of FID, KID and P/R."""
+
+    epochs: Annotated[int, Field(ge=1)] = 10
+    batch_size: Annotated[int, Field(ge=2)] = 128
+    width: Annotated[int, Field(ge=1)] = 32
+    feature_dim: Annotated[int, Field(ge=2)] = 128
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+
+
+MIN_EVAL_SAMPLES = 1000  # below this FID is dominated by its small-sample bias
+
+
+class EvalConfig(Section):
+    n_samples: Annotated[int, Field(ge=MIN_EVAL_SAMPLES)] = 10_000
+    seed: int = 0
+    kid_subsets: Annotated[int, Field(ge=1)] = 100
+    kid_subset_size: Annotated[int, Field(ge=2)] = 1000
+    pr_k: Annotated[int, Field(ge=1)] = 3  # neighbours defining the precision/recall manifolds
+    iwae_k: Annotated[int, Field(ge=1)] = 64  # importance samples per test image for the VAE's NLL bound
+    iwae_images: Annotated[int, Field(ge=1)] | None = None  # test images for the NLL bound; null = all
+    # A pt_inception-2015-12-05 weights file (as used by pytorch-fid) for the standard Inception FID;
+    # null or a missing file skips it. Never downloaded.
+    inception_weights: str | None = None
+
+
+class RegisterConfig(Section):
+    # The metrics/evaluate.json key the champion is chosen by (fid and kid_mean: lower is better;
+    # precision and recall: higher is better).
+    metric: Literal["fid", "kid_mean", "precision", "recall"] = "fid"
+    # A challenger becomes champion only when better than the champion by this fraction of its value.
+    margin: Annotated[float, Field(ge=0, lt=1)] = 0.01
+
+
 class Config(Section):
     data: DataConfig = DataConfig()
     validate_: ValidateConfig = Field(default=ValidateConfig(), alias="validate")
     train: TrainConfig = TrainConfig()
     gan: GANConfig = GANConfig()
     vae: VAEConfig = VAEConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    eval: EvalConfig = EvalConfig()
+    register_: RegisterConfig = Field(default=RegisterConfig(), alias="register")  # "register" is a BaseModel attribute
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -13,11 +13,13 @@ from tests.conftest import set_params
 
 MIRROR = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.skipif(not MIRROR.is_dir(), reason="needs the dataset-fashion-mnist package (make test installs it)")
-STAGES = ("fetch", "prepare", "validate", "train-gan", "train-vae")
+STAGES = ("fetch", "prepare", "validate", "train-features", "train-gan", "train-vae", "evaluate", "register")
 TINY_TRAINING = {
     "train": {"limit": 256, "mlflow": False},
+    "features": {"epochs": 1, "width": 4, "feature_dim": 16},
     "gan": {"epochs": 1, "width": 4, "latent_dim": 8, "batch_size": 32},
     "vae": {"epochs": 1, "width": 4, "latent_dim": 4, "batch_size": 32},
+    "eval": {"n_samples": 1000, "kid_subsets": 5, "iwae_k": 4, "iwae_images": 200},
 }
 
 
@@ -46,6 +48,10 @@ def test_repro_runs_once_then_only_what_changed(project):
         assert (project / f"models/{kind}/weights.pt").is_file()
         assert (project / f"reports/{kind}/samples-epoch-001.png").is_file()
         assert json.loads((project / f"metrics/train-{kind}.json").read_text())["steps"] == 8
+    assert "best_epoch" in json.loads((project / "metrics/train-gan.json").read_text())
+    evaluation = json.loads((project / "metrics/evaluate.json").read_text())
+    assert evaluation["gan"]["n_samples"] == 1000 and "nll_iwae" in evaluation["vae"]
+    assert (project / "reports/evaluate/vae-reconstructions.png").is_file()
 
     second = dvc(project, "repro")
     assert ran(second.stdout) == []
@@ -59,10 +65,11 @@ def test_repro_runs_once_then_only_what_changed(project):
     variant = dvc(project, "exp", "run", "-S", "validate.class_balance_tolerance=0.05")
     assert ran(variant.stdout) == ["validate"]  # its metrics did not change, so training is not re-run
     variant = dvc(project, "exp", "run", "-S", "gan.lr_g=0.0001")
-    assert ran(variant.stdout) == ["train-gan"]
+    assert ran(variant.stdout) == ["train-gan", "evaluate", "register"]
 
     shown = dvc(project, "metrics", "show").stdout
-    for name in ("metrics/validate.json", "metrics/train-gan.json", "metrics/train-vae.json"):
+    for name in ("metrics/validate.json", "metrics/features.json", "metrics/train-gan.json",
+                 "metrics/train-vae.json", "metrics/evaluate.json", "metrics/register.json"):
         assert name in shown
     plots = json.loads(dvc(project, "plots", "show", "--json").stdout)
     assert "plots/train-gan.csv" in json.dumps(plots)

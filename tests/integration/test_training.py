@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import os
 import signal
 import socket
@@ -186,9 +188,43 @@ def test_mlflow_run_in_real_sqlite_store(tmp_path, monkeypatch):
     assert run.data.params["gan.width"] == "4" and run.data.params["train.seed"] == "3"
     assert {"git_commit", "params_hash", "dvc_data_md5", "device", "pipeline_run"} <= run.data.tags.keys()
     assert run.data.tags["device"] == "cpu"
+    weights = (root / "models/gan/weights.pt").read_bytes()
+    assert run.data.tags["weights_sha256"] == hashlib.sha256(weights).hexdigest()
     history = client.get_metric_history(run.info.run_id, "d_loss")
     assert [m.step for m in history] == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert artifacts == {"samples/samples-epoch-001.png", "samples/samples-epoch-002.png"}
     assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {"model/weights.pt", "model/model.json"}
     assert (root / "mlartifacts").is_dir()
+
+
+def test_gan_ships_the_epoch_with_the_best_fid_probe(tmp_path):
+    from imagegen.evaluation.features import FEATURES_DIR, FeatureNet
+    from imagegen.models.io import save_model
+
+    root, cfg = make_root(tmp_path, gan={"epochs": 3})
+    (root / FEATURES_DIR).mkdir(parents=True)
+    torch.manual_seed(0)
+    save_model(root / FEATURES_DIR, FeatureNet(width=4, feature_dim=8), {
+        "kind": "features", "arch": {"width": 4, "feature_dim": 8}, "num_classes": 10})
+    metrics = run_train(cfg, "gan", root).metrics
+    rows = list(csv.DictReader(paths(root, "gan")["plot"].open()))
+    scores = [float(row["fid_probe"]) for row in rows]
+    assert len(scores) == 3 and metrics["best_fid_probe"] == min(scores)
+    assert metrics["best_epoch"] == scores.index(min(scores)) + 1
+
+
+def test_keep_if_best_ships_the_best_weights_not_the_last():
+    from imagegen.config import GANConfig
+    from imagegen.training.tasks import GANTask
+
+    task = GANTask(GANConfig(latent_dim=8, width=4), 10, torch.device("cpu"))
+    task.keep_if_best(1, 5.0)
+    best = {k: v.clone() for k, v in task.ema.named_parameters()}
+    with torch.no_grad():
+        for p in task.ema.parameters():
+            p.add_(1.0)
+    task.keep_if_best(2, 6.0)  # worse: not kept
+    exported = dict(task.export().named_parameters())
+    assert task.best["epoch"] == 1
+    assert_same(best, exported)

@@ -22,7 +22,11 @@ def build(kind: str, arch: dict, num_classes: int) -> nn.Module:
         from imagegen.models.vae import VAE
 
         return VAE(arch["latent_dim"], arch["width"], num_classes)
-    raise ImagegenError(f"unknown model kind {kind!r}; expected gan or vae")
+    if kind == "features":
+        from imagegen.evaluation.features import FeatureNet
+
+        return FeatureNet(arch["width"], arch["feature_dim"], num_classes)
+    raise ImagegenError(f"unknown model kind {kind!r}; expected gan, vae or features")
 
 
 def save_model(folder: Path, module: nn.Module, meta: dict) -> None:

@@ -10,13 +10,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from imagegen.config import Config
 from imagegen.data.datasets import DATASETS
 from imagegen.data.prepare import PREPARED_DIR
 from imagegen.fsutil import atomic_dir, atomic_file, write_json
-from imagegen.models.io import save_model
+from imagegen.models.io import WEIGHTS, save_model
 from imagegen.training.data import DeviceBatches, load_split
 from imagegen.training.loop import History, LoopConfig, TrainingLogger, train
 from imagegen.training.runtime import Runtime, setup_runtime, teardown_runtime
@@ -61,10 +62,11 @@ def run_train(cfg: Config, kind: str, root: Path = Path(".")) -> TrainResult:
                              runtime.rank, runtime.world_size)
         out = paths(root, kind)
         params = {"data.dataset": cfg.data.dataset, **_flat("train", cfg.train), **_flat(kind, section)}
+        probe = BestByFid.create(task, root, images, cfg.train.seed) if runtime.is_main and kind == "gan" else None
         loop_cfg = LoopConfig(
             epochs=section.epochs, seed=cfg.train.seed, checkpoint_path=out["checkpoint"],
             checkpoint_every=cfg.train.checkpoint_every, resume=cfg.train.resume,
-            fingerprint=fingerprint(kind, params, train_file, runtime.world_size),
+            fingerprint=fingerprint(kind, params, train_file, runtime.world_size, probe),
         )
         if not runtime.is_main:
             train(task, data, loop_cfg, runtime)
@@ -73,13 +75,13 @@ def run_train(cfg: Config, kind: str, root: Path = Path(".")) -> TrainResult:
                  section.epochs, runtime.device, f" x {runtime.world_size}" if runtime.distributed else "")
         grids = GridWriter(out["samples"])
         if not cfg.train.mlflow:
-            history = train(task, data, loop_cfg, runtime, grids)
+            history = train(task, data, loop_cfg, runtime, Chain(probe, grids))
             return finish(task, history, cfg, kind, runtime, out)
         from imagegen import tracking
 
         tags = tracking.lineage_tags(root, params, str(runtime.device))
         with tracking.stage_run(root, f"imagegen-{cfg.data.dataset}", f"train-{kind}", params, tags):
-            history = train(task, data, loop_cfg, runtime, MlflowLogger(grids))
+            history = train(task, data, loop_cfg, runtime, Chain(probe, grids, MlflowLogger(grids)))
             result = finish(task, history, cfg, kind, runtime, out)
             log_outputs(result, out)
         return result
@@ -92,11 +94,12 @@ def _flat(prefix: str, section) -> dict:
     return {f"{prefix}.{k}": v for k, v in section.model_dump().items()}
 
 
-def fingerprint(kind: str, params: dict, train_file: Path, world_size: int) -> str:
-    """What a checkpoint must match to be resumed: params (but not resume itself), data, world size."""
+def fingerprint(kind: str, params: dict, train_file: Path, world_size: int, probe: BestByFid | None = None) -> str:
+    """What a checkpoint must match to be resumed: params (but not resume itself), data, world size,
+    and the feature net that scores the epochs."""
     digest = hashlib.sha256(train_file.read_bytes()).hexdigest()
     relevant = {k: v for k, v in params.items() if k not in ("train.resume", "train.mlflow", "train.threads")}
-    blob = json.dumps([kind, relevant, digest, world_size], sort_keys=True, default=str)
+    blob = json.dumps([kind, relevant, digest, world_size, probe.identity if probe else None], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -117,6 +120,51 @@ class GridWriter(TrainingLogger):
             tmp.write_bytes(buffer.getvalue())
 
 
+class Chain(TrainingLogger):
+    """Calls each logger in turn (None entries are skipped)."""
+
+    def __init__(self, *loggers: TrainingLogger | None):
+        self.loggers = [logger for logger in loggers if logger is not None]
+
+    def on_epoch_end(self, epoch, metrics, samples):
+        for logger in self.loggers:
+            logger.on_epoch_end(epoch, metrics, samples)
+
+
+class BestByFid(TrainingLogger):
+    """Scores the EMA generator after every epoch (FID of a few thousand samples in the domain
+    feature space) and has the task keep the best epoch's weights: GAN quality can peak and then
+    degrade. The reference is the train split: choosing on the test split would bias evaluation."""
+
+    def __init__(self, task: GANTask, net, reference, identity: str, n: int = 2000):
+        self.task, self.net, self.reference, self.identity, self.n = task, net, reference, identity, n
+
+    @classmethod
+    def create(cls, task: GANTask, root: Path, images, seed: int) -> BestByFid | None:
+        from imagegen.evaluation.features import FEATURES_DIR, embed
+
+        folder = root / FEATURES_DIR
+        if not (folder / WEIGHTS).exists():
+            log.warning("train-gan: no %s (train-features stage): keeping the last epoch, not the best", folder)
+            return None
+        from imagegen.models.io import load_model
+
+        net, _ = load_model(folder, task.device)
+        picked = np.random.default_rng(seed).permutation(len(images))[:10_000]
+        reference = embed(net, images[picked], task.device)[0]
+        return cls(task, net, reference, hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest())
+
+    def on_epoch_end(self, epoch, metrics, samples):
+        from imagegen.evaluation.features import embed
+        from imagegen.evaluation.metrics import fid
+        from imagegen.evaluation.sampling import generate
+
+        meta = {"kind": "gan", "arch": {"latent_dim": self.task.cfg.latent_dim}, "num_classes": self.task.num_classes}
+        images = generate(self.task.ema, meta, self.n, seed=epoch, device=self.task.device)
+        metrics["fid_probe"] = round(fid(embed(self.net, images, self.task.device)[0], self.reference), 4)
+        self.task.keep_if_best(epoch, metrics["fid_probe"])
+
+
 class MlflowLogger(TrainingLogger):
     def __init__(self, grids: GridWriter):
         self.grids = grids
@@ -124,7 +172,6 @@ class MlflowLogger(TrainingLogger):
     def on_epoch_end(self, epoch, metrics, samples):
         import mlflow
 
-        self.grids.on_epoch_end(epoch, metrics, samples)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "epoch"}, step=epoch)
         mlflow.log_artifact(str(self.grids.last), artifact_path="samples")
 
@@ -155,6 +202,8 @@ def finish(task: Task, history: History, cfg: Config, kind: str, runtime: Runtim
         "world_size": runtime.world_size,
         "parameters": meta["parameters"],
     }
+    if getattr(task, "best", None):
+        metrics.update(best_epoch=task.best["epoch"], best_fid_probe=task.best["score"])
     write_json(out["metrics"], metrics)
     write_plot(out["plot"], history.epochs)
     log.info("train-%s: done: %s", kind, metrics)
@@ -173,5 +222,7 @@ def log_outputs(result: TrainResult, out: dict) -> None:
     import mlflow
 
     mlflow.log_metrics({f"final_{k}": v for k, v in result.metrics.items() if isinstance(v, (int, float)) and v is not None})
+    # The register stage finds the run that trained a model by this tag.
+    mlflow.set_tag("weights_sha256", hashlib.sha256((out["model"] / WEIGHTS).read_bytes()).hexdigest())
     mlflow.log_artifacts(str(out["model"]), artifact_path="model")
     mlflow.log_artifact(str(out["plot"]))

@@ -77,6 +77,7 @@ class GANTask(Task):
         self.discriminator = Discriminator(cfg.width, self.num_classes, cfg.spectral_norm, cfg.kernel_size)
         self.ema = copy.deepcopy(self.generator).requires_grad_(False)
         self.ema_updates = 0
+        self.best: dict | None = None  # {"epoch", "score", "ema": state_dict}: see keep_if_best
         self.modules = {"generator": self.generator, "discriminator": self.discriminator, "ema": self.ema}
         betas = tuple(cfg.betas)
         self.optimizers = {
@@ -123,11 +124,18 @@ class GANTask(Task):
                 "d_real": real_out.detach().mean(), "d_fake": fake_out.detach().mean()}
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "ema_updates": self.ema_updates}
+        return {**super().state_dict(), "ema_updates": self.ema_updates, "best": self.best}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.ema_updates = state["ema_updates"]
+        self.best = state["best"]
+
+    def keep_if_best(self, epoch: int, score: float) -> None:
+        """Remember the EMA weights of the epoch with the lowest score (lower is better); export() ships them."""
+        if self.best is None or score < self.best["score"]:
+            weights = {k: v.detach().cpu().clone() for k, v in self.ema.state_dict().items()}
+            self.best = {"epoch": epoch, "score": score, "ema": weights}
 
     @torch.no_grad()
     def update_ema(self):
@@ -146,6 +154,8 @@ class GANTask(Task):
         return (out.float() + 1) / 2
 
     def export(self) -> nn.Module:
+        if self.best is not None:
+            self.ema.load_state_dict(self.best["ema"])
         recalibrate_batchnorm(self.ema, self.cfg.latent_dim, self.num_classes, self.device)
         return self.ema
 

@@ -1,0 +1,55 @@
+"""Time of the sample metrics on N samples: features, FID, KID, precision/recall (the test
+split's features come precomputed from models/features/reference.npz, as in the evaluate stage).
+
+Needs the outputs of `dvc repro train-features`. The "samples" are N train images, so the
+figures also show what a perfect generator scores. Run: python bench/evaluate_speed.py [--n 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imagegen.config import load_config
+from imagegen.evaluation import metrics as m
+from imagegen.evaluation.features import embed, load_features
+from imagegen.training.data import load_split
+from imagegen.training.runtime import select_device
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--root", type=Path, default=Path("."))
+    args = parser.parse_args()
+    cfg = load_config(args.root / "params.yaml")
+    device = select_device(cfg.train.device)
+    net, _, reference = load_features(args.root, device)
+    images, _ = load_split(args.root / "data/prepared/train.npz")
+    samples = images[np.random.default_rng(0).permutation(len(images))[:args.n]]
+    ref = reference["features"]
+    timings, started = {}, time.perf_counter()
+
+    def timed(name, fn):
+        t = time.perf_counter()
+        out = fn()
+        timings[name] = time.perf_counter() - t
+        return out
+
+    features, _ = timed("features", lambda: embed(net, samples, device))
+    fid = timed("fid", lambda: m.fid(features, ref))
+    kid = timed("kid", lambda: m.kid(features, ref, cfg.eval.kid_subsets, cfg.eval.kid_subset_size))
+    pr = timed("precision_recall", lambda: m.precision_recall(features, ref, cfg.eval.pr_k))
+    total = time.perf_counter() - started
+    print(f"device {device}, torch threads {torch.get_num_threads()}, {args.n} samples vs {len(ref)} test images")
+    for name, seconds in timings.items():
+        print(f"  {name:<18} {seconds:6.2f} s")
+    print(f"  {'total':<18} {total:6.2f} s   (FID {fid:.4f}, KID {kid[0]:.5f}, P/R {pr[0]:.3f}/{pr[1]:.3f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""The domain feature network: a small classifier trained on the train split (train-features stage).
+
+Its penultimate layer (`features`) is the space FID, KID and precision/recall are computed in;
+its class predictions give the mode-coverage metrics. The stage also stores the test split's
+features (models/features/reference.npz) so evaluation never recomputes them.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imagegen.config import Config
+from imagegen.data.datasets import DATASETS
+from imagegen.data.prepare import PREPARED_DIR
+from imagegen.fsutil import atomic_dir, atomic_file, write_json
+from imagegen.models.io import load_model, save_model
+from imagegen.training.data import load_split
+from imagegen.training.runtime import select_device
+
+log = logging.getLogger(__name__)
+
+FEATURES_DIR = Path("models/features")
+REFERENCE = "reference.npz"
+
+
+class FeatureNet(nn.Module):
+    def __init__(self, width: int = 32, feature_dim: int = 128, num_classes: int = 10):
+        super().__init__()
+        c = width
+        self.body = nn.Sequential(
+            nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),  # 14x14
+            nn.Conv2d(c, 2 * c, 3, padding=1), nn.BatchNorm2d(2 * c), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),  # 7x7
+            nn.Conv2d(2 * c, 2 * c, 3, padding=1), nn.BatchNorm2d(2 * c), nn.ReLU(inplace=True),
+            nn.Flatten(),
+            nn.Dropout(0.3),
+            nn.Linear(2 * c * 7 * 7, feature_dim), nn.BatchNorm1d(feature_dim), nn.ReLU(inplace=True),
+        )
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(feature_dim, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+@torch.no_grad()
+def embed(net: FeatureNet, images: np.ndarray, device: torch.device | str = "cpu",
+          batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """(features float64 N x D, class probabilities float64 N x C) of uint8 N x 28 x 28 images."""
+    net.eval()
+    feats, probs = [], []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[start:start + batch_size]).to(device).float().div(255).unsqueeze(1)
+        h = net.body(x)
+        feats.append(h.double().cpu())
+        probs.append(torch.softmax(net.head(h), dim=1).double().cpu())
+    return torch.cat(feats).numpy(), torch.cat(probs).numpy()
+
+
+@dataclass(frozen=True)
+class FeaturesResult:
+    model_dir: Path
+    metrics: dict
+
+
+def run_train_features(cfg: Config, root: Path = Path(".")) -> FeaturesResult:
+    fc = cfg.features
+    device = select_device(cfg.train.device)
+    classes = DATASETS[cfg.data.dataset].classes
+    train_images, train_labels = load_split(root / PREPARED_DIR / "train.npz", cfg.train.limit)
+    test_images, test_labels = load_split(root / PREPARED_DIR / "test.npz")
+    torch.manual_seed(cfg.train.seed)
+    net = FeatureNet(fc.width, fc.feature_dim, len(classes)).to(device)
+    history = fit(net, train_images, train_labels, test_images, test_labels, fc, cfg.train.seed, device)
+
+    test_features, test_probs = embed(net, test_images, device)
+    accuracy = float((test_probs.argmax(1) == test_labels).mean())
+    meta = {"kind": "features", "dataset": cfg.data.dataset, "classes": list(classes),
+            "num_classes": len(classes), "arch": {"width": fc.width, "feature_dim": fc.feature_dim},
+            "parameters": sum(p.numel() for p in net.parameters())}
+    with atomic_dir(root / FEATURES_DIR) as tmp:
+        save_model(tmp, net, meta)
+        np.savez(tmp / REFERENCE, features=test_features.astype(np.float32), labels=test_labels)
+    metrics = {"test_accuracy": round(accuracy, 5), "epochs": fc.epochs,
+               "train_minutes": round(sum(r["seconds"] for r in history) / 60, 2),
+               "parameters": meta["parameters"], "device": str(device)}
+    write_json(root / "metrics" / "features.json", metrics)
+    write_rows(root / "plots" / "train-features.csv", history)
+    log.info("train-features: test accuracy %.4f", accuracy)
+    return FeaturesResult(root / FEATURES_DIR, metrics)
+
+
+def fit(net, images, labels, test_images, test_labels, fc, seed, device) -> list[dict]:
+    """Adam with a cosine schedule; random horizontal flips (clothes are left-right symmetric)."""
+    x_all = torch.from_numpy(images).to(device).unsqueeze(1)
+    y_all = torch.from_numpy(labels.astype(np.int64)).to(device)
+    steps = len(x_all) // fc.batch_size
+    optimizer = torch.optim.Adam(net.parameters(), lr=fc.lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, fc.lr, total_steps=fc.epochs * steps)
+    order_gen = torch.Generator().manual_seed(seed)
+    history = []
+    for epoch in range(1, fc.epochs + 1):
+        started, total = time.perf_counter(), torch.zeros((), device=device)
+        net.train()
+        order = torch.randperm(len(x_all), generator=order_gen).to(device)
+        for step in range(steps):
+            index = order[step * fc.batch_size:(step + 1) * fc.batch_size]
+            x = x_all[index].float().div(255)
+            flip = torch.rand(len(x), generator=order_gen).to(device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+            loss = F.cross_entropy(net(x), y_all[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.detach()
+        _, probs = embed(net, test_images, device)
+        accuracy = float((probs.argmax(1) == test_labels).mean())
+        row = {"epoch": epoch, "loss": round(float(total) / steps, 5), "test_accuracy": round(accuracy, 5),
+               "seconds": round(time.perf_counter() - started, 2)}
+        history.append(row)
+        log.info("train-features: epoch %d/%d loss=%.4f test_accuracy=%.4f (%.1f s)", epoch, fc.epochs,
+                 row["loss"], accuracy, row["seconds"])
+    return history
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    with atomic_file(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def load_features(root: Path = Path("."), device: torch.device | str = "cpu") -> tuple[FeatureNet, dict, dict]:
+    """The trained feature net, its meta, and the stored test-split reference (features, labels)."""
+    net, meta = load_model(root / FEATURES_DIR, device)
+    with np.load(root / FEATURES_DIR / REFERENCE, allow_pickle=False) as ref:
+        reference = {"features": ref["features"].astype(np.float64), "labels": ref["labels"]}
+    return net, meta, reference

@@ -1,0 +1,55 @@
+"""The evaluate stage's pictures: sample grids, latent interpolations, VAE reconstructions,
+one row per class for conditional models. PNG files in reports/evaluate/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imagegen.evaluation.sampling import decode, generate, png_grid, to_uint8
+
+
+def draw_pictures(folder: Path, kind: str, module, meta: dict, samples: np.ndarray,
+                  test: tuple[np.ndarray, np.ndarray], seed: int, device) -> None:
+    (folder / f"{kind}-samples.png").write_bytes(png_grid(samples[:100], nrow=10))
+    (folder / f"{kind}-interpolations.png").write_bytes(png_grid(interpolations(module, meta, seed, device), nrow=10))
+    if meta["num_classes"]:
+        rows = [generate(module, meta, 10, seed + 1 + label, label, device) for label in range(meta["num_classes"])]
+        (folder / f"{kind}-classes.png").write_bytes(png_grid(np.concatenate(rows), nrow=10))
+    if kind == "vae":
+        (folder / "vae-reconstructions.png").write_bytes(png_grid(reconstructions(module, test[0][:50], test[1][:50],
+                                                                                  device), nrow=10))
+
+
+@torch.no_grad()
+def interpolations(module, meta: dict, seed: int, device, rows: int = 8, steps: int = 10) -> np.ndarray:
+    """Each row walks from one latent to another along the great circle (slerp), which keeps
+    the intermediate points at the norm the Gaussian prior puts its mass on."""
+    gen = torch.Generator().manual_seed(seed + 999)
+    start, end = (torch.randn(rows, meta["arch"]["latent_dim"], generator=gen) for _ in range(2))
+    t = torch.linspace(0, 1, steps)
+    z = torch.stack([slerp(a, b, t) for a, b in zip(start, end, strict=True)]).flatten(0, 1).to(device)
+    labels = None
+    if meta["num_classes"]:
+        labels = (torch.arange(rows) % meta["num_classes"]).repeat_interleave(steps).to(device)
+    return to_uint8(decode(module, meta["kind"], z, labels))
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    omega = torch.arccos(torch.clamp(torch.dot(a / a.norm(), b / b.norm()), -1, 1))
+    if omega.abs() < 1e-6:
+        return torch.lerp(a[None], b[None], t[:, None])
+    return (torch.sin((1 - t) * omega)[:, None] * a + torch.sin(t * omega)[:, None] * b) / torch.sin(omega)
+
+
+@torch.no_grad()
+def reconstructions(vae, images: np.ndarray, labels: np.ndarray, device) -> np.ndarray:
+    """Rows of 10 inputs each followed by a row of their reconstructions (posterior mean)."""
+    x = torch.from_numpy(images).float().div(255).unsqueeze(1).to(device)
+    y = torch.from_numpy(labels).to(device) if vae.num_classes else None
+    mu, _ = vae.encode(x, y)
+    out = to_uint8(torch.sigmoid(vae.decode(mu, y)))
+    pairs = [block for start in range(0, len(images), 10) for block in (images[start:start + 10], out[start:start + 10])]
+    return np.concatenate(pairs)

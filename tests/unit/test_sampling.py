@@ -1,0 +1,73 @@
+"""Exporting samples and reading a user's samples file: formats, determinism, one-line errors."""
+
+import numpy as np
+import pytest
+
+from imagegen.errors import ImagegenError
+from imagegen.evaluation.sampling import generate, save_images
+from imagegen.evaluation.stage import load_samples
+from imagegen.models.io import build
+
+GAN_META = {"kind": "gan", "arch": {"latent_dim": 8, "width": 4, "kernel_size": 4}, "num_classes": 0}
+
+
+def tiny(kind="gan", num_classes=0):
+    meta = {**GAN_META, "kind": kind, "num_classes": num_classes}
+    meta["arch"] = {**GAN_META["arch"]}
+    return build(kind, meta["arch"], num_classes).eval(), meta
+
+
+def test_generate_is_uint8_and_deterministic_per_seed():
+    module, meta = tiny()
+    a, b = generate(module, meta, 37, seed=3, batch_size=10), generate(module, meta, 37, seed=3)
+    assert a.shape == (37, 28, 28) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, generate(module, meta, 37, seed=4))
+
+
+@pytest.mark.parametrize("kind", ["gan", "vae"])
+def test_conditional_labels_are_checked(kind):
+    module, meta = tiny(kind, num_classes=10)
+    assert generate(module, meta, 5, label=9).shape == (5, 28, 28)
+    with pytest.raises(ImagegenError, match=r"label 10: expected a class index in 0\.\.9"):
+        generate(module, meta, 5, label=10)
+    plain, plain_meta = tiny(kind)
+    with pytest.raises(ImagegenError, match="unconditional"):
+        generate(plain, plain_meta, 5, label=1)
+
+
+def test_save_images_writes_npy_and_png_atomically(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (10, 28, 28), dtype=np.uint8)
+    save_images(tmp_path / "s.npy", images)
+    assert np.array_equal(np.load(tmp_path / "s.npy"), images)
+    save_images(tmp_path / "s.png", images)
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ImagegenError, match=r"s\.jpg: unknown output type"):
+        save_images(tmp_path / "s.jpg", images)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npy", "s.png"]
+
+
+def write(tmp_path, array):
+    path = tmp_path / "samples.npy"
+    np.save(path, array)
+    return path
+
+
+def test_load_samples_accepts_uint8_and_unit_floats(tmp_path):
+    images = np.random.default_rng(1).integers(0, 256, (1000, 1, 28, 28), dtype=np.uint8)
+    assert np.array_equal(load_samples(write(tmp_path, images)), images[:, 0])
+    floats = load_samples(write(tmp_path, images[:, 0] / 255.0))
+    assert np.array_equal(floats, images[:, 0])
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.zeros((1000, 32, 32), np.uint8), r"shape \(1000, 32, 32\), expected N x 28 x 28"),
+    (np.zeros((999, 28, 28), np.uint8), "999 samples, expected at least 1000"),
+    (np.full((1000, 28, 28), np.nan), "784000 values are NaN or infinite"),
+    (np.full((1000, 28, 28), 2.0), r"float values span 2\.\.2, expected 0\.\.1"),
+    (np.zeros((1000, 28, 28), np.int16), "dtype int16, expected uint8"),
+])
+def test_load_samples_refuses_bad_files_with_one_line(tmp_path, array, message):
+    with pytest.raises(ImagegenError, match=message) as err:
+        load_samples(write(tmp_path, array))
+    assert "\n" not in str(err.value)
