@@ -31,6 +31,8 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 
+from imagegen.tracking import flatten  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ARTIFACT_KEY = "retrain-summary"
 RETRIED_STAGES = {"fetch"}  # the only stage that talks to the outside world
@@ -138,17 +140,6 @@ def run_stages(stages: list[str], repo: Path, retries: int, delay_s: float) -> t
             return results, state.message
         results.append(state.result())
     return results, None
-
-
-def flatten(data: dict, prefix: str = "") -> dict[str, object]:
-    """{'a': {'b': 1}} -> {'a.b': 1}."""
-    flat: dict[str, object] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def metrics_snapshot(repo: Path) -> dict[tuple[str, str], object]:

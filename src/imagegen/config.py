@@ -156,6 +156,15 @@ def with_overrides(cfg: Config, overrides: dict[str, object]) -> Config:
     return Config.model_validate(raw)
 
 
+def flat_section(prefix: str, section: Section) -> dict[str, object]:
+    return {f"{prefix}.{k}": v for k, v in section.model_dump().items()}
+
+
+def model_params(cfg: Config, kind: str) -> dict[str, object]:
+    """The params that define a trained gan/vae model (logged with its run, hashed into its tags)."""
+    return {"data.dataset": cfg.data.dataset, **flat_section("train", cfg.train), **flat_section(kind, getattr(cfg, kind))}
+
+
 def load_config(path: Path | str = "params.yaml") -> Config:
     path = Path(path)
     try:

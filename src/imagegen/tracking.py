@@ -90,3 +90,12 @@ def stage_run(root: Path, experiment: str, run_name: str, params: dict, tags: di
     with run:
         mlflow.log_params(params)
         yield run
+
+
+def flatten(tree: dict, sep: str = ".", prefix: str = "") -> dict[str, object]:
+    """{"gan": {"fid": 1}} -> {"gan.fid": 1} (sep "/" suits MLflow, which groups charts by it)."""
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        flat.update(flatten(value, sep, name + sep) if isinstance(value, dict) else {name: value})
+    return flat

@@ -52,6 +52,8 @@ def test_repro_runs_once_then_only_what_changed(project):
     evaluation = json.loads((project / "metrics/evaluate.json").read_text())
     assert evaluation["gan"]["n_samples"] == 1000 and "nll_iwae" in evaluation["vae"]
     assert (project / "reports/evaluate/vae-reconstructions.png").is_file()
+    registered = json.loads((project / "metrics/register.json").read_text())
+    assert registered["gan"]["model"] == "fashion-mnist-gan" and registered["gan"]["champion_after"] == 1
 
     second = dvc(project, "repro")
     assert ran(second.stdout) == []

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imagegen.config import MIN_EVAL_SAMPLES, Config
+from imagegen.config import MIN_EVAL_SAMPLES, Config, flat_section
 from imagegen.data.prepare import PREPARED_DIR
 from imagegen.errors import ImagegenError
 from imagegen.evaluation import metrics as m
@@ -105,6 +105,7 @@ def inception_fid(cfg: Config, root: Path, samples: np.ndarray, device) -> float
     """The standard FID (pt_inception-2015-12-05), when its weights file is configured and present."""
     path = cfg.eval.inception_weights
     if not path:
+        log.info("evaluate: standard Inception FID not computed (eval.inception_weights is not set)")
         return None
     if not Path(path).is_file():
         log.warning("evaluate: standard Inception FID skipped: eval.inception_weights %s does not exist", path)
@@ -158,19 +159,11 @@ def log_to_mlflow(cfg: Config, root: Path, results: dict) -> None:
 
     from imagegen import tracking
 
-    params = {f"eval.{k}": v for k, v in cfg.eval.model_dump().items()}
+    params = flat_section("eval", cfg.eval)
     tags = tracking.lineage_tags(root, params, str(select_device(cfg.train.device)))
     with tracking.stage_run(root, f"imagegen-{cfg.data.dataset}", "evaluate", params, tags):
-        mlflow.log_metrics({name: value for name, value in flatten(results).items()
+        mlflow.log_metrics({name: value for name, value in tracking.flatten(results, "/").items()
                             if isinstance(value, (int, float))})
         mlflow.log_artifacts(str(root / REPORTS), artifact_path="evaluate")
         mlflow.log_artifact(str(root / METRICS))
 
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{"gan": {"fid": 1}} -> {"gan/fid": 1} (MLflow groups charts by the part before the slash)."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        flat.update(flatten(value, f"{name}/") if isinstance(value, dict) else {name: value})
-    return flat

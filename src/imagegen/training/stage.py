@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imagegen.config import Config
+from imagegen.config import Config, model_params
 from imagegen.data.datasets import DATASETS
 from imagegen.data.prepare import PREPARED_DIR
 from imagegen.fsutil import atomic_dir, atomic_file, write_json
@@ -61,7 +61,7 @@ def run_train(cfg: Config, kind: str, root: Path = Path(".")) -> TrainResult:
         data = DeviceBatches(images, labels, section.batch_size, runtime.device, cfg.train.seed,
                              runtime.rank, runtime.world_size)
         out = paths(root, kind)
-        params = {"data.dataset": cfg.data.dataset, **_flat("train", cfg.train), **_flat(kind, section)}
+        params = model_params(cfg, kind)
         probe = BestByFid.create(task, root, images, cfg.train.seed) if runtime.is_main and kind == "gan" else None
         loop_cfg = LoopConfig(
             epochs=section.epochs, seed=cfg.train.seed, checkpoint_path=out["checkpoint"],
@@ -88,10 +88,6 @@ def run_train(cfg: Config, kind: str, root: Path = Path(".")) -> TrainResult:
     finally:
         teardown_runtime(runtime)
         torch.set_num_threads(threads)
-
-
-def _flat(prefix: str, section) -> dict:
-    return {f"{prefix}.{k}": v for k, v in section.model_dump().items()}
 
 
 def fingerprint(kind: str, params: dict, train_file: Path, world_size: int, probe: BestByFid | None = None) -> str:

@@ -1,0 +1,367 @@
+"""The register stage: trained models -> MLflow registered model versions, champion/challenger aliases.
+
+For each kind (gan, vae) the registered model is `<dataset>-<kind>`. A new version is created
+only for weights not registered before (tag weights_sha256). The new version gets the alias
+`challenger`, and `champion` too when there is no champion or it beats the champion's
+register.metric by register.margin (relative). The decision lands in metrics/register.json and
+on the version (tags, description).
+
+Order of writes, so that a failure midway leaves nothing that looks finished: log the model ->
+create the version (tags, no alias) -> set challenger -> set champion -> tag `decision`. A
+version without the `decision` tag is an interrupted registration; the next run finishes it
+instead of creating another version. Registrations are serialized by a host-local file lock
+per tracking URI, and the champion is read inside it, right before the aliases are set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import math
+import re
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from imagegen import tracking
+from imagegen.config import Config, model_params
+from imagegen.errors import ImagegenError
+from imagegen.fsutil import write_json
+from imagegen.models.io import META, WEIGHTS
+
+log = logging.getLogger(__name__)
+
+KINDS = ("gan", "vae")
+CHAMPION, CHALLENGER = "champion", "challenger"
+LOWER_IS_BETTER = {"fid": True, "kid_mean": True, "precision": False, "recall": False}
+EVALUATION = Path("metrics") / "evaluate.json"
+OUTPUT = Path("metrics") / "register.json"
+METRIC_TAG = "metric."  # prefix of the version tags holding the evaluation metrics
+DECISION_TAG = "decision"  # written last: its absence marks an interrupted registration
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+
+
+def decide(metric: str, value: float, champion_value: float | None, margin: float) -> Decision:
+    """Whether a challenger with `value` replaces a champion with `champion_value` (None: no champion)."""
+    if champion_value is None or not math.isfinite(champion_value):
+        return Decision(True, f"no champion {metric} to beat")
+    lower = LOWER_IS_BETTER[metric]
+    needed = abs(champion_value) * margin
+    better = value < champion_value - needed if lower else value > champion_value + needed
+    direction = "lower" if lower else "higher"
+    verdict = "beats" if better else "does not beat"
+    return Decision(better, f"{metric} {value:.6g} {verdict} champion's {champion_value:.6g} "
+                            f"({direction} is better, margin {margin:g})")
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    summary: str
+    decisions: dict  # as written to metrics/register.json
+
+
+def run_register(cfg: Config, root: Path = Path(".")) -> RegisterResult:
+    metric = cfg.register_.metric
+    models = {kind: (model_folder(root, kind), challenger_metrics(root, kind, metric)) for kind in KINDS}
+    uri = tracking.configure(root)
+    check_reachable(uri)
+    params = {"data.dataset": cfg.data.dataset, "register.metric": metric, "register.margin": cfg.register_.margin}
+    try:
+        with registry_lock(uri), tracking.stage_run(root, f"imagegen-{cfg.data.dataset}", "register", params,
+                                                    tracking.lineage_tags(root, params, "cpu")) as run:
+            decisions = {kind: register_kind(cfg, root, kind, folder, metrics, run)
+                         for kind, (folder, metrics) in models.items()}
+            import mlflow
+
+            mlflow.log_dict(decisions, "register.json")
+    except ImagegenError:
+        raise
+    except Exception as exc:  # MLflow raises many kinds when the store fails midway
+        raise ImagegenError(f"MLflow tracking at {uri} failed during registration: {describe(exc)}; "
+                            "re-run to finish (an interrupted version is completed, not duplicated)") from None
+    output = {"metric": metric, "margin": cfg.register_.margin, **decisions}
+    write_json(root / OUTPUT, output)
+    return RegisterResult("; ".join(summary_line(kind, d) for kind, d in decisions.items()), output)
+
+
+def model_folder(root: Path, kind: str) -> Path:
+    folder = root / "models" / kind
+    for name in (WEIGHTS, META):
+        if not (folder / name).is_file():
+            raise ImagegenError(f"{folder / name}: missing; expected a trained model (run the train-{kind} stage)")
+    return folder
+
+
+def challenger_metrics(root: Path, kind: str, metric: str) -> dict[str, float]:
+    """The numeric evaluation metrics of one model from metrics/evaluate.json; the chosen one must be finite."""
+    path = root / EVALUATION
+    try:
+        evaluation = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ImagegenError(f"{path}: missing; expected the evaluate stage's metrics") from None
+    except ValueError as exc:
+        raise ImagegenError(f"{path}: not valid JSON ({exc})") from None
+    section = evaluation.get(kind) if isinstance(evaluation, dict) else None
+    if not isinstance(section, dict):
+        raise ImagegenError(f"{path}: no '{kind}' section; expected the metrics of the {kind} model")
+    numbers = {k: float(v) for k, v in section.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if metric not in numbers or not math.isfinite(numbers[metric]):
+        raise ImagegenError(f"{path}: {kind}.{metric} is {section.get(metric)!r}; expected a finite number "
+                            "(register.metric in params.yaml)")
+    return numbers
+
+
+def register_kind(cfg: Config, root: Path, kind: str, folder: Path, metrics: dict, run) -> dict:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    name = f"{cfg.data.dataset}-{kind}"
+    metric = cfg.register_.metric
+    sha = sha256_file(folder / WEIGHTS)
+    version = find_version(client, name, sha)
+    if version is not None and DECISION_TAG in version.tags:
+        champion = alias_version(client, name, CHAMPION)
+        number = to_int(champion.version) if champion else None
+        return {"model": name, "version": int(version.version), "new_version": False, "value": metrics[metric],
+                "champion_before": number, "champion_value": tag_float(champion, metric), "champion_after": number,
+                "promoted": False, "reason": f"unchanged: these weights are version {version.version}"}
+    new = version is None
+    if new:
+        version = create_version(client, cfg, root, kind, folder, metrics, sha, run)
+    else:
+        log.info("register: %s version %s was interrupted before its decision; finishing it", name, version.version)
+    return promote(client, name, version, metrics[metric], cfg.register_.margin, metric, new)
+
+
+def create_version(client, cfg: Config, root: Path, kind: str, folder: Path, metrics: dict, sha: str, run):
+    import mlflow
+
+    from imagegen import serving
+
+    with tempfile.TemporaryDirectory() as staging, quiet_mlflow():
+        code = Path(staging) / "imagegen"  # the package travels with the model: serving needs no install
+        shutil.copytree(Path(__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        info = mlflow.pyfunc.log_model(
+            name=kind, python_model=serving.ImageSampler(), artifacts={serving.MODEL_ARTIFACT: str(folder)},
+            code_paths=[str(code)], pip_requirements=requirements(), signature=serving.signature(),
+            input_example=serving.INPUT_EXAMPLE)
+    training_run, source = training_run_id(client, run, sha)
+    params = model_params(cfg, kind)
+    tags = {
+        **tracking.lineage_tags(root, params, "cpu"),
+        "weights_sha256": sha,
+        "training_run_id": training_run,
+        "training_run_source": source,
+        **{f"{METRIC_TAG}{k}": repr(v) for k, v in metrics.items()},
+    }
+    tags.pop("device")
+    with quiet_mlflow():
+        version = mlflow.register_model(info.model_uri, f"{cfg.data.dataset}-{kind}", tags=tags)
+    log.info("register: %s version %s created from %s", version.name, version.version, folder)
+    return client.get_model_version(version.name, version.version)
+
+
+def promote(client, name: str, version, value: float, margin: float, metric: str, new: bool) -> dict:
+    champion = alias_version(client, name, CHAMPION)
+    if champion is not None and champion.version == version.version:
+        decision = Decision(True, "already champion (promoted by an interrupted run)")
+    else:
+        decision = decide(metric, value, tag_float(champion, metric), margin)
+    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    if decision.promote:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    before = to_int(champion.version) if champion else None
+    after = int(version.version) if decision.promote else before
+    result = {"model": name, "version": int(version.version), "new_version": new, "value": value,
+              "champion_before": before, "champion_value": tag_float(champion, metric), "champion_after": after,
+              "promoted": decision.promote, "reason": decision.reason}
+    outcome = "champion" if decision.promote else f"challenger (champion stays version {before})"
+    client.update_model_version(name, version.version, description=(
+        f"{metric} {value:.6g}: {outcome}; {decision.reason}. Weights sha256 "
+        f"{version.tags.get('weights_sha256', '?')[:12]}, training run {version.tags.get('training_run_id', '?')}."))
+    client.set_model_version_tag(name, version.version, "decision_reason", decision.reason)
+    client.set_model_version_tag(name, version.version, "champion_before", str(before))
+    client.set_model_version_tag(name, version.version, DECISION_TAG, "promoted" if decision.promote else "kept")
+    return result
+
+
+def find_version(client, name: str, sha: str):
+    """The version of `name` holding these weights, or None (also when `name` does not exist yet)."""
+    matches = [v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get("weights_sha256") == sha]
+    return min(matches, key=lambda v: int(v.version)) if matches else None
+
+
+def alias_version(client, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def tag_float(version, metric: str) -> float | None:
+    if version is None:
+        return None
+    try:
+        return float(version.tags[f"{METRIC_TAG}{metric}"])
+    except (KeyError, ValueError):
+        return None
+
+
+def training_run_id(client, run, sha: str) -> tuple[str, str]:
+    """The training run that wrote these weights (tag weights_sha256), else the register run."""
+    found = client.search_runs([run.info.experiment_id], filter_string=f"tags.weights_sha256 = '{sha}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    if found:
+        return found[0].info.run_id, "training run (tag weights_sha256)"
+    return run.info.run_id, "register run: no training run is tagged with these weights (trained with mlflow off?)"
+
+
+def requirements() -> list[str]:
+    """Pinned explicitly: MLflow's inference runs a subprocess for 16-26 s and lists unrelated packages."""
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg).split('+')[0]}" for pkg in ("mlflow", "torch", "numpy", "pandas")]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def to_int(version) -> int | None:
+    return int(version) if version is not None else None
+
+
+def summary_line(kind: str, d: dict) -> str:
+    if not d["new_version"] and d["reason"].startswith("unchanged"):
+        return f"{kind}: unchanged, version {d['version']} (champion {d['champion_after']})"
+    state = "champion" if d["promoted"] else f"challenger, champion stays {d['champion_after']}"
+    return f"{kind}: version {d['version']} is {state} ({d['reason']})"
+
+
+def describe(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast on a tracking server that is down, instead of MLflow's minutes of retries."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as response:
+            response.read()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ImagegenError(f"MLflow tracking server {uri} is not reachable ({reason}); start it, or unset "
+                            "MLFLOW_TRACKING_URI to use the embedded store") from None
+
+
+@contextlib.contextmanager
+def quiet_mlflow() -> Iterator[None]:
+    """No progress bars, prints or advice from MLflow while logging, registering or downloading a model:
+    the stage's own log says what happened. Errors still raise."""
+    import os
+
+    logger = logging.getLogger("mlflow")
+    level, bar = logger.level, os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    logger.setLevel(logging.ERROR)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+        if bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
+
+
+def lock_path(uri: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"imagegen-registry-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"
+
+
+@contextlib.contextmanager
+def registry_lock(uri: str) -> Iterator[None]:
+    """One registration at a time per tracking URI on this host (flock: released if the process dies)."""
+    path = lock_path(uri)
+    with path.open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("register: waiting for another registration to finish (lock %s)", path)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def load_registered(uri: str, device: str = "cpu"):
+    """The torch module and meta of a registered version (models:/NAME@ALIAS or models:/NAME/VERSION)."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    from imagegen.models.io import load_model
+
+    match = MODEL_URI.match(uri)
+    if not match:
+        raise ImagegenError(f"--model {uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    tracking_uri = tracking_store(Path("."))
+    client = MlflowClient()
+    name, alias = match["name"], match["alias"]
+    try:
+        version = (client.get_model_version_by_alias(name, alias) if alias
+                   else client.get_model_version(name, match["version"]))
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise ImagegenError(f"{uri}: no such registered model or {'alias' if alias else 'version'} in the "
+                                f"MLflow registry at {tracking_uri}") from None
+        raise ImagegenError(f"MLflow tracking at {tracking_uri} is not usable: {describe(exc)}") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            with quiet_mlflow():
+                local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=tmp))
+        except Exception as exc:  # artifact stores raise many kinds
+            raise ImagegenError(f"{uri}: could not download version {version.version} from MLflow at "
+                                f"{tracking_uri}: {describe(exc)}") from None
+        artifacts = Model.load(local / "MLmodel").flavors["python_function"].get("artifacts", {})
+        if "model" not in artifacts:
+            raise ImagegenError(f"{uri}: version {version.version} is not an imagegen model (no 'model' artifact)")
+        return load_model(local / artifacts["model"]["path"], device)
+
+
+def tracking_store(root: Path) -> str:
+    """The tracking URI for reading the registry; the embedded store must exist already."""
+    uri = tracking.configure(root)
+    if uri == tracking.embedded_uri(root) and not (root / "mlruns.db").exists():
+        raise ImagegenError(f"no model registry at {uri}: run the pipeline (dvc repro) here first, or set "
+                            "MLFLOW_TRACKING_URI to a tracking server")
+    check_reachable(uri)
+    return uri

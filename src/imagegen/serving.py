@@ -1,0 +1,180 @@
+"""A trained model folder as an MLflow pyfunc model: requests {n, seed, label} in, PNG images out.
+
+Request: one row per request (pandas DataFrame, a dict or a list of dicts), columns
+  n      int, required, 1..MAX_IMAGES           number of images
+  seed   int, optional, 0..2**63-1 (default 0)  latent seed; the same seed gives the same images
+  label  int, optional                           class index for a conditional model; omit it
+                                                 for an unconditional one (a conditional one then
+                                                 cycles through the classes)
+Over HTTP (`mlflow models serve`): {"dataframe_records": [{"n": 4, "seed": 1}]}, or the same
+rows under "inputs" or "dataframe_split". At most MAX_IMAGES images per call, all rows together.
+Values must be JSON integers (4.0 passes; "4", 2.5, true do not); a row may omit seed or label.
+
+Response: a DataFrame with one row per image: request (input row index), index (image index
+within that request), label (class index, -1 for an unconditional model) and png (a
+base64-encoded 28 x 28 8-bit grayscale PNG). Over HTTP: {"predictions": [{"request": 0,
+"index": 0, "label": -1, "png": "iVBORw0..."}, ...]}.
+
+A bad request raises MlflowException(INVALID_PARAMETER_VALUE), which the scoring server
+answers with HTTP 400 and the message (no traceback).
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import struct
+import warnings
+import zlib
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+MAX_IMAGES = 1024
+MAX_SEED = 2**63 - 1
+MODEL_ARTIFACT = "model"  # the key of the models/<kind> folder among the pyfunc artifacts
+OUTPUT_COLUMNS = ["request", "index", "label", "png"]
+
+
+# MLflow warns at class creation that predict has no type hints: the signature is given explicitly instead.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+
+    class ImageSampler(mlflow.pyfunc.PythonModel):
+        def load_context(self, context):
+            import torch
+
+            from imagegen.models.io import load_model
+
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.module, self.meta = load_model(Path(context.artifacts[MODEL_ARTIFACT]), self.device)
+
+        def predict(self, context, model_input, params=None):
+            from imagegen.evaluation.sampling import generate
+
+            requests = parse_requests(model_input, self.meta)
+            rows = []
+            for i, (n, seed, label) in enumerate(requests):
+                images = generate(self.module, self.meta, n, seed, label, self.device)
+                labels = image_labels(self.meta, n, label)
+                rows += [(i, j, labels[j], png_base64(image)) for j, image in enumerate(images)]
+            return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
+
+
+def bad_request(message: str) -> Exception:
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException.invalid_parameter_value(message)
+
+
+def parse_requests(model_input, meta: dict) -> list[tuple[int, int, int | None]]:
+    """(n, seed, label) per request row, validated; raises bad_request on anything else."""
+    if isinstance(model_input, dict):
+        model_input = [model_input]
+    if isinstance(model_input, list):
+        if not all(isinstance(row, dict) for row in model_input):
+            raise bad_request("request: expected rows of {n, seed, label}")
+        model_input = pd.DataFrame(model_input)
+    if not isinstance(model_input, pd.DataFrame):
+        raise bad_request(f"request: expected rows of {{n, seed, label}}, got {type(model_input).__name__}")
+    if len(model_input) == 0:
+        raise bad_request("request: no rows; expected at least one {n, seed, label}")
+    unknown = set(model_input.columns) - {"n", "seed", "label"}
+    if unknown:
+        raise bad_request(f"request: unknown field(s) {', '.join(sorted(map(str, unknown)))}; expected n, seed, label")
+    if "n" not in model_input.columns:
+        raise bad_request("request: missing field n; expected an integer 1..%d" % MAX_IMAGES)
+    requests = []
+    for i, row in enumerate(model_input.to_dict("records")):
+        n = integer(row.get("n"), f"row {i}: n", 1, MAX_IMAGES, required=True)
+        seed = integer(row.get("seed"), f"row {i}: seed", 0, MAX_SEED) or 0
+        label = integer(row.get("label"), f"row {i}: label", 0, None)
+        check_label(meta, label, i)
+        requests.append((n, seed, label))
+    total = sum(n for n, _, _ in requests)
+    if total > MAX_IMAGES:
+        raise bad_request(f"request: {total} images in all; expected at most {MAX_IMAGES} per call")
+    return requests
+
+
+def integer(value, what: str, low: int, high: int | None, required: bool = False) -> int | None:
+    """An int from a JSON/pandas value; None when absent (NaN counts as absent)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        if required:
+            raise bad_request(f"{what} is missing; expected an integer {low}..{high}")
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)):
+        raise bad_request(f"{what}={value!r}: expected an integer")
+    if isinstance(value, (float, np.floating)) and not float(value).is_integer():
+        raise bad_request(f"{what}={value!r}: expected an integer")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        upper = "" if high is None else str(high)
+        raise bad_request(f"{what}={value}: expected {low}..{upper}" if upper else f"{what}={value}: expected >= {low}")
+    return value
+
+
+def check_label(meta: dict, label: int | None, row: int) -> None:
+    num_classes = meta.get("num_classes", 0)
+    if label is None:
+        return
+    if not num_classes:
+        raise bad_request(f"row {row}: label={label}: this {meta['kind']} model is unconditional; omit label")
+    if label >= num_classes:
+        raise bad_request(f"row {row}: label={label}: expected a class index 0..{num_classes - 1}")
+
+
+def image_labels(meta: dict, n: int, label: int | None) -> list[int]:
+    """The class of each image, as sampling.class_labels picks it; -1 for an unconditional model."""
+    num_classes = meta.get("num_classes", 0)
+    if not num_classes:
+        return [-1] * n
+    return [label] * n if label is not None else [i % num_classes for i in range(n)]
+
+
+def png_base64(image: np.ndarray) -> str:
+    return base64.b64encode(png_bytes(image)).decode("ascii")
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """An H x W uint8 array as an 8-bit grayscale PNG (stdlib only: no imaging library in the model's env)."""
+    height, width = image.shape
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + image[y].astype(np.uint8).tobytes() for y in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def decode_png(data: str | bytes) -> np.ndarray:
+    """The inverse of png_base64 for the PNGs it writes (clients and tests)."""
+    raw = base64.b64decode(data) if isinstance(data, str) else data
+    width, height = struct.unpack(">II", raw[16:24])
+    pos, idat = 8, b""
+    while pos < len(raw):
+        (length,), kind = struct.unpack(">I", raw[pos:pos + 4]), raw[pos + 4:pos + 8]
+        if kind == b"IDAT":
+            idat += raw[pos + 8:pos + 8 + length]
+        pos += 12 + length
+    rows = np.frombuffer(zlib.decompress(idat), dtype=np.uint8).reshape(height, width + 1)
+    return rows[:, 1:].copy()
+
+
+def signature():
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import AnyType, ColSpec, Schema
+
+    # Any, not long: with long, the scoring server coerces "4" -> 4 and 2.5 -> 2 before predict sees
+    # them; parse_requests checks the raw values instead.
+    inputs = Schema([ColSpec(AnyType(), "n"), ColSpec(AnyType(), "seed", required=False),
+                     ColSpec(AnyType(), "label", required=False)])
+    outputs = Schema([ColSpec("long", "request"), ColSpec("long", "index"), ColSpec("long", "label"),
+                      ColSpec("string", "png")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+INPUT_EXAMPLE = pd.DataFrame({"n": [2], "seed": [0]})

@@ -1,0 +1,109 @@
+"""Tiny untrained models, evaluation metrics and MLflow servers for the registry and serving tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+import yaml
+
+from imagegen.models.io import build, save_model
+
+ARCH = {"latent_dim": 8, "width": 4, "kernel_size": 4}
+CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+
+
+def make_model(folder: Path, kind: str, seed: int, conditional: bool = False, dataset: str = "fashion-mnist") -> None:
+    """A models/<kind> folder as the training stage writes it, with random weights from `seed`."""
+    torch.manual_seed(seed)
+    num_classes = 10 if conditional else 0
+    arch = ARCH if kind == "gan" else {"latent_dim": 8, "width": 4}
+    module = build(kind, arch, num_classes)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(folder, module, {
+        "kind": kind, "dataset": dataset, "classes": CLASSES, "num_classes": num_classes, "arch": arch,
+        "output_range": [0, 1], "parameters": sum(p.numel() for p in module.parameters()),
+    })
+
+
+def make_project(root: Path, seed: int, fid: dict[str, float], dataset: str = "fashion-mnist",
+                 conditional: bool = False) -> Path:
+    """models/{gan,vae}, metrics/evaluate.json (fid per kind, other metrics fixed) and params.yaml."""
+    for kind in ("gan", "vae"):
+        make_model(root / "models" / kind, kind, seed + (100 if kind == "vae" else 0), conditional, dataset)
+    evaluation = {kind: {"fid": value, "kid_mean": value / 1000, "kid_std": 0.001, "precision": 0.7,
+                         "recall": 0.5, "class_entropy": 2.28, "n_samples": 64, "sampler": "ema"}
+                  for kind, value in fid.items()}
+    evaluation["reference"] = {"n_samples": 64}
+    (root / "metrics").mkdir(parents=True, exist_ok=True)
+    (root / "metrics" / "evaluate.json").write_text(json.dumps(evaluation))
+    (root / "params.yaml").write_text(yaml.safe_dump({"data": {"dataset": dataset},
+                                                      "register": {"metric": "fid", "margin": 0.01}}))
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{url} not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def start(cmd: list[str], log: Path, health: str, env: dict | None = None, cwd: Path | None = None):
+    """Start a server (its own process group, so its workers stop with it) and wait until `health` answers."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+    try:
+        wait_http(health, proc, log)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def mlflow_server(folder: Path):
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/server.db",
+           "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]
+    proc = start(cmd, folder / "server.log", f"http://127.0.0.1:{port}/health", cwd=folder)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def cli_env(tracking_uri: str | None, **extra: str) -> dict:
+    """The environment for an `imagegen` subprocess: the given tracking URI, or the embedded default."""
+    env = {**os.environ, **extra}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    return env

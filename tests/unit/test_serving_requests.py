@@ -1,0 +1,61 @@
+"""Request validation and PNG encoding of the served model (no MLflow server needed)."""
+
+import base64
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+
+from imagegen.serving import MAX_IMAGES, decode_png, image_labels, parse_requests, png_base64
+
+CONDITIONAL = {"kind": "gan", "num_classes": 10}
+UNCONDITIONAL = {"kind": "vae", "num_classes": 0}
+
+
+def test_rows_dicts_and_frames_parse_alike():
+    assert parse_requests({"n": 3}, UNCONDITIONAL) == [(3, 0, None)]
+    assert parse_requests([{"n": 1, "seed": 5}, {"n": 2, "seed": 6}], UNCONDITIONAL) == [(1, 5, None), (2, 6, None)]
+    frame = pd.DataFrame({"n": [4], "seed": [7], "label": [9]})
+    assert parse_requests(frame, CONDITIONAL) == [(4, 7, 9)]
+    assert parse_requests(pd.DataFrame({"n": [2.0], "label": [np.nan]}), CONDITIONAL) == [(2, 0, None)]
+
+
+@pytest.mark.parametrize("request_, meta, words", [
+    ({"n": 0}, UNCONDITIONAL, "n=0"),
+    ({"n": MAX_IMAGES + 1}, UNCONDITIONAL, f"n={MAX_IMAGES + 1}"),
+    ({"n": "4"}, UNCONDITIONAL, "expected an integer"),
+    ({"n": 2.5}, UNCONDITIONAL, "expected an integer"),
+    ({"n": True}, UNCONDITIONAL, "expected an integer"),
+    ({"seed": 1}, UNCONDITIONAL, "missing field n"),
+    ({"n": 1, "seed": -1}, UNCONDITIONAL, "seed=-1"),
+    ({"n": 1, "label": 3}, UNCONDITIONAL, "unconditional"),
+    ({"n": 1, "label": 10}, CONDITIONAL, "0..9"),
+    ({"n": 1, "label": -1}, CONDITIONAL, "label=-1"),
+    ({"n": 1, "colour": 2}, UNCONDITIONAL, "unknown field"),
+    ([{"n": 1000}, {"n": 25}], UNCONDITIONAL, "1025 images in all"),
+    ([], UNCONDITIONAL, "no rows"),
+    ("n=4", UNCONDITIONAL, "expected rows"),
+])
+def test_bad_requests_are_invalid_parameter_errors(request_, meta, words):
+    with pytest.raises(MlflowException) as caught:
+        parse_requests(request_, meta)
+    assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert caught.value.get_http_status_code() == 400
+    assert words in caught.value.message
+
+
+def test_image_labels_follow_sampling_order():
+    assert image_labels(CONDITIONAL, 12, None) == [*range(10), 0, 1]
+    assert image_labels(CONDITIONAL, 2, 4) == [4, 4]
+    assert image_labels(UNCONDITIONAL, 2, None) == [-1, -1]
+
+
+def test_png_round_trips_and_is_a_real_png():
+    image = np.random.default_rng(0).integers(0, 256, size=(28, 28), dtype=np.uint8)
+    encoded = png_base64(image)
+    assert np.array_equal(decode_png(encoded), image)
+    PIL = pytest.importorskip("PIL.Image")
+    decoded = PIL.open(io.BytesIO(base64.b64decode(encoded)))
+    assert decoded.mode == "L" and np.array_equal(np.asarray(decoded), image)
