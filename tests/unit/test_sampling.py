@@ -71,3 +71,17 @@ def test_load_samples_refuses_bad_files_with_one_line(tmp_path, array, message):
     with pytest.raises(ImagegenError, match=message) as err:
         load_samples(write(tmp_path, array))
     assert "\n" not in str(err.value)
+
+
+def test_corrupt_or_mismatched_model_folders_are_one_line_errors(tmp_path):
+    from imagegen.models.io import load_model, save_model
+
+    module, meta = tiny()
+    save_model(tmp_path, module, meta)
+    (tmp_path / "weights.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ImagegenError, match=r"not a loadable model \(") as err:
+        load_model(tmp_path)
+    assert "\n" not in str(err.value)
+    save_model(tmp_path, module, {**meta, "arch": {**meta["arch"], "width": 8}})  # weights of width 4
+    with pytest.raises(ImagegenError, match="not a loadable model"):
+        load_model(tmp_path)

@@ -21,6 +21,7 @@ from torch import nn
 from imagegen.config import Config
 from imagegen.data.datasets import DATASETS
 from imagegen.data.prepare import PREPARED_DIR
+from imagegen.errors import ImagegenError
 from imagegen.fsutil import atomic_dir, atomic_file, write_json
 from imagegen.models.io import load_model, save_model
 from imagegen.training.data import load_split
@@ -143,6 +144,10 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 def load_features(root: Path = Path("."), device: torch.device | str = "cpu") -> tuple[FeatureNet, dict, dict]:
     """The trained feature net, its meta, and the stored test-split reference (features, labels)."""
     net, meta = load_model(root / FEATURES_DIR, device)
-    with np.load(root / FEATURES_DIR / REFERENCE, allow_pickle=False) as ref:
-        reference = {"features": ref["features"].astype(np.float64), "labels": ref["labels"]}
+    path = root / FEATURES_DIR / REFERENCE
+    try:
+        with np.load(path, allow_pickle=False) as ref:
+            reference = {"features": ref["features"].astype(np.float64), "labels": ref["labels"]}
+    except (OSError, ValueError, KeyError) as exc:
+        raise ImagegenError(f"{path}: unreadable test-split features ({exc}); re-run the train-features stage") from None
     return net, meta, reference

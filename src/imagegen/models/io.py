@@ -39,8 +39,13 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[nn.Mod
     try:
         meta = json.loads((folder / META).read_text())
         state = torch.load(folder / WEIGHTS, map_location=device, weights_only=True)
+        module = build(meta["kind"], meta["arch"], meta["num_classes"])
+        module.load_state_dict(state)
     except FileNotFoundError as exc:
         raise ImagegenError(f"{folder}: no trained model there ({Path(exc.filename).name} missing)") from None
-    module = build(meta["kind"], meta["arch"], meta["num_classes"])
-    module.load_state_dict(state)
+    except ImagegenError:
+        raise
+    except Exception as exc:  # corrupt JSON or weights, missing keys, weights of another architecture
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ImagegenError(f"{folder}: not a loadable model ({type(exc).__name__}: {first})") from None
     return module.to(device).eval(), meta
