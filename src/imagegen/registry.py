@@ -35,7 +35,7 @@ from pathlib import Path
 from imagegen import tracking
 from imagegen.config import Config, model_params
 from imagegen.errors import ImagegenError
-from imagegen.fsutil import write_json
+from imagegen.fsutil import sha256_file, write_json
 from imagegen.models.io import META, WEIGHTS
 
 log = logging.getLogger(__name__)
@@ -136,10 +136,8 @@ def register_kind(cfg: Config, root: Path, kind: str, folder: Path, metrics: dic
     version = find_version(client, name, sha)
     if version is not None and DECISION_TAG in version.tags:
         champion = alias_version(client, name, CHAMPION)
-        number = to_int(champion.version) if champion else None
-        return {"model": name, "version": int(version.version), "new_version": False, "value": metrics[metric],
-                "champion_before": number, "champion_value": tag_float(champion, metric), "champion_after": number,
-                "promoted": False, "reason": f"unchanged: these weights are version {version.version}"}
+        return record(name, version, False, metrics[metric], champion, metric,
+                      Decision(False, f"unchanged: these weights are version {version.version}"))
     new = version is None
     if new:
         version = create_version(client, cfg, root, kind, folder, metrics, sha, run)
@@ -185,11 +183,8 @@ def promote(client, name: str, version, value: float, margin: float, metric: str
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     if decision.promote:
         client.set_registered_model_alias(name, CHAMPION, version.version)
-    before = to_int(champion.version) if champion else None
-    after = int(version.version) if decision.promote else before
-    result = {"model": name, "version": int(version.version), "new_version": new, "value": value,
-              "champion_before": before, "champion_value": tag_float(champion, metric), "champion_after": after,
-              "promoted": decision.promote, "reason": decision.reason}
+    result = record(name, version, new, value, champion, metric, decision)
+    before = result["champion_before"]
     outcome = "champion" if decision.promote else f"challenger (champion stays version {before})"
     client.update_model_version(name, version.version, description=(
         f"{metric} {value:.6g}: {outcome}; {decision.reason}. Weights sha256 "
@@ -198,6 +193,15 @@ def promote(client, name: str, version, value: float, margin: float, metric: str
     client.set_model_version_tag(name, version.version, "champion_before", str(before))
     client.set_model_version_tag(name, version.version, DECISION_TAG, "promoted" if decision.promote else "kept")
     return result
+
+
+def record(name: str, version, new: bool, value: float, champion, metric: str, decision: Decision) -> dict:
+    """One model's entry in metrics/register.json."""
+    before = to_int(champion.version) if champion else None
+    return {"model": name, "version": int(version.version), "new_version": new, "value": value,
+            "champion_before": before, "champion_value": tag_float(champion, metric),
+            "champion_after": int(version.version) if decision.promote else before,
+            "promoted": decision.promote, "reason": decision.reason}
 
 
 def find_version(client, name: str, sha: str):
@@ -240,14 +244,6 @@ def requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{pkg}=={version(pkg).split('+')[0]}" for pkg in ("mlflow", "torch", "numpy", "pandas")]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def to_int(version) -> int | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.registry_helpers import mlflow_server, stop
+from tests.helpers import mlflow_server, stop
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from imagegen.evaluation.features import embed, load_features, run_train_feature
 from imagegen.evaluation.vae_metrics import vae_test_metrics
 from imagegen.models.vae import VAE, negative_elbo
 from imagegen.training.data import load_split
+from tests.helpers import CLASSES, make_model
 
 MIRROR = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = [pytest.mark.slow,
@@ -122,7 +123,7 @@ def test_evaluate_samples_file_scores_like_the_stage_and_refuses_bad_files(root,
 
 
 def test_inception_fid_loads_only_matching_weights(tmp_path, test_split):
-    from imagegen.evaluation.inception import fid_inception, inception_features
+    from imagegen.evaluation.inception import InceptionFID, fid_inception, inception_features
 
     weights = tmp_path / "pt_inception.pth"
     from torchvision.models import inception as tv
@@ -132,20 +133,11 @@ def test_inception_fid_loads_only_matching_weights(tmp_path, test_split):
     net = fid_inception(weights)
     features = inception_features(net, test_split[0][:4], "cpu")
     assert features.shape == (4, 2048) and np.isfinite(features).all()
+    scorer = InceptionFID(weights, test_split[0][:8], "cpu")
+    assert abs(scorer.fid(test_split[0][:8])) < 1e-3 * scorer.fid(test_split[0][8:16])
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(ImagegenError, match="not pt_inception-2015-12-05 weights"):
         fid_inception(tmp_path / "other.pth")
-
-
-def save_untrained(root: Path, kind: str, num_classes: int) -> None:
-    from imagegen.models.io import build, save_model
-
-    arch = {"latent_dim": 8, "width": 4, "kernel_size": 4}
-    folder = root / "models" / kind
-    folder.mkdir(parents=True, exist_ok=True)
-    classes = [f"class-{i}" for i in range(10)]
-    meta = {"kind": kind, "dataset": "fashion-mnist", "classes": classes, "num_classes": num_classes, "arch": arch}
-    save_model(folder, build(kind, arch, num_classes), meta)
 
 
 def test_evaluate_stage_writes_metrics_pictures_and_an_mlflow_run(root, monkeypatch):
@@ -154,8 +146,8 @@ def test_evaluate_stage_writes_metrics_pictures_and_an_mlflow_run(root, monkeypa
     from imagegen.evaluation.stage import run_evaluate
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    save_untrained(root, "gan", num_classes=10)  # conditional: per-class accuracy too
-    save_untrained(root, "vae", num_classes=0)
+    make_model(root / "models/gan", "gan", seed=0, conditional=True)  # per-class accuracy too
+    make_model(root / "models/vae", "vae", seed=0)
     cfg = with_overrides(Config(), {"eval.n_samples": 1000, "eval.kid_subsets": 5, "eval.iwae_k": 4,
                                     "eval.iwae_images": 100, "eval.inception_weights": str(root / "absent.pth")})
     metrics = run_evaluate(cfg, root).metrics
@@ -163,7 +155,7 @@ def test_evaluate_stage_writes_metrics_pictures_and_an_mlflow_run(root, monkeypa
     for kind in ("gan", "vae"):
         assert {"fid", "kid_mean", "kid_std", "precision", "recall", "class_entropy", "min_class_ratio"} <= metrics[kind].keys()
         assert metrics[kind]["fid"] > 10 * metrics["reference"]["fid_train_vs_test"]  # untrained vs real data
-    assert set(metrics["gan"]["class_accuracy"]) == {f"class-{i}" for i in range(10)} | {"mean"}
+    assert set(metrics["gan"]["class_accuracy"]) == {*CLASSES, "mean"}
     assert metrics["vae"]["nll_iwae"] <= metrics["vae"]["nelbo"] + 1.0 and metrics["vae"]["iwae_k"] == 4
     assert "fid_inception" not in metrics["gan"]  # the configured weights file does not exist: skipped
     pictures = sorted(p.name for p in (root / "reports/evaluate").iterdir())

@@ -26,7 +26,7 @@ from imagegen.errors import ImagegenError
 from imagegen.evaluation.sampling import generate
 from imagegen.models.io import load_model
 from imagegen.registry import lock_path, load_registered, run_register
-from tests.registry_helpers import cli_env, free_port, make_project
+from tests.helpers import cli_env, free_port, make_project
 
 pytestmark = pytest.mark.slow
 

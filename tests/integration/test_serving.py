@@ -15,7 +15,7 @@ from imagegen.evaluation.sampling import generate
 from imagegen.models.io import load_model
 from imagegen.registry import run_register
 from imagegen.serving import MAX_IMAGES, decode_png
-from tests.registry_helpers import cli_env, free_port, make_project, start, stop
+from tests.helpers import cli_env, free_port, make_project, start, stop
 
 pytestmark = pytest.mark.slow
 

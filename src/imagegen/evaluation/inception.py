@@ -67,6 +67,12 @@ def inception_features(net: nn.Module, images: np.ndarray, device, batch_size: i
     return torch.cat(out).numpy()
 
 
-def inception_fid_against_test(weights: Path, samples: np.ndarray, test_images: np.ndarray, device) -> float:
-    net = fid_inception(weights)
-    return fid(inception_features(net, samples, device), inception_features(net, test_images, device))
+class InceptionFID:
+    """The standard FID against a fixed reference set, whose features are computed once."""
+
+    def __init__(self, weights: Path, reference_images: np.ndarray, device):
+        self.net, self.device = fid_inception(weights), device
+        self.reference = inception_features(self.net, reference_images, device)
+
+    def fid(self, samples: np.ndarray) -> float:
+        return fid(inception_features(self.net, samples, self.device), self.reference)

@@ -8,6 +8,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from imagegen.models.io import load_model
 from imagegen.training.data import load_split
 from imagegen.training.runtime import select_device
 
+if TYPE_CHECKING:
+    from imagegen.evaluation.inception import InceptionFID
+
 log = logging.getLogger(__name__)
 
 KINDS = ("gan", "vae")
@@ -39,26 +43,25 @@ class EvaluateResult:
 
 def run_evaluate(cfg: Config, root: Path = Path(".")) -> EvaluateResult:
     started = time.perf_counter()
-    device = select_device(cfg.train.device)
-    net, features_meta, reference = load_features(root, device)
+    scorer = Scorer.load(cfg, root, select_device(cfg.train.device))
     test_images, test_labels = load_split(root / PREPARED_DIR / "test.npz")
-    results: dict = {"reference": reference_metrics(cfg, root, net, reference, device)}
+    results: dict = {"reference": reference_metrics(cfg, root, scorer)}
     with atomic_dir(root / REPORTS) as pictures_dir:
         for kind in KINDS:
-            module, meta = load_model(root / "models" / kind, device)
-            samples = generate(module, meta, cfg.eval.n_samples, cfg.eval.seed, device=device)
-            scores = sample_metrics(cfg, root, samples, net, reference, device)
+            module, meta = load_model(root / "models" / kind, scorer.device)
+            samples = generate(module, meta, cfg.eval.n_samples, cfg.eval.seed, device=scorer.device)
+            scores = scorer.score(samples)
             if meta["num_classes"]:
-                scores["class_accuracy"] = conditional_accuracy(module, meta, net, cfg, device)
+                scores["class_accuracy"] = conditional_accuracy(module, meta, scorer, cfg)
             if kind == "vae":
                 n = cfg.eval.iwae_images or len(test_images)
                 scores.update(vae_test_metrics(module, test_images[:n], test_labels[:n], cfg.eval.iwae_k,
-                                               cfg.eval.seed, device=device))
+                                               cfg.eval.seed, device=scorer.device))
                 scores["iwae_k"] = cfg.eval.iwae_k
             results[kind] = rounded(scores)
             log.info("evaluate %s: %s", kind, results[kind])
             draw_pictures(pictures_dir, kind, module, meta, samples, (test_images, test_labels), cfg.eval.seed,
-                          device)
+                          scorer.device)
     results["seconds"] = round(time.perf_counter() - started, 1)
     write_json(root / METRICS, results)
     if cfg.train.mlflow:
@@ -66,43 +69,59 @@ def run_evaluate(cfg: Config, root: Path = Path(".")) -> EvaluateResult:
     return EvaluateResult(results)
 
 
-def sample_metrics(cfg: Config, root: Path, samples: np.ndarray, net: FeatureNet, reference: dict,
-                   device: torch.device | str = "cpu") -> dict:
-    """FID, KID, precision/recall and class coverage of uint8 samples against the test split."""
-    features, probs = embed(net, samples, device)
-    ref = reference["features"]
-    kid_mean, kid_std = m.kid(features, ref, cfg.eval.kid_subsets, cfg.eval.kid_subset_size, cfg.eval.seed)
-    precision, recall = m.precision_recall(features, ref, cfg.eval.pr_k)
-    scores = {"fid": m.fid(features, ref), "kid_mean": kid_mean, "kid_std": kid_std,
-              "precision": precision, "recall": recall, **m.class_coverage(probs), "n_samples": len(samples)}
-    inception = inception_fid(cfg, root, samples, device)
-    if inception is not None:
-        scores["fid_inception"] = inception
-    return scores
+@dataclass
+class Scorer:
+    """Scores uint8 samples against the test split; the reference features are computed once."""
+
+    cfg: Config
+    net: FeatureNet
+    reference: np.ndarray  # the test split's domain features
+    device: torch.device | str
+    inception: InceptionFID | None = None
+
+    @classmethod
+    def load(cls, cfg: Config, root: Path, device: torch.device | str) -> Scorer:
+        net, _, reference = load_features(root, device)
+        return cls(cfg, net, reference["features"], device, load_inception(cfg, root, device))
+
+    def embed(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return embed(self.net, images, self.device)
+
+    def score(self, samples: np.ndarray) -> dict:
+        """FID, KID, precision/recall and class coverage (and the Inception FID when configured)."""
+        features, probs = self.embed(samples)
+        ev = self.cfg.eval
+        kid_mean, kid_std = m.kid(features, self.reference, ev.kid_subsets, ev.kid_subset_size, ev.seed)
+        precision, recall = m.precision_recall(features, self.reference, ev.pr_k)
+        scores = {"fid": m.fid(features, self.reference), "kid_mean": kid_mean, "kid_std": kid_std,
+                  "precision": precision, "recall": recall, **m.class_coverage(probs), "n_samples": len(samples)}
+        if self.inception is not None:
+            scores["fid_inception"] = self.inception.fid(samples)
+        return scores
 
 
-def reference_metrics(cfg: Config, root: Path, net: FeatureNet, reference: dict, device) -> dict:
+def reference_metrics(cfg: Config, root: Path, scorer: Scorer) -> dict:
     """What a perfect generator would score: train images (as many as the samples) vs the test split."""
     train_images, _ = load_split(root / PREPARED_DIR / "train.npz")
     subset = train_images[np.random.default_rng(cfg.eval.seed).permutation(len(train_images))[:cfg.eval.n_samples]]
-    features, _ = embed(net, subset, device)
-    return {"fid_train_vs_test": round(m.fid(features, reference["features"]), 4), "n_samples": len(subset)}
+    features, _ = scorer.embed(subset)
+    return {"fid_train_vs_test": round(m.fid(features, scorer.reference), 4), "n_samples": len(subset)}
 
 
-def conditional_accuracy(module, meta: dict, net: FeatureNet, cfg: Config, device) -> dict[str, float]:
+def conditional_accuracy(module, meta: dict, scorer: Scorer, cfg: Config) -> dict[str, float]:
     """Per class: the share of samples conditioned on it that the feature net assigns to it."""
     per_class = max(cfg.eval.n_samples // meta["num_classes"], 1)
     accuracy = {}
     for label, name in enumerate(meta["classes"]):
-        samples = generate(module, meta, per_class, cfg.eval.seed + 1 + label, label, device)
-        _, probs = embed(net, samples, device)
+        samples = generate(module, meta, per_class, cfg.eval.seed + 1 + label, label, scorer.device)
+        _, probs = scorer.embed(samples)
         accuracy[name] = float((probs.argmax(1) == label).mean())
     accuracy["mean"] = float(np.mean(list(accuracy.values())))
     return accuracy
 
 
-def inception_fid(cfg: Config, root: Path, samples: np.ndarray, device) -> float | None:
-    """The standard FID (pt_inception-2015-12-05), when its weights file is configured and present."""
+def load_inception(cfg: Config, root: Path, device) -> InceptionFID | None:
+    """The standard FID network (pt_inception-2015-12-05), when its weights file is configured and present."""
     path = cfg.eval.inception_weights
     if not path:
         log.info("evaluate: standard Inception FID not computed (eval.inception_weights is not set)")
@@ -110,10 +129,10 @@ def inception_fid(cfg: Config, root: Path, samples: np.ndarray, device) -> float
     if not Path(path).is_file():
         log.warning("evaluate: standard Inception FID skipped: eval.inception_weights %s does not exist", path)
         return None
-    from imagegen.evaluation.inception import inception_fid_against_test
+    from imagegen.evaluation.inception import InceptionFID
 
     test_images, _ = load_split(root / PREPARED_DIR / "test.npz")
-    return inception_fid_against_test(Path(path), samples, test_images, device)
+    return InceptionFID(Path(path), test_images, device)
 
 
 def rounded(scores: dict) -> dict:
@@ -149,9 +168,7 @@ def load_samples(path: Path) -> np.ndarray:
 def score_samples_file(cfg: Config, root: Path, path: Path) -> dict:
     """`imagegen evaluate --samples FILE.npy`: any generator's samples, scored like ours."""
     samples = load_samples(path)
-    device = select_device(cfg.train.device)
-    net, _, reference = load_features(root, device)
-    return rounded(sample_metrics(cfg, root, samples, net, reference, device))
+    return rounded(Scorer.load(cfg, root, select_device(cfg.train.device)).score(samples))
 
 
 def log_to_mlflow(cfg: Config, root: Path, results: dict) -> None:

@@ -16,7 +16,7 @@ import torch
 from imagegen.config import Config, model_params
 from imagegen.data.datasets import DATASETS
 from imagegen.data.prepare import PREPARED_DIR
-from imagegen.fsutil import atomic_dir, atomic_file, write_json
+from imagegen.fsutil import atomic_dir, atomic_file, sha256_file, write_json
 from imagegen.models.io import WEIGHTS, save_model
 from imagegen.training.data import DeviceBatches, load_split
 from imagegen.training.loop import History, LoopConfig, TrainingLogger, train
@@ -93,7 +93,7 @@ def run_train(cfg: Config, kind: str, root: Path = Path(".")) -> TrainResult:
 def fingerprint(kind: str, params: dict, train_file: Path, world_size: int, probe: BestByFid | None = None) -> str:
     """What a checkpoint must match to be resumed: params (but not resume itself), data, world size,
     and the feature net that scores the epochs."""
-    digest = hashlib.sha256(train_file.read_bytes()).hexdigest()
+    digest = sha256_file(train_file)
     relevant = {k: v for k, v in params.items() if k not in ("train.resume", "train.mlflow", "train.threads")}
     blob = json.dumps([kind, relevant, digest, world_size, probe.identity if probe else None], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -148,7 +148,7 @@ class BestByFid(TrainingLogger):
         net, _ = load_model(folder, task.device)
         picked = np.random.default_rng(seed).permutation(len(images))[:10_000]
         reference = embed(net, images[picked], task.device)[0]
-        return cls(task, net, reference, hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest())
+        return cls(task, net, reference, sha256_file(folder / WEIGHTS))
 
     def on_epoch_end(self, epoch, metrics, samples):
         from imagegen.evaluation.features import embed
@@ -219,6 +219,6 @@ def log_outputs(result: TrainResult, out: dict) -> None:
 
     mlflow.log_metrics({f"final_{k}": v for k, v in result.metrics.items() if isinstance(v, (int, float)) and v is not None})
     # The register stage finds the run that trained a model by this tag.
-    mlflow.set_tag("weights_sha256", hashlib.sha256((out["model"] / WEIGHTS).read_bytes()).hexdigest())
+    mlflow.set_tag("weights_sha256", sha256_file(out["model"] / WEIGHTS))
     mlflow.log_artifacts(str(out["model"]), artifact_path="model")
     mlflow.log_artifact(str(out["plot"]))

@@ -170,6 +170,7 @@ def recalibrate_batchnorm(generator: nn.Module, latent_dim: int, num_classes: in
     FID from 108 to 73 (the raw generator: 84).
     """
     norms = [m for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # a plain average over the batches below
@@ -179,8 +180,8 @@ def recalibrate_batchnorm(generator: nn.Module, latent_dim: int, num_classes: in
         z = torch.randn(batch_size, latent_dim, generator=noise, device=device)
         labels = torch.randint(num_classes, (batch_size,), generator=noise, device=device) if num_classes else None
         generator(z, labels)
-    for norm in norms:
-        norm.momentum = 0.1
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
     generator.eval()
 
 

@@ -1,4 +1,4 @@
-"""Tiny untrained models, evaluation metrics and MLflow servers for the registry and serving tests."""
+"""Tiny untrained models, evaluation metrics and MLflow servers shared by the tests."""
 
 from __future__ import annotations
 
