@@ -73,6 +73,37 @@ def test_load_samples_refuses_bad_files_with_one_line(tmp_path, array, message):
     assert "\n" not in str(err.value)
 
 
+def unsupported_files(folder):
+    """Files that are not .npy arrays: an .npz archive, text, a pickle, truncated .npy bytes, a folder."""
+    np.savez(folder / "x.npz", a=np.zeros((1000, 28, 28), np.uint8))
+    (folder / "t.txt").write_text("hello\nworld\n")
+    (folder / "t.npy").write_text("hello\nworld\n")
+    (folder / "p.pkl").write_bytes(__import__("pickle").dumps({"a": 1}))
+    np.save(folder / "cut.npy", np.zeros((1000, 28, 28), np.uint8))
+    (folder / "cut.npy").write_bytes((folder / "cut.npy").read_bytes()[:60])
+    (folder / "dir.npy").mkdir()
+    return ["x.npz", "t.txt", "t.npy", "p.pkl", "cut.npy", "dir.npy"]
+
+
+def test_unsupported_sample_files_get_the_same_one_line_refusal(tmp_path):
+    for name in unsupported_files(tmp_path):
+        with pytest.raises(ImagegenError) as err:
+            load_samples(tmp_path / name)
+        assert str(err.value) == (f"{tmp_path / name}: not a .npy array file; expected one written by "
+                                  "numpy.save (N x 28 x 28 images)")
+
+
+def test_evaluate_samples_npz_is_refused_by_the_cli(tmp_path, capsys):
+    from imagegen.cli import main
+
+    unsupported_files(tmp_path)
+    (tmp_path / "params.yaml").write_text("data:\n  dataset: fashion-mnist\n")
+    code = main(["--params", str(tmp_path / "params.yaml"), "evaluate", "--samples", str(tmp_path / "x.npz")])
+    assert code == 1
+    assert capsys.readouterr().err == (f"imagegen evaluate: error: {tmp_path}/x.npz: not a .npy array file; "
+                                       "expected one written by numpy.save (N x 28 x 28 images)\n")
+
+
 def test_corrupt_or_mismatched_model_folders_are_one_line_errors(tmp_path):
     from imagegen.models.io import load_model, save_model
 

@@ -142,12 +142,16 @@ def rounded(scores: dict) -> dict:
 
 def load_samples(path: Path) -> np.ndarray:
     """A user's samples file as uint8 N x 28 x 28, or a one-line error naming what is wrong."""
+    not_npy = f"{path}: not a .npy array file; expected one written by numpy.save (N x 28 x 28 images)"
     try:
         array = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise ImagegenError(f"{path}: file not found") from None
-    except (ValueError, OSError) as exc:
-        raise ImagegenError(f"{path}: not a readable .npy array ({exc})") from None
+    except (ValueError, OSError, EOFError):  # pickled objects, text, truncated or unknown bytes, a folder
+        raise ImagegenError(not_npy) from None
+    if not isinstance(array, np.ndarray):  # an .npz archive
+        array.close()
+        raise ImagegenError(not_npy)
     if array.ndim == 4 and array.shape[1] == 1:
         array = array[:, 0]
     if array.ndim != 3 or array.shape[1:] != (28, 28):
