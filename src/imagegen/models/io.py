@@ -36,16 +36,72 @@ def save_model(folder: Path, module: nn.Module, meta: dict) -> None:
 
 
 def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """The model in `folder`, or a one-line error saying which file is wrong and how."""
+    meta = read_meta(folder)
+    path = folder / WEIGHTS
     try:
-        meta = json.loads((folder / META).read_text())
-        state = torch.load(folder / WEIGHTS, map_location=device, weights_only=True)
+        state = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise ImagegenError(f"{folder}: no trained model there ({WEIGHTS} missing)") from None
+    except Exception as exc:  # torch raises many kinds for damaged files
+        raise ImagegenError(f"{path}: {describe_load_error(exc)}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ImagegenError(f"{path}: holds a {type(state).__name__} of other values, expected a state_dict of tensors")
+    try:
         module = build(meta["kind"], meta["arch"], meta["num_classes"])
-        module.load_state_dict(state)
-    except FileNotFoundError as exc:
-        raise ImagegenError(f"{folder}: no trained model there ({Path(exc.filename).name} missing)") from None
     except ImagegenError:
         raise
-    except Exception as exc:  # corrupt JSON or weights, missing keys, weights of another architecture
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise ImagegenError(f"{folder}: not a loadable model ({type(exc).__name__}: {first})") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ImagegenError(f"{folder / META}: arch {meta['arch']!r} does not describe a {meta['kind']} model "
+                            f"({type(exc).__name__}: {exc})") from None
+    problem = mismatch(module, state)
+    if problem:
+        raise ImagegenError(f"{path}: does not fit the {meta['kind']} architecture in {META}: {problem}")
+    module.load_state_dict(state)
     return module.to(device).eval(), meta
+
+
+def read_meta(folder: Path) -> dict:
+    path = folder / META
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ImagegenError(f"{folder}: no trained model there ({META} missing)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        where = f" at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise ImagegenError(f"{path}: not valid JSON{where}; expected the model description train wrote") from None
+    if not isinstance(meta, dict):
+        raise ImagegenError(f"{path}: expected a JSON object with kind, arch and num_classes")
+    missing = [key for key in ("kind", "arch", "num_classes") if key not in meta]
+    if missing:
+        raise ImagegenError(f"{path}: missing {', '.join(missing)}; expected kind, arch and num_classes")
+    return meta
+
+
+def describe_load_error(exc: Exception) -> str:
+    """torch.load's failure in a few words. Never torch's own advice: it suggests weights_only=False,
+    which would run whatever code a malicious file holds."""
+    if "weights only load failed" in str(exc).lower():
+        return "holds Python objects besides tensors and plain values; refused (only weights are loaded)"
+    return f"damaged or not a PyTorch file ({type(exc).__name__})"
+
+
+def mismatch(module: nn.Module, state: dict, show: int = 3) -> str:
+    """What keeps `state` from loading into `module`, in one line; '' when it fits."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {shape(state[k])} vs {shape(expected[k])}" for k in expected
+              if k in state and state[k].shape != expected[k].shape]
+    parts = []
+    for items, what, note in ((missing, "missing key", ""), (unexpected, "unexpected key", ""),
+                              (shapes, "shape mismatch", "file vs model: ")):
+        if items:
+            more = f", +{len(items) - show} more" if len(items) > show else ""
+            plural = ("es" if what.endswith("h") else "s") if len(items) > 1 else ""
+            parts.append(f"{len(items)} {what}{plural} ({note}{', '.join(items[:show])}{more})")
+    return "; ".join(parts)
+
+
+def shape(tensor: torch.Tensor) -> str:
+    return "x".join(map(str, tensor.shape)) or "scalar"

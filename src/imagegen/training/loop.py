@@ -155,7 +155,9 @@ def load_checkpoint(cfg: LoopConfig) -> dict | None:
     try:
         state = torch.load(cfg.checkpoint_path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged file is not worth failing over: start afresh
-        log.warning("ignoring unreadable checkpoint %s (%s)", cfg.checkpoint_path, exc)
+        from imagegen.models.io import describe_load_error
+
+        log.warning("ignoring checkpoint %s: %s; starting afresh", cfg.checkpoint_path, describe_load_error(exc))
         return None
     if state.get("fingerprint") != cfg.fingerprint:
         log.info("checkpoint %s is for other params or data; starting afresh", cfg.checkpoint_path)
