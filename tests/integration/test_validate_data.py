@@ -47,8 +47,8 @@ def edit_manifest(root, edit):
 def test_clean_data_passes_and_writes_reports(tmp_path):
     root = prepared(tmp_path)
     result = run_validate(config(), root)
-    assert result.success
     metrics = json.loads((root / METRICS_FILE).read_text())
+    assert result.summary == metrics
     assert metrics["success"] is True and metrics["failed_expectations"] == 0
     assert metrics["evaluated_expectations"] > 30
     assert metrics["train"]["rows"] == 120 and metrics["test"]["rows"] == 40
@@ -63,15 +63,16 @@ def test_clean_data_passes_and_writes_reports(tmp_path):
 
 def test_row_count_uses_dataset_sizes_by_default(tmp_path):
     message = failure(prepared(tmp_path), Config())
-    assert "train: expect_table_row_count_to_equal: observed 120" in message
-    assert "test: expect_table_row_count_to_equal: observed 40" in message
+    assert "train: expect_table_row_count_to_equal: observed 120, expected 60000;" in message
+    assert message.endswith("test: expect_table_row_count_to_equal: observed 40, expected 10000")
 
 
 def test_nan_in_manifest(tmp_path):
     root = prepared(tmp_path)
     edit_manifest(root, lambda m: m.assign(mean=m["mean"].where(m.index != 3, np.nan)))
     message = failure(root)
-    assert "train: expect_column_values_to_not_be_null(mean): 1 of 120 rows unexpected" in message
+    assert message.endswith("train: expect_column_values_to_not_be_null(mean): 1 of 120 rows unexpected, "
+                            "e.g. [None]; expected no null values")
     assert "test:" not in message
 
 
@@ -79,15 +80,19 @@ def test_label_out_of_range_in_manifest(tmp_path):
     root = prepared(tmp_path)
     edit_manifest(root, lambda m: m.assign(label=m["label"].where(m.index != 130, 11)))
     message = failure(root)
-    assert "test: expect_column_values_to_be_in_set(label): 1 of 40 rows unexpected, e.g. [11]" in message
-    assert "test: expect_column_pair_values_to_be_equal(label,array_label)" in message
+    assert ("test: expect_column_values_to_be_in_set(label): 1 of 40 rows unexpected, e.g. [11]; "
+            "expected values in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9];") in message
+    assert "test: expect_column_pair_values_to_be_equal(label,array_label): 1 of 40 rows unexpected" in message
+    assert "expected label == array_label" in message
 
 
 def test_class_imbalance(tmp_path):
     arrays = tiny_arrays()
     arrays["train-labels"] = np.where(np.arange(120) < 20, 0, arrays["train-labels"]).astype(np.uint8)
     message = failure(prepared(tmp_path, arrays))
-    assert "train: expect_column_values_to_be_between(class_share_ratio)" in message
+    assert message.startswith("validate: 1 expectation(s) failed (see reports/validation/data_docs/index.html): "
+                              "train: expect_column_values_to_be_between(class_share_ratio): ")
+    assert message.endswith("; expected values between 0.9 and 1.1")
     assert "test:" not in message
     # a looser tolerance accepts it
     run_validate(config(class_balance_tolerance=1.0), tmp_path)
@@ -98,7 +103,8 @@ def test_duplicates_within_split_above_threshold(tmp_path):
     arrays["train-images"][[10, 20, 30, 40, 50]] = arrays["train-images"][0]
     root = prepared(tmp_path, arrays)
     message = failure(root)
-    assert "train: expect_column_values_to_be_in_set(repeats_earlier): 5 of 120 rows unexpected" in message
+    assert message.endswith("train: expect_column_values_to_be_in_set(repeats_earlier): 5 of 120 rows unexpected, "
+                            "e.g. [True, True, True]; expected values in [False] in at least 99.0% of rows")
     assert json.loads((root / METRICS_FILE).read_text())["train"]["duplicates_within_split"] == 5
     run_validate(config(max_duplicate_fraction=0.05), root)
 
@@ -112,7 +118,9 @@ def test_near_duplicates_across_splits(tmp_path):
     arrays["test-images"][2] = arrays["train-images"][7]  # exact copy
     root = prepared(tmp_path, arrays)
     message = failure(root)
-    assert "test: expect_column_values_to_be_between(nearest_other_split_rms): 3 of 40 rows unexpected" in message
+    assert ("test: expect_column_values_to_be_between(nearest_other_split_rms): 3 of 40 rows unexpected"
+            in message)
+    assert "expected values >= 5.0 in at least 99.0% of rows" in message
     metrics = json.loads((root / METRICS_FILE).read_text())
     assert metrics["test"]["near_duplicates_in_other_split"] == 3
     assert metrics["test"]["also_in_other_split"] == 1

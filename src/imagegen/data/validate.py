@@ -30,9 +30,9 @@ METRICS_FILE = Path("metrics/validate.json")
 
 @dataclass(frozen=True)
 class ValidateResult:
-    success: bool
+    """Only data that passed gets a result: a failed expectation raises ImagegenError instead."""
+
     summary: dict
-    failures: list[str]
 
 
 def run_validate(cfg: Config, root: Path = Path(".")) -> ValidateResult:
@@ -62,7 +62,7 @@ def run_validate(cfg: Config, root: Path = Path(".")) -> ValidateResult:
             f"validate: {len(failures)} expectation(s) failed (see {REPORT_DIR}/data_docs/index.html): "
             + "; ".join(failures)
         )
-    return ValidateResult(True, summary, failures)
+    return ValidateResult(summary)
 
 
 def load_manifest(path: Path):
@@ -204,20 +204,48 @@ def run_suite(batches: dict, expected_counts: dict, num_classes: int, cfg: Valid
 
 
 def describe(result: dict) -> str:
-    """One failed expectation and what was observed, e.g. 'expect_column_values_to_be_in_set(label): 3 of 70 rows ...'."""
+    """One failed expectation, what was observed and what was expected, e.g.
+    'expect_column_values_to_be_in_set(label): 3 of 70 rows unexpected, e.g. [11]; expected values in [0, ..., 9]'."""
     config = result["expectation_config"]
     kwargs = config["kwargs"]
     columns = ",".join(str(kwargs[k]) for k in ("column", "column_A", "column_B") if k in kwargs)
     name = f"{config['type']}({columns})" if columns else config["type"]
+    wanted = expected(config["type"], kwargs)
     observed = result.get("result") or {}
     if observed.get("observed_value") is not None:
-        return f"{name}: observed {observed['observed_value']}"
+        return f"{name}: observed {observed['observed_value']}, expected {wanted}"
     if observed.get("unexpected_count") is not None:
         sample = observed.get("partial_unexpected_list") or []
         return (f"{name}: {observed['unexpected_count']} of {observed.get('element_count')} rows unexpected"
-                f", e.g. {sample[:3]}")
+                f", e.g. {sample[:3]}; expected {wanted}")
     exception = result.get("exception_info") or {}
-    return f"{name}: {exception.get('exception_message') or 'failed'}"
+    return f"{name}: {exception.get('exception_message') or 'failed'}; expected {wanted}"
+
+
+def expected(kind: str, kwargs: dict) -> str:
+    """What an expectation of this suite asks for, in words."""
+    low, high = kwargs.get("min_value"), kwargs.get("max_value")
+    if "value" in kwargs:
+        text = str(kwargs["value"])
+    elif kind == "expect_column_distinct_values_to_equal_set":
+        text = f"exactly the values {kwargs['value_set']}"
+    elif "value_set" in kwargs:
+        text = f"values in {kwargs['value_set']}"
+    elif low is not None or high is not None:
+        text = (f"values between {low} and {high}" if low is not None and high is not None
+                else f"values >= {low}" if low is not None else f"values <= {high}")
+    elif kind == "expect_column_values_to_not_be_null":
+        text = "no null values"
+    elif kind == "expect_column_values_to_be_unique":
+        text = "unique values"
+    elif kind == "expect_column_pair_values_to_be_equal":
+        text = f"{kwargs['column_A']} == {kwargs['column_B']}"
+    elif kind == "expect_column_pair_values_a_to_be_greater_than_b":
+        text = f"{kwargs['column_A']} {'>=' if kwargs.get('or_equal') else '>'} {kwargs['column_B']}"
+    else:
+        text = "success"
+    mostly = kwargs.get("mostly")
+    return f"{text} in at least {mostly:.1%} of rows" if mostly not in (None, 1, 1.0) else text
 
 
 def split_summary(frame, near_rms: float) -> dict:
