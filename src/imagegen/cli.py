@@ -18,7 +18,8 @@ def _fetch(cfg, root, args):
     from imagegen.data.fetch import run_fetch
 
     result = run_fetch(cfg, root)
-    return f"{result.dataset}: 4 files in {result.raw_dir}"
+    return (f"{result.dataset}: {len(result.sources)} files in {result.raw_dir} "
+            f"(from {', '.join(sorted(set(result.sources.values())))})")
 
 
 def _prepare(cfg, root, args):

@@ -136,7 +136,11 @@ def test_inception_fid_loads_only_matching_weights(tmp_path, test_split):
     scorer = InceptionFID(weights, test_split[0][:8], "cpu")
     assert abs(scorer.fid(test_split[0][:8])) < 1e-3 * scorer.fid(test_split[0][8:16])
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
-    with pytest.raises(ImagegenError, match="not pt_inception-2015-12-05 weights"):
+    with pytest.raises(ImagegenError, match=r"other\.pth: not pt_inception-2015-12-05 weights \(\d+ missing keys "
+                       r"\(Conv2d_1a_3x3\.conv\.weight, .*, \+\d+ more\); 1 unexpected key \(conv\.weight\)\)$"):
+        fid_inception(tmp_path / "other.pth")
+    (tmp_path / "other.pth").write_text("text")
+    with pytest.raises(ImagegenError, match=r"weights \(damaged or not a PyTorch file\)$"):
         fid_inception(tmp_path / "other.pth")
 
 

@@ -49,6 +49,22 @@ def test_mirror_files_are_stored_decompressed(tmp_path, mirror):
     assert set(result.sources.values()) == {str(mirror)}
 
 
+def test_cli_reports_the_files_it_fetched(tmp_path, mirror, monkeypatch, capsys):
+    from dataclasses import replace
+
+    from imagegen.cli import main
+
+    spec = datasets.DATASETS["fashion-mnist"]
+    three = dict(list(spec.files.items())[:3])
+    monkeypatch.setitem(datasets.DATASETS, "fashion-mnist", replace(spec, files=three))
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(f"data:\n  sources: [{tmp_path / 'none'}, {mirror}]\n")
+    assert main(["fetch"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"imagegen fetch: fashion-mnist: 3 files in data/raw (from {mirror}) (")
+    assert len(list(Path("data/raw").iterdir())) == 3
+
+
 def test_uncompressed_mirror_gives_identical_output(tmp_path, mirror):
     plain = tmp_path / "plain"
     write_mirror(plain, tiny_arrays(), compress=False)

@@ -104,15 +104,74 @@ def test_evaluate_samples_npz_is_refused_by_the_cli(tmp_path, capsys):
                                        "expected one written by numpy.save (N x 28 x 28 images)\n")
 
 
+def load_error(folder) -> str:
+    from imagegen.models.io import load_model
+
+    with pytest.raises(ImagegenError) as err:
+        load_model(folder)
+    message = str(err.value)
+    assert "\n" not in message and "weights_only" not in message and "unsafe" not in message
+    return message
+
+
+class Payload:
+    """A pickle that would create a file when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
 def test_corrupt_or_mismatched_model_folders_are_one_line_errors(tmp_path):
+    import json
+
+    import torch
+
     from imagegen.models.io import load_model, save_model
 
     module, meta = tiny()
     save_model(tmp_path, module, meta)
-    (tmp_path / "weights.pt").write_bytes(b"not a torch file")
-    with pytest.raises(ImagegenError, match=r"not a loadable model \(") as err:
-        load_model(tmp_path)
-    assert "\n" not in str(err.value)
+    weights = tmp_path / "weights.pt"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])  # truncated
+    assert load_error(tmp_path) == f"{weights}: damaged or not a PyTorch file"
+    weights.write_text("a text file\n")
+    assert load_error(tmp_path) == f"{weights}: damaged or not a PyTorch file"
+    torch.save({"w": Payload(tmp_path / "pwned")}, weights)
+    assert load_error(tmp_path) == (f"{weights}: holds Python objects besides tensors and plain values; "
+                                    "refused (only weights are loaded)")
+    assert not (tmp_path / "pwned").exists()
+    weights.write_bytes(good)
     save_model(tmp_path, module, {**meta, "arch": {**meta["arch"], "width": 8}})  # weights of width 4
-    with pytest.raises(ImagegenError, match="not a loadable model"):
-        load_model(tmp_path)
+    weights.write_bytes(good)
+    assert load_error(tmp_path) == (
+        f"{weights}: does not fit the gan architecture in model.json: 16 shape mismatches (file vs model: "
+        "project.0.weight 784x8 vs 1568x8, project.2.weight 16 vs 32, project.2.bias 16 vs 32, +13 more)")
+    save_model(tmp_path, module, meta)
+    state = torch.load(weights)
+    state["extra.bias"] = state.pop("project.2.bias")
+    torch.save(state, weights)
+    assert load_error(tmp_path) == (f"{weights}: does not fit the gan architecture in model.json: "
+                                    "1 missing key (project.2.bias); 1 unexpected key (extra.bias)")
+    (tmp_path / "model.json").write_text("{not json")
+    assert load_error(tmp_path) == (f"{tmp_path}/model.json: not valid JSON at line 1; "
+                                    "expected the model description train wrote")
+    (tmp_path / "model.json").write_text(json.dumps({"kind": "gan"}))
+    assert load_error(tmp_path) == (f"{tmp_path}/model.json: missing arch, num_classes; "
+                                    "expected kind, arch and num_classes")
+    weights.unlink()
+    assert load_error(tmp_path / "nowhere") == f"{tmp_path}/nowhere: no trained model there (model.json missing)"
+
+
+def test_unreadable_checkpoint_is_one_warning_line(tmp_path, caplog):
+    from imagegen.training.loop import LoopConfig, load_checkpoint
+
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"PK\x03\x04 a cut-off zip")
+    cfg = LoopConfig(epochs=1, seed=0, checkpoint_path=path, checkpoint_every=10, fingerprint="f")
+    with caplog.at_level("WARNING"):
+        assert load_checkpoint(cfg) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"ignoring checkpoint {path}: damaged or not a PyTorch file; starting afresh"]

@@ -46,12 +46,19 @@ def fid_inception(weights: Path) -> nn.Module:
               _with_pool(tv.InceptionE, _avg_pool_no_pad), tv.InceptionAux]
     net = tv.Inception3(num_classes=1008, aux_logits=False, inception_blocks=blocks, init_weights=False)
     net.Mixed_7c = _with_pool(tv.InceptionE, _max_pool)(2048)
+    from imagegen.models.io import describe_load_error, mismatch
+
+    what = f"eval.inception_weights {weights}: not pt_inception-2015-12-05 weights"
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
-        net.load_state_dict(state)
-    except Exception as exc:  # unreadable file, or a state dict of another network
-        first = str(exc).strip().splitlines()[0][:200]
-        raise ImagegenError(f"eval.inception_weights {weights}: not pt_inception-2015-12-05 weights ({first})") from None
+    except Exception as exc:  # unreadable file
+        raise ImagegenError(f"{what} ({describe_load_error(exc)})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ImagegenError(f"{what} (holds a {type(state).__name__}, expected a state_dict of tensors)")
+    problem = mismatch(net, state)
+    if problem:
+        raise ImagegenError(f"{what} ({problem})")
+    net.load_state_dict(state)
     net.fc = nn.Identity()  # the 2048-d pool features, not the logits
     return net.eval()
 

@@ -83,7 +83,7 @@ def describe_load_error(exc: Exception) -> str:
     which would run whatever code a malicious file holds."""
     if "weights only load failed" in str(exc).lower():
         return "holds Python objects besides tensors and plain values; refused (only weights are loaded)"
-    return f"damaged or not a PyTorch file ({type(exc).__name__})"
+    return "damaged or not a PyTorch file"
 
 
 def mismatch(module: nn.Module, state: dict, show: int = 3) -> str:
