@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -14,7 +15,8 @@ DATASETS = ("fashion-mnist", "mnist")
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a value must have the field's type as written (true is not 1, "3" is not 3; 3 is a valid float)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class DataConfig(Section):
@@ -77,7 +79,9 @@ class GANConfig(Section):
     label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0  # one-sided, bce only
     lr_g: Annotated[float, Field(gt=0)] = 2e-4
     lr_d: Annotated[float, Field(gt=0)] = 2e-4
-    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.5, 0.999)
+    # YAML gives a list: the pair itself is lax (list -> tuple), its items strict
+    betas: Annotated[tuple[Annotated[float, Field(ge=0, lt=1, strict=True)],
+                           Annotated[float, Field(ge=0, lt=1, strict=True)]], Field(strict=False)] = (0.5, 0.999)
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.999
 
 
@@ -135,7 +139,7 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     register_: RegisterConfig = Field(default=RegisterConfig(), alias="register")  # "register" is a BaseModel attribute
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 
 
 # A profile for a real GPU: wider nets, larger batches, more epochs. Apply it with
@@ -168,19 +172,66 @@ def model_params(cfg: Config, kind: str) -> dict[str, object]:
 def load_config(path: Path | str = "params.yaml") -> Config:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path.read_text())
     except FileNotFoundError:
         raise ImagegenError(f"{path}: file not found (expected the pipeline's params file)") from None
+    except DuplicateKey as exc:
+        raise ImagegenError(f"{path}: line {exc.line}: duplicate key {exc.key}; expected each key once") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ImagegenError(f"{path}:{where} is not valid YAML") from None
+    if raw is None or raw == {}:
+        raise ImagegenError(f"{path}: empty; expected sections such as data, train, gan (delete keys, "
+                            "not the whole file, to use defaults)")
     if not isinstance(raw, dict):
         raise ImagegenError(f"{path}: expected a mapping of sections at the top level")
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
         raise ImagegenError(f"{path}: {_describe(exc)}") from None
+
+
+class DuplicateKey(Exception):
+    def __init__(self, key: str, line: int):
+        super().__init__(key)
+        self.key, self.line = key, line
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """YAML as DVC reads params.yaml (YAML 1.2): 1e-3 is a float, not the string PyYAML's 1.1 rules give."""
+
+
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def read_yaml(text: str) -> object:
+    """The YAML document in `text`; a key repeated within one mapping raises DuplicateKey (DVC refuses those too)."""
+    loader = _ParamsLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_duplicates(node, "")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_duplicates(node: yaml.Node, prefix: str) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}" if isinstance(key_node, yaml.ScalarNode) else prefix + "?"
+            if key in seen:
+                raise DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+            _check_duplicates(value_node, key + ".")
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicates(item, f"{prefix}{i}.")
 
 
 def _describe(exc: ValidationError) -> str:

@@ -21,8 +21,48 @@ def test_repo_params_load_and_match_defaults():
     assert cfg == Config()  # params.yaml spells out the defaults
 
 
-def test_empty_file_gives_defaults(tmp_path):
-    assert load_config(write(tmp_path, "")) == Config()
+@pytest.mark.parametrize("text", ["", "# all commented out\n", "{}\n"])
+def test_empty_file_is_an_error(tmp_path, text):
+    path = write(tmp_path, text)
+    with pytest.raises(ImagegenError) as info:
+        load_config(path)
+    assert str(info.value) == (f"{path}: empty; expected sections such as data, train, gan (delete keys, "
+                               "not the whole file, to use defaults)")
+
+
+@pytest.mark.parametrize("text, line, key", [
+    ("gan:\n  epochs: 3\n  width: 8\n  epochs: 4\n", 4, "gan.epochs"),
+    ("gan:\n  epochs: 3\nvae: {}\ngan:\n  width: 4\n", 4, "gan"),
+    ("validate:\n  expected_counts: {train: 5, test: 2, train: 6}\n", 2, "validate.expected_counts.train"),
+])
+def test_duplicate_keys_are_an_error(tmp_path, text, line, key):
+    path = write(tmp_path, text)
+    with pytest.raises(ImagegenError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: line {line}: duplicate key {key}; expected each key once"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("gan:\n  epochs: true\n", "gan.epochs: Input should be a valid integer (got True)"),
+    ("gan:\n  epochs: 18.0\n", "gan.epochs: Input should be a valid integer (got 18.0)"),
+    ("train:\n  seed: '3'\n", "train.seed: Input should be a valid integer (got '3')"),
+    ("train:\n  limit: false\n", "train.limit: Input should be a valid integer (got False)"),
+    ("gan:\n  lr_g: true\n", "gan.lr_g: Input should be a valid number (got True)"),
+    ("gan:\n  betas: [true, 0.9]\n", "gan.betas.0: Input should be a valid number (got True)"),
+    ("train:\n  resume: 1\n", "train.resume: Input should be a valid boolean (got 1)"),
+    ("train:\n  resume: 'yes'\n", "train.resume: Input should be a valid boolean (got 'yes')"),
+])
+def test_strict_types(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ImagegenError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: {expected}"
+
+
+def test_numbers_read_as_dvc_reads_them(tmp_path):
+    """YAML 1.2 (DVC's reader) makes 1e-3 a float, an int is a valid float, a list a valid pair."""
+    cfg = load_config(write(tmp_path, "gan:\n  lr_g: 1e-3\n  lr_d: 2E-4\n  betas: [0, 0.9]\nvae:\n  beta: 2\n"))
+    assert (cfg.gan.lr_g, cfg.gan.lr_d, cfg.gan.betas, cfg.vae.beta) == (0.001, 0.0002, (0.0, 0.9), 2.0)
 
 
 @pytest.mark.parametrize(
@@ -31,7 +71,7 @@ def test_empty_file_gives_defaults(tmp_path):
         ("data:\n  datset: mnist\n", "data.datset: unknown key"),
         ("trainer: {}\n", "trainer: unknown key"),
         ("data:\n  dataset: cifar\n", "data.dataset: Input should be 'fashion-mnist' or 'mnist'"),
-        ("data:\n  retries: many\n", "data.retries: Input should be a valid integer"),
+        ("data:\n  retries: many\n", "data.retries: Input should be a valid integer (got 'many')"),
         ("data:\n  retries: -1\n", "data.retries: Input should be greater than or equal to 0"),
         ("data:\n  sources: []\n", "data.sources: List should have at least 1 item"),
         ("validate:\n  class_balance_tolerance: 2\n", "validate.class_balance_tolerance: Input should be less"),
