@@ -16,7 +16,9 @@ base64-encoded 28 x 28 8-bit grayscale PNG). Over HTTP: {"predictions": [{"reque
 "index": 0, "label": -1, "png": "iVBORw0..."}, ...]}.
 
 A bad request raises MlflowException(INVALID_PARAMETER_VALUE), which the scoring server
-answers with HTTP 400 and the message (no traceback).
+answers with HTTP 400 and the message (no traceback). No error message repeats more than a few
+hundred characters of the request (MAX_ERROR_CHARS): MLflow's own "not valid JSON" message would
+echo the whole body, so loading the model caps the scoring server's error messages too.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ MAX_IMAGES = 1024
 MAX_SEED = 2**63 - 1
 MODEL_ARTIFACT = "model"  # the key of the models/<kind> folder among the pyfunc artifacts
 OUTPUT_COLUMNS = ["request", "index", "label", "png"]
+MAX_ERROR_CHARS = 500  # an error answer's message, at most
+MAX_VALUE_CHARS = 40  # a request value quoted in an error message, at most
 
 
 # MLflow warns at class creation that predict has no type hints: the signature is given explicitly instead.
@@ -48,6 +52,7 @@ with warnings.catch_warnings():
 
             from imagegen.models.io import load_model
 
+            cap_scoring_server_errors()
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
             self.module, self.meta = load_model(Path(context.artifacts[MODEL_ARTIFACT]), self.device)
 
@@ -66,7 +71,49 @@ with warnings.catch_warnings():
 def bad_request(message: str) -> Exception:
     from mlflow.exceptions import MlflowException
 
-    return MlflowException.invalid_parameter_value(message)
+    return MlflowException.invalid_parameter_value(cap(message, MAX_ERROR_CHARS))
+
+
+def cap(text: str, limit: int) -> str:
+    """text, or its first `limit` characters and how many were cut."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def quote(value) -> str:
+    """A request value as an error message shows it: repr, capped."""
+    return cap(repr(value), MAX_VALUE_CHARS)
+
+
+def cap_scoring_server_errors() -> None:
+    """Make the MLflow scoring server cap the message of every error answer at MAX_ERROR_CHARS.
+
+    `mlflow models serve` loads the model (this runs from load_context) before it builds its app,
+    and the app wraps its /invocations handler with scoring_server._async_catch_mlflow_exception:
+    replacing that function caps MLflow's own messages too (a body that is not JSON is otherwise
+    echoed whole). Elsewhere (imagegen sample, tests) it changes nothing.
+    """
+    from functools import wraps
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc import scoring_server
+
+    original = scoring_server._async_catch_mlflow_exception
+    if getattr(original, "imagegen_capped", False):
+        return
+
+    def capped_catch(func):
+        @wraps(func)
+        async def handler(*args, **kwargs):
+            try:
+                return await func(*args, **kwargs)
+            except MlflowException as exc:
+                exc.message = cap(str(exc.message), MAX_ERROR_CHARS)
+                raise
+
+        return original(handler)
+
+    capped_catch.imagegen_capped = True
+    scoring_server._async_catch_mlflow_exception = capped_catch
 
 
 def parse_requests(model_input, meta: dict) -> list[tuple[int, int, int | None]]:
@@ -83,7 +130,8 @@ def parse_requests(model_input, meta: dict) -> list[tuple[int, int, int | None]]
         raise bad_request("request: no rows; expected at least one {n, seed, label}")
     unknown = set(model_input.columns) - {"n", "seed", "label"}
     if unknown:
-        raise bad_request(f"request: unknown field(s) {', '.join(sorted(map(str, unknown)))}; expected n, seed, label")
+        names = ", ".join(quote(name) for name in sorted(map(str, unknown)))
+        raise bad_request(f"request: unknown field(s) {names}; expected n, seed, label")
     if "n" not in model_input.columns:
         raise bad_request("request: missing field n; expected an integer 1..%d" % MAX_IMAGES)
     requests = []
@@ -106,9 +154,9 @@ def integer(value, what: str, low: int, high: int | None, required: bool = False
             raise bad_request(f"{what} is missing; expected an integer {low}..{high}")
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)):
-        raise bad_request(f"{what}={value!r}: expected an integer")
+        raise bad_request(f"{what}={quote(value)}: expected an integer")
     if isinstance(value, (float, np.floating)) and not float(value).is_integer():
-        raise bad_request(f"{what}={value!r}: expected an integer")
+        raise bad_request(f"{what}={quote(value)}: expected an integer")
     value = int(value)
     if value < low or (high is not None and value > high):
         upper = "" if high is None else str(high)

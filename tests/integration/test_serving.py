@@ -96,3 +96,26 @@ def test_bad_requests_are_400_with_a_message_and_no_traceback(served, rows, word
     assert status == 400, body
     assert body["error_code"] == "INVALID_PARAMETER_VALUE" and words in body["message"]
     assert "stack_trace" not in body and "Traceback" not in json.dumps(body)
+
+
+def post_raw(url: str, body: bytes) -> tuple[int, bytes]:
+    request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_a_bad_request_is_not_echoed_back(served):
+    """5 MB of garbage, or a 5 MB value, is answered with a short 400, not with the input."""
+    from imagegen.serving import MAX_ERROR_CHARS
+
+    url, _ = served
+    garbage = np.random.default_rng(0).integers(0, 256, 5 << 20, dtype=np.uint8).tobytes()
+    for body in (garbage, json.dumps({"dataframe_records": [{"n": "x" * (5 << 20)}]}).encode()):
+        status, answer = post_raw(url, body)
+        assert status == 400
+        assert len(answer) < 2048, answer[:300]
+        assert len(json.loads(answer)["message"]) < MAX_ERROR_CHARS + 40
+        assert json.loads(answer)["error_code"] in ("BAD_REQUEST", "INVALID_PARAMETER_VALUE")

@@ -59,3 +59,36 @@ def test_png_round_trips_and_is_a_real_png():
     PIL = pytest.importorskip("PIL.Image")
     decoded = PIL.open(io.BytesIO(base64.b64decode(encoded)))
     assert decoded.mode == "L" and np.array_equal(np.asarray(decoded), image)
+
+
+def test_long_values_are_quoted_short():
+    with pytest.raises(MlflowException) as caught:
+        parse_requests({"n": "7" * 100_000}, UNCONDITIONAL)
+    assert caught.value.message.startswith("row 0: n='7777") and caught.value.message.endswith(
+        "... (99962 more characters): expected an integer")
+    assert len(caught.value.message) < 120
+
+
+def test_the_scoring_server_caps_error_answers(tmp_path):
+    """MLflow's scoring app around a real saved pyfunc model: a non-JSON body is not echoed back."""
+    import mlflow.pyfunc
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc import scoring_server
+
+    from imagegen import serving
+    from tests.helpers import make_model
+
+    make_model(tmp_path / "gan", "gan", seed=0)
+    mlflow.pyfunc.save_model(tmp_path / "pyfunc", python_model=serving.ImageSampler(),
+                             artifacts={serving.MODEL_ARTIFACT: str(tmp_path / "gan")},
+                             signature=serving.signature(), pip_requirements=["torch"])
+    app = scoring_server.init(mlflow.pyfunc.load_model(str(tmp_path / "pyfunc")))
+    client = TestClient(app)
+    garbage = b"\xff" + bytes(range(256)) * 4096  # 1 MB, not JSON, not UTF-8
+    answer = client.post("/invocations", content=garbage, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400
+    assert len(answer.content) < 2048
+    message = answer.json()["message"]
+    assert len(message) < serving.MAX_ERROR_CHARS + 40 and message.endswith("more characters)")
+    good = client.post("/invocations", json={"dataframe_records": [{"n": 2}]})
+    assert good.status_code == 200 and len(good.json()["predictions"]) == 2
