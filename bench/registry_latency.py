@@ -3,7 +3,7 @@
     python bench/registry_latency.py [--repeat 5]
 
 Builds models of the default params.yaml sizes with random weights (no training) in a temporary
-project and uses that project's embedded store (sqlite:///<tmp>/mlruns.db), or MLFLOW_TRACKING_URI
+project and uses that project's embedded store (sqlite:///<tmp>/mlflow.db), or MLFLOW_TRACKING_URI
 when set. Prints medians:
     register one version   log the pyfunc model + create the version + set aliases (fresh weights each time)
     load by alias          imagegen.registry.load_registered("models:/NAME@champion") (download + torch load)

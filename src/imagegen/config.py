@@ -64,7 +64,7 @@ class TrainConfig(Section):
     checkpoint_every: Annotated[int, Field(ge=1)] = 500  # steps
     resume: bool = True  # continue from checkpoints/<kind>/last.pt when it matches params and data
     limit: Annotated[int, Field(ge=1)] | None = None  # train on the first N images only (smoke runs)
-    mlflow: bool = True  # log runs to MLflow (MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)
+    mlflow: bool = True  # log runs to MLflow (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)
 
 
 class GANConfig(Section):

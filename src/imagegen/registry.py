@@ -356,7 +356,7 @@ def load_registered(uri: str, device: str = "cpu"):
 def tracking_store(root: Path) -> str:
     """The tracking URI for reading the registry; the embedded store must exist already."""
     uri = tracking.configure(root)
-    if uri == tracking.embedded_uri(root) and not (root / "mlruns.db").exists():
+    if uri == tracking.embedded_uri(root) and not (root / tracking.EMBEDDED_DB).exists():
         raise ImagegenError(f"no model registry at {uri}: run the pipeline (dvc repro) here first, or set "
                             "MLFLOW_TRACKING_URI to a tracking server")
     check_reachable(uri)

@@ -1,7 +1,8 @@
 """MLflow set-up: the embedded default store, runs with lineage tags, per-epoch logging.
 
-With MLFLOW_TRACKING_URI unset, runs go to sqlite:///mlruns.db with artifacts in ./mlartifacts
-(both beside params.yaml); set the variable to use a tracking server instead.
+With MLFLOW_TRACKING_URI unset, runs go to MLflow's own default store, sqlite:///mlflow.db with
+artifacts in ./mlruns (both beside params.yaml), so plain `mlflow ui`, `mlflow server` and
+`mlflow models serve` run there find them; set the variable to use a tracking server instead.
 """
 
 from __future__ import annotations
@@ -22,16 +23,38 @@ PIPELINE_RUN_ENV = "IMAGEGEN_PIPELINE_RUN"  # set by an orchestrator to group on
 PARENT_RUN_ENV = "IMAGEGEN_PARENT_RUN_ID"  # an MLflow run id to nest stage runs under
 
 
+EMBEDDED_DB = "mlflow.db"  # MLflow's default store (sqlite:///mlflow.db in the working folder)
+EMBEDDED_ARTIFACTS = "mlruns"  # and where MLflow puts artifacts by default
+OLD_EMBEDDED_DB = "mlruns.db"  # this project's store before it used MLflow's default
+
+
 def embedded_uri(root: Path) -> str:
-    return f"sqlite:///{(root / 'mlruns.db').resolve()}"
+    return f"sqlite:///{(root / EMBEDDED_DB).resolve()}"
 
 
 def configure(root: Path) -> str:
     import mlflow
 
     if not os.environ.get("MLFLOW_TRACKING_URI"):
+        migrate_old_store(root)
         mlflow.set_tracking_uri(embedded_uri(root))  # note: this also sets the variable
     return mlflow.get_tracking_uri()
+
+
+def migrate_old_store(root: Path) -> None:
+    """Move an earlier embedded store (mlruns.db) to MLflow's default name; its artifacts stay put."""
+    import logging
+
+    old, new = root / OLD_EMBEDDED_DB, root / EMBEDDED_DB
+    if not old.exists():
+        return
+    log = logging.getLogger(__name__)
+    if new.exists():
+        log.warning("%s is no longer used (the store is %s); to see its runs: "
+                    "mlflow ui --backend-store-uri sqlite:///%s", old, new, old)
+    else:
+        os.replace(old, new)
+        log.warning("moved the MLflow store %s to %s, where MLflow looks by default", old, new)
 
 
 def experiment_id(name: str, root: Path) -> str:
@@ -41,7 +64,7 @@ def experiment_id(name: str, root: Path) -> str:
     if found is not None:
         return found.experiment_id
     embedded = mlflow.get_tracking_uri() == embedded_uri(root)
-    location = (root / "mlartifacts").resolve().as_uri() if embedded else None
+    location = (root / EMBEDDED_ARTIFACTS).resolve().as_uri() if embedded else None
     return mlflow.create_experiment(name, artifact_location=location)
 
 

@@ -166,7 +166,7 @@ def test_evaluate_stage_writes_metrics_pictures_and_an_mlflow_run(root, monkeypa
     assert pictures == ["gan-classes.png", "gan-interpolations.png", "gan-samples.png",
                         "vae-interpolations.png", "vae-reconstructions.png", "vae-samples.png"]
 
-    client = MlflowClient(f"sqlite:///{root / 'mlruns.db'}")
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("imagegen-fashion-mnist")
     (run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'evaluate'")
     assert run.data.metrics["gan/fid"] == pytest.approx(metrics["gan"]["fid"])

@@ -36,7 +36,7 @@ GAN, VAE = "fashion-mnist-gan", "fashion-mnist-vae"
 @pytest.fixture(scope="session")
 def sqlite_template(tmp_path_factory) -> Path:
     """A migrated, empty MLflow SQLite database: copying it skips the ~8 s of migrations per test."""
-    path = tmp_path_factory.mktemp("template") / "mlruns.db"
+    path = tmp_path_factory.mktemp("template") / tracking.EMBEDDED_DB
     MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
     return path
 
@@ -62,7 +62,7 @@ def store(request, tmp_path, sqlite_template) -> str:
         yield request.getfixturevalue("server_store")
         return
     (tmp_path / "a").mkdir()
-    shutil.copy(sqlite_template, tmp_path / "a" / "mlruns.db")
+    shutil.copy(sqlite_template, tmp_path / "a" / tracking.EMBEDDED_DB)
     uri = tracking.embedded_uri(tmp_path / "a")
     mlflow.set_tracking_uri(uri)
     yield uri
@@ -163,6 +163,25 @@ def test_sample_cli_from_the_registry(tmp_path, store):
     assert missing.returncode == 1 and not (root / "y.npy").exists()
     line = error_line(missing.stderr, "sample")
     assert f"models:/{GAN}@nobody" in line and store in line
+
+
+def test_plain_mlflow_finds_the_embedded_store(tmp_path, sqlite_template, monkeypatch):
+    """No tracking URI anywhere: MLflow's own default, as `mlflow models serve` / `mlflow ui` run in the
+    project folder resolve it, finds the models the pipeline registered (an old mlruns.db is moved first)."""
+    import sys
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = make_project(tmp_path / "p", seed=0, fid={"gan": 30.0, "vae": 40.0})
+    shutil.copy(sqlite_template, root / tracking.OLD_EMBEDDED_DB)
+    register(root)
+    assert not (root / tracking.OLD_EMBEDDED_DB).exists() and (root / "mlflow.db").is_file()
+    assert list((root / "mlruns").iterdir())  # artifacts where MLflow puts them by default
+    code = ("import mlflow; print(mlflow.get_tracking_uri()); "
+            f"print(len(mlflow.pyfunc.load_model('models:/{GAN}@champion').predict({{'n': 3}})))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=cli_env(None), capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [f"sqlite:///{root}/mlflow.db", "3"]
 
 
 def test_server_down_is_one_line_error_and_registers_nothing(tmp_path):

@@ -180,7 +180,7 @@ def test_mlflow_run_in_real_sqlite_store(tmp_path, monkeypatch):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlruns.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     client = MlflowClient()
     experiment = client.get_experiment_by_name("imagegen-fashion-mnist")
     (run,) = client.search_runs([experiment.experiment_id])
@@ -195,7 +195,7 @@ def test_mlflow_run_in_real_sqlite_store(tmp_path, monkeypatch):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert artifacts == {"samples/samples-epoch-001.png", "samples/samples-epoch-002.png"}
     assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {"model/weights.pt", "model/model.json"}
-    assert (root / "mlartifacts").is_dir()
+    assert (root / "mlruns").is_dir()
 
 
 def test_gan_ships_the_epoch_with_the_best_fid_probe(tmp_path):
