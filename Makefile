@@ -11,8 +11,8 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: run test venv dataset schedule schedule-status
 
-run: venv dataset
-	dvc repro
+run: venv dataset  ## dvc repro, then the wall time of each stage it ran and the total
+	$(PY) bench/timed_repro.py
 
 test: venv dataset
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,63 @@
+"""`dvc repro` with a wall-clock summary: the time of each stage it ran, and the total.
+
+Run: python bench/timed_repro.py [dvc repro arguments]   (`make run` runs it)
+
+DVC's own output passes through unchanged (stdout is read to see where each stage starts; the
+stages' logs and progress bars go to stderr as usual). A stage's time runs from DVC's
+"Running stage" line to the next stage's start or the end, so it includes DVC's hashing and
+caching of the stage's outputs. Exits with dvc's exit status.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+RUNNING = re.compile(r"^Running stage '([^']+)'")
+UNCHANGED = re.compile(r"^Stage '([^']+)' didn't change, skipping")
+
+
+def clock(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}:{rest:02d}"
+
+
+def main(argv: list[str]) -> int:
+    started = time.monotonic()
+    rows: list[list] = []  # [stage, seconds or None (unchanged)]
+    current_start = None
+    proc = subprocess.Popen(["dvc", "repro", *argv], stdout=subprocess.PIPE, text=True, bufsize=1)
+    try:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            now = time.monotonic()
+            running, unchanged = RUNNING.match(line), UNCHANGED.match(line)
+            if (running or unchanged) and current_start is not None:
+                rows[-1][1], current_start = now - current_start, None
+            if running:
+                rows.append([running[1], None])
+                current_start = now
+            elif unchanged:
+                rows.append([unchanged[1], None])
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.wait()
+        code = 130
+    end = time.monotonic()
+    if current_start is not None:
+        rows[-1][1] = end - current_start
+    width = max([len("total"), *(len(stage) for stage, _ in rows)])
+    print(f"\n{'stage':<{width}}  wall time (m:ss)")
+    for i, (stage, seconds) in enumerate(rows):
+        failed = " (failed)" if code and i == len(rows) - 1 and seconds is not None else ""
+        print(f"{stage:<{width}}  {'unchanged' if seconds is None else clock(seconds)}{failed}")
+    print(f"{'total':<{width}}  {clock(end - started)} on {os.cpu_count()} CPU cores")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
