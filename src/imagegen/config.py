@@ -58,7 +58,7 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     seed: int = 0
     amp: bool = True  # bf16 autocast on CUDA; ignored elsewhere
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # CUDA and CPU (not MPS)
     compile: bool = False  # torch.compile the training models
     threads: Annotated[int, Field(ge=0)] = 0  # CPU threads; 0 = torch's default
     checkpoint_every: Annotated[int, Field(ge=1)] = 500  # steps
