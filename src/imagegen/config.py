@@ -58,11 +58,13 @@ class TrainConfig(Section):
     amp: bool = True  # bf16 autocast on CUDA; ignored elsewhere
     channels_last: bool = True  # CUDA only
     compile: bool = False  # torch.compile the training models
+    cuda_graphs: bool = True  # CUDA only, not under DDP: replay each training step as one CUDA graph
     threads: Annotated[int, Field(ge=0)] = 0  # CPU threads; 0 = torch's default
     checkpoint_every: Annotated[int, Field(ge=1)] = 500  # steps
     resume: bool = True  # continue from checkpoints/<kind>/last.pt when it matches params and data
     limit: Annotated[int, Field(ge=1)] | None = None  # train on the first N images only (smoke runs)
     mlflow: bool = True  # log runs to MLflow (MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)
+    system_metrics: bool = True  # with mlflow: log CPU, memory and GPU utilisation of training runs
 
 
 class GANConfig(Section):

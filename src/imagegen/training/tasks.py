@@ -2,6 +2,10 @@
 
 A task owns its models, optimisers and (for the GAN) the EMA generator, and exposes
 `step`, `sample`, `state_dict` / `load_state_dict` and `export` (the weights to ship).
+
+On CUDA a step is a few hundred small kernels, so Python and launch overhead, not the GPU,
+set the pace. There the whole step (forwards, backwards, fused Adam, EMA) is captured once as
+a CUDA graph and replayed (`StepGraph`); nothing in a step reads a value back to the host.
 """
 
 from __future__ import annotations
@@ -27,16 +31,28 @@ class Task:
         self.device = device
         self.autocast_enabled = amp and device.type == "cuda"
         self.memory_format = torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format
+        self.graph: StepGraph | None = None
 
     def autocast(self):
         if not self.autocast_enabled:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        # No weight-cast cache: a CUDA graph must not keep casts from the capture (the docs require this).
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, cache_enabled=False)
 
-    def prepare_models(self, compile_models: bool, ddp: bool) -> None:
-        """Move to the device, then optionally torch.compile and wrap for DDP (training copies only)."""
+    def place(self, module: nn.Module) -> nn.Module:
+        return module.to(self.device, memory_format=self.memory_format)
+
+    def adam(self, params, **options) -> torch.optim.Adam:
+        """Adam; on CUDA its fused kernel with the step count kept on the device, so a CUDA graph can replay it."""
+        if self.device.type == "cuda":
+            options.update(fused=True, capturable=True)
+        return torch.optim.Adam(params, **options)
+
+    def prepare_models(self, compile_models: bool, ddp: bool, cuda_graphs: bool = False) -> None:
+        """Optionally torch.compile and wrap for DDP (training copies only); on CUDA without DDP,
+        replay each step as a CUDA graph when `cuda_graphs`."""
         for module in self.modules.values():
-            module.to(self.device, memory_format=self.memory_format)
+            self.place(module)
         self.train_modules = dict(self.modules)
         for name in self.trained:
             module = self.modules[name]
@@ -48,6 +64,16 @@ class Task:
             if compile_models:
                 module = torch.compile(module)
             self.train_modules[name] = module
+        self.graph = StepGraph(self.train_step) if cuda_graphs and self.device.type == "cuda" and not ddp else None
+
+    def step(self, images, labels, noise: torch.Generator) -> dict[str, torch.Tensor]:
+        """One optimisation step; the losses stay on the device (reading them would wait for the GPU)."""
+        if self.graph is not None:
+            return self.graph(images, labels, noise)
+        return self.train_step(images, labels, noise)
+
+    def train_step(self, images, labels, noise: torch.Generator) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
 
     def state_dict(self) -> dict:
         return {
@@ -73,16 +99,16 @@ class GANTask(Task):
         super().__init__(device, amp, channels_last)
         self.cfg = cfg
         self.num_classes = num_classes if cfg.conditional else 0
-        self.generator = Generator(cfg.latent_dim, cfg.width, self.num_classes, cfg.kernel_size)
-        self.discriminator = Discriminator(cfg.width, self.num_classes, cfg.spectral_norm, cfg.kernel_size)
+        self.generator = self.place(Generator(cfg.latent_dim, cfg.width, self.num_classes, cfg.kernel_size))
+        self.discriminator = self.place(Discriminator(cfg.width, self.num_classes, cfg.spectral_norm, cfg.kernel_size))
         self.ema = copy.deepcopy(self.generator).requires_grad_(False)
-        self.ema_updates = 0
+        self.ema_updates = torch.zeros((), device=device)  # on the device: the EMA's warm-up needs no host value
         self.best: dict | None = None  # {"epoch", "score", "ema": state_dict}: see keep_if_best
         self.modules = {"generator": self.generator, "discriminator": self.discriminator, "ema": self.ema}
         betas = tuple(cfg.betas)
         self.optimizers = {
-            "generator": torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=betas),
-            "discriminator": torch.optim.Adam(self.discriminator.parameters(), lr=cfg.lr_d, betas=betas),
+            "generator": self.adam(self.generator.parameters(), lr=cfg.lr_g, betas=betas),
+            "discriminator": self.adam(self.discriminator.parameters(), lr=cfg.lr_d, betas=betas),
         }
 
     def as_input(self, images):
@@ -100,7 +126,7 @@ class GANTask(Task):
             return -fake_out.mean()
         return F.binary_cross_entropy_with_logits(fake_out, torch.ones_like(fake_out))  # non-saturating
 
-    def step(self, images, labels, noise: torch.Generator) -> dict[str, torch.Tensor]:
+    def train_step(self, images, labels, noise: torch.Generator) -> dict[str, torch.Tensor]:
         generator, discriminator = self.train_modules["generator"], self.train_modules["discriminator"]
         real = self.as_input(images)
         labels = labels if self.num_classes else None
@@ -124,11 +150,11 @@ class GANTask(Task):
                 "d_real": real_out.detach().mean(), "d_fake": fake_out.detach().mean()}
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "ema_updates": self.ema_updates, "best": self.best}
+        return {**super().state_dict(), "ema_updates": int(self.ema_updates), "best": self.best}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.ema_updates = state["ema_updates"]
+        self.ema_updates.fill_(state["ema_updates"])
         self.best = state["best"]
 
     def keep_if_best(self, epoch: int, score: float) -> None:
@@ -139,11 +165,15 @@ class GANTask(Task):
 
     @torch.no_grad()
     def update_ema(self):
-        # Warm-up: early on, average over the few steps there are rather than the random init.
-        self.ema_updates += 1
-        decay = min(self.cfg.ema_decay, (1 + self.ema_updates) / (10 + self.ema_updates))
-        for ema_p, p in zip(self.ema.parameters(), self.generator.parameters(), strict=True):
-            ema_p.lerp_(p, 1 - decay)
+        """ema += (1 - decay) * (generator - ema) over all parameters at once (foreach kernels), the
+        decay computed on the device. Warm-up: early on, average over the few steps there are rather
+        than the random init."""
+        n = self.ema_updates.add_(1)
+        decay = ((1 + n) / (10 + n)).clamp(max=self.cfg.ema_decay)
+        ema, current = list(self.ema.parameters()), list(self.generator.parameters())
+        moves = torch._foreach_sub(current, ema)
+        torch._foreach_mul_(moves, 1 - decay)
+        torch._foreach_add_(ema, moves)
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
@@ -193,14 +223,14 @@ class VAETask(Task):
         super().__init__(device, amp, channels_last)
         self.cfg = cfg
         self.num_classes = num_classes if cfg.conditional else 0
-        self.vae = VAE(cfg.latent_dim, cfg.width, self.num_classes)
+        self.vae = self.place(VAE(cfg.latent_dim, cfg.width, self.num_classes))
         self.modules = {"vae": self.vae}
-        self.optimizers = {"vae": torch.optim.Adam(self.vae.parameters(), lr=cfg.lr)}
+        self.optimizers = {"vae": self.adam(self.vae.parameters(), lr=cfg.lr)}
 
     def as_input(self, images):
         return (images.float() / 255).contiguous(memory_format=self.memory_format)
 
-    def step(self, images, labels, noise: torch.Generator) -> dict[str, torch.Tensor]:
+    def train_step(self, images, labels, noise: torch.Generator) -> dict[str, torch.Tensor]:
         x = self.as_input(images)
         labels = labels if self.num_classes else None
         with self.autocast():
@@ -221,3 +251,48 @@ class VAETask(Task):
 
     def export(self) -> nn.Module:
         return self.vae
+
+
+class StepGraph:
+    """A training step captured once as a CUDA graph, then replayed: one launch instead of hundreds.
+
+    The first `warmup` calls run eagerly on a side stream (cuDNN picks its algorithms and Adam makes
+    its state, as capture requires); the next call captures the step and replays it; later calls copy
+    the batch into the captured input buffers and replay. Every call is exactly one training step.
+    The noise generator is registered with the graph: a replay draws from the generator's current
+    seed and offset, so after `noise.manual_seed(s)` it draws what an eager step would.
+    """
+
+    def __init__(self, step, warmup: int = 3):
+        self.step, self.warmup, self.calls = step, warmup, 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.noise: torch.Generator | None = None
+
+    def __call__(self, images, labels, noise: torch.Generator) -> dict[str, torch.Tensor]:
+        if self.graph is None and self.calls < self.warmup:
+            self.calls += 1
+            side = torch.cuda.Stream(images.device)
+            side.wait_stream(torch.cuda.current_stream(images.device))
+            with torch.cuda.stream(side):
+                out = self.step(images, labels, noise)
+            torch.cuda.current_stream(images.device).wait_stream(side)
+            return out
+        if self.graph is None:
+            self.capture(images, labels, noise)
+        else:
+            if noise is not self.noise:
+                raise RuntimeError("StepGraph: the step was captured with another noise generator")
+            self.inputs[0].copy_(images, non_blocking=True)
+            self.inputs[1].copy_(labels, non_blocking=True)
+        self.graph.replay()
+        return self.outputs
+
+    def capture(self, images, labels, noise: torch.Generator) -> None:
+        self.inputs, self.noise = (images.clone(), labels.clone()), noise
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(noise)
+        with torch.cuda.graph(graph):
+            self.outputs = self.step(*self.inputs, noise)
+        self.graph = graph
