@@ -143,7 +143,6 @@ class Config(Section):
 # A profile for a real GPU: wider nets, larger batches, more epochs. Apply it with
 # `dvc exp run` and one -S per entry (README.md lists them); bench/train_throughput.py uses it.
 GPU_PROFILE = {
-    "train.compile": True,
     "gan.width": 64, "gan.batch_size": 256, "gan.epochs": 60, "gan.lr_g": 4e-4, "gan.lr_d": 4e-4,
     "vae.width": 64, "vae.batch_size": 256, "vae.epochs": 60,
 }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,8 @@ from torch import nn
 
 from imagegen.models.gan import Discriminator, Generator
 from imagegen.models.vae import VAE, negative_elbo
+
+log = logging.getLogger(__name__)
 
 
 class Task:
@@ -269,8 +272,11 @@ class StepGraph:
         self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.outputs: dict[str, torch.Tensor] = {}
         self.noise: torch.Generator | None = None
+        self.failed = False
 
     def __call__(self, images, labels, noise: torch.Generator) -> dict[str, torch.Tensor]:
+        if self.failed:
+            return self.step(images, labels, noise)
         if self.graph is None and self.calls < self.warmup:
             self.calls += 1
             side = torch.cuda.Stream(images.device)
@@ -280,7 +286,14 @@ class StepGraph:
             torch.cuda.current_stream(images.device).wait_stream(side)
             return out
         if self.graph is None:
-            self.capture(images, labels, noise)
+            try:
+                self.capture(images, labels, noise)
+            except Exception as exc:  # nothing ran during the capture: this step runs eagerly, as do all later ones
+                log.warning("CUDA graph capture of the training step failed (%s: %s); continuing without graphs",
+                            type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+                self.failed, self.graph = True, None
+                torch.cuda.synchronize()
+                return self.step(images, labels, noise)
         else:
             if noise is not self.noise:
                 raise RuntimeError("StepGraph: the step was captured with another noise generator")
