@@ -95,7 +95,8 @@ def fingerprint(kind: str, params: dict, train_file: Path, world_size: int, prob
     """What a checkpoint must match to be resumed: params (but not resume itself), data, world size,
     and the feature net that scores the epochs."""
     digest = sha256_file(train_file)
-    relevant = {k: v for k, v in params.items() if k not in ("train.resume", "train.mlflow", "train.threads", "train.system_metrics")}
+    ignored = ("train.resume", "train.mlflow", "train.threads", "train.system_metrics")
+    relevant = {k: v for k, v in params.items() if k not in ignored}
     blob = json.dumps([kind, relevant, digest, world_size, probe.identity if probe else None], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
