@@ -10,8 +10,11 @@ from imagegen.training.tasks import GANTask, VAETask
 from tests.integration.test_training import make_root
 
 
-def test_ema_update_follows_the_warm_up_schedule_and_survives_a_checkpoint():
+@pytest.mark.parametrize("on_device", [False, True], ids=["host count", "device count (the CUDA path)"])
+def test_ema_update_follows_the_warm_up_schedule_and_survives_a_checkpoint(on_device):
     task = GANTask(GANConfig(latent_dim=8, width=4, ema_decay=0.9), 10, torch.device("cpu"))
+    if on_device:
+        task.ema_updates = torch.zeros(())  # what a CUDA task holds, here on the CPU
     ema = {k: v.clone() for k, v in task.ema.named_parameters()}
     for n in range(1, 40):
         with torch.no_grad():
@@ -27,8 +30,10 @@ def test_ema_update_follows_the_warm_up_schedule_and_survives_a_checkpoint():
     state = task.state_dict()
     assert state["ema_updates"] == 39 and isinstance(state["ema_updates"], int)
     other = GANTask(GANConfig(latent_dim=8, width=4, ema_decay=0.9), 10, torch.device("cpu"))
+    if on_device:
+        other.ema_updates = torch.zeros(())
     other.load_state_dict(state)
-    assert int(other.ema_updates) == 39
+    assert int(other.ema_updates) == 39 and isinstance(other.ema_updates, torch.Tensor) == on_device
 
 
 @pytest.mark.parametrize("task_class, cfg", [(GANTask, GANConfig(latent_dim=8, width=4)),

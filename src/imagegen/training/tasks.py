@@ -105,7 +105,8 @@ class GANTask(Task):
         self.generator = self.place(Generator(cfg.latent_dim, cfg.width, self.num_classes, cfg.kernel_size))
         self.discriminator = self.place(Discriminator(cfg.width, self.num_classes, cfg.spectral_norm, cfg.kernel_size))
         self.ema = copy.deepcopy(self.generator).requires_grad_(False)
-        self.ema_updates = torch.zeros((), device=device)  # on the device: the EMA's warm-up needs no host value
+        # On CUDA the count lives on the device, so the EMA's warm-up needs no host value (see update_ema).
+        self.ema_updates: int | torch.Tensor = torch.zeros((), device=device) if device.type == "cuda" else 0
         self.best: dict | None = None  # {"epoch", "score", "ema": state_dict}: see keep_if_best
         self.modules = {"generator": self.generator, "discriminator": self.discriminator, "ema": self.ema}
         betas = tuple(cfg.betas)
@@ -157,7 +158,10 @@ class GANTask(Task):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.ema_updates.fill_(state["ema_updates"])
+        if isinstance(self.ema_updates, torch.Tensor):
+            self.ema_updates.fill_(state["ema_updates"])
+        else:
+            self.ema_updates = state["ema_updates"]
         self.best = state["best"]
 
     def keep_if_best(self, epoch: int, score: float) -> None:
@@ -168,15 +172,22 @@ class GANTask(Task):
 
     @torch.no_grad()
     def update_ema(self):
-        """ema += (1 - decay) * (generator - ema) over all parameters at once (foreach kernels), the
-        decay computed on the device. Warm-up: early on, average over the few steps there are rather
-        than the random init."""
-        n = self.ema_updates.add_(1)
-        decay = ((1 + n) / (10 + n)).clamp(max=self.cfg.ema_decay)
+        """ema += (1 - decay) * (generator - ema). Warm-up: early on, average over the few steps there
+        are rather than the random init. On CUDA the decay is computed on the device and all parameters
+        move at once (foreach kernels), so a CUDA graph can replay it; elsewhere a loop of lerp_ is
+        faster (measured on a CPU: 1.7 ms against 4.4 ms per update of the default generator)."""
         ema, current = list(self.ema.parameters()), list(self.generator.parameters())
-        moves = torch._foreach_sub(current, ema)
-        torch._foreach_mul_(moves, 1 - decay)
-        torch._foreach_add_(ema, moves)
+        if isinstance(self.ema_updates, torch.Tensor):
+            n = self.ema_updates.add_(1)
+            decay = ((1 + n) / (10 + n)).clamp(max=self.cfg.ema_decay)
+            moves = torch._foreach_sub(current, ema)
+            torch._foreach_mul_(moves, 1 - decay)
+            torch._foreach_add_(ema, moves)
+            return
+        self.ema_updates += 1
+        decay = min(self.cfg.ema_decay, (1 + self.ema_updates) / (10 + self.ema_updates))
+        for ema_p, p in zip(ema, current, strict=True):
+            ema_p.lerp_(p, 1 - decay)
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
