@@ -2,7 +2,8 @@
 split's features come precomputed from models/features/reference.npz, as in the evaluate stage).
 
 Needs the outputs of `dvc repro train-features`. The "samples" are N train images, so the
-figures also show what a perfect generator scores. Run: python bench/evaluate_speed.py [--n 10000]
+figures also show what a perfect generator scores. One block per device: the CPU, and CUDA when
+present. Run: python bench/evaluate_speed.py [--n 10000] [--devices cpu,cuda]
 """
 
 from __future__ import annotations
@@ -25,13 +26,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--root", type=Path, default=Path("."))
+    parser.add_argument("--devices", default=None, help="comma-separated; default: cpu, and cuda when present")
     args = parser.parse_args()
     cfg = load_config(args.root / "params.yaml")
-    device = select_device(cfg.train.device)
-    net, _, reference = load_features(args.root, device)
     images, _ = load_split(args.root / "data/prepared/train.npz")
     samples = images[np.random.default_rng(0).permutation(len(images))[:args.n]]
+    devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        measure(cfg, args, select_device(device), samples)
+
+
+def measure(cfg, args, device, samples) -> None:
+    net, _, reference = load_features(args.root, device)
     ref = reference["features"]
+    embed(net, samples[:100], device)  # warm-up: CUDA context, cuDNN
     timings, started = {}, time.perf_counter()
 
     def timed(name, fn):
@@ -45,7 +53,8 @@ def main() -> None:
     kid = timed("kid", lambda: m.kid(features, ref, cfg.eval.kid_subsets, cfg.eval.kid_subset_size))
     pr = timed("precision_recall", lambda: m.precision_recall(features, ref, cfg.eval.pr_k))
     total = time.perf_counter() - started
-    print(f"device {device}, torch threads {torch.get_num_threads()}, {args.n} samples vs {len(ref)} test images")
+    name = f"{device} ({torch.cuda.get_device_name()})" if device.type == "cuda" else str(device)
+    print(f"device {name}, torch threads {torch.get_num_threads()}, {args.n} samples vs {len(ref)} test images")
     for name, seconds in timings.items():
         print(f"  {name:<18} {seconds:6.2f} s")
     print(f"  {'total':<18} {total:6.2f} s   (FID {fid:.4f}, KID {kid[0]:.5f}, P/R {pr[0]:.3f}/{pr[1]:.3f})")

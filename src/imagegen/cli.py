@@ -14,6 +14,12 @@ from pathlib import Path
 from imagegen.errors import ImagegenError
 
 
+def load_config(path):
+    from imagegen.config import load_config
+
+    return load_config(path)
+
+
 def _fetch(cfg, root, args):
     from imagegen.data.fetch import run_fetch
 
@@ -81,7 +87,10 @@ def _register(cfg, root, args):
 
 def _sample(cfg, root, args):
     from imagegen.evaluation.sampling import generate, save_images
+    from imagegen.training.runtime import select_device
 
+    # The GPU when there is one, as train.device says (params.yaml is optional here: auto without it).
+    device = select_device(load_config(args.params).train.device if args.params.exists() else "auto")
     if args.model is not None:
         from imagegen.registry import load_registered
 
@@ -90,7 +99,7 @@ def _sample(cfg, root, args):
         from imagegen.models.io import load_model
 
         module, meta = load_model(args.source)
-    images = generate(module, meta, args.n, args.seed, args.label)
+    images = generate(module, meta, args.n, args.seed, args.label, device)
     save_images(args.out, images)
     return f"{len(images)} {meta['kind']} images in {args.out}"
 
@@ -157,8 +166,6 @@ def main(argv: list[str] | None = None) -> int:
     command = COMMANDS[args.command]
     started = time.perf_counter()
     try:
-        from imagegen.config import load_config
-
         cfg = load_config(args.params) if command.needs_params else None
         message = command.run(cfg, Path("."), args)
     except ImagegenError as exc:

@@ -60,11 +60,13 @@ class TrainConfig(Section):
     amp: bool = True  # bf16 autocast on CUDA; ignored elsewhere
     channels_last: bool = True  # CUDA and CPU (not MPS)
     compile: bool = False  # torch.compile the training models
+    cuda_graphs: bool = True  # CUDA only, not under DDP: replay each training step as one CUDA graph
     threads: Annotated[int, Field(ge=0)] = 0  # CPU threads; 0 = torch's default
     checkpoint_every: Annotated[int, Field(ge=1)] = 500  # steps
     resume: bool = True  # continue from checkpoints/<kind>/last.pt when it matches params and data
     limit: Annotated[int, Field(ge=1)] | None = None  # train on the first N images only (smoke runs)
     mlflow: bool = True  # log runs to MLflow (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)
+    system_metrics: bool = True  # with mlflow: log CPU, memory and GPU utilisation of training runs
 
 
 class GANConfig(Section):
@@ -145,7 +147,6 @@ class Config(Section):
 # A profile for a real GPU: wider nets, larger batches, more epochs. Apply it with
 # `dvc exp run` and one -S per entry (README.md lists them); bench/train_throughput.py uses it.
 GPU_PROFILE = {
-    "train.compile": True,
     "gan.width": 64, "gan.batch_size": 256, "gan.epochs": 60, "gan.lr_g": 4e-4, "gan.lr_d": 4e-4,
     "vae.width": 64, "vae.batch_size": 256, "vae.epochs": 60,
 }

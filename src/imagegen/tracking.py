@@ -21,6 +21,7 @@ from imagegen.errors import ImagegenError
 
 PIPELINE_RUN_ENV = "IMAGEGEN_PIPELINE_RUN"  # set by an orchestrator to group one pipeline run's stages
 PARENT_RUN_ENV = "IMAGEGEN_PARENT_RUN_ID"  # an MLflow run id to nest stage runs under
+SYSTEM_METRICS_INTERVAL_S = 5  # MLflow's default, 10 s, leaves a one-minute GPU run with five points
 
 
 EMBEDDED_DB = "mlflow.db"  # MLflow's default store (sqlite:///mlflow.db in the working folder)
@@ -99,15 +100,22 @@ def dvc_out_md5(root: Path, stage: str, path: str) -> str:
 
 
 @contextlib.contextmanager
-def stage_run(root: Path, experiment: str, run_name: str, params: dict, tags: dict) -> Iterator[object]:
-    """An active MLflow run for one stage, nested under IMAGEGEN_PARENT_RUN_ID when set."""
+def stage_run(root: Path, experiment: str, run_name: str, params: dict, tags: dict,
+              system_metrics: bool | None = None) -> Iterator[object]:
+    """An active MLflow run for one stage, nested under IMAGEGEN_PARENT_RUN_ID when set. With
+    `system_metrics`, MLflow samples CPU, memory, disk, network and (with nvidia-ml-py and a GPU) GPU
+    utilisation and memory every SYSTEM_METRICS_INTERVAL_S seconds as system/* metrics (None: MLflow's
+    MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING decides)."""
     import mlflow
 
     uri = configure(root)
     try:
         exp_id = experiment_id(experiment, root)
+        if system_metrics and not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
+            mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
         run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags,
-                               parent_run_id=os.environ.get(PARENT_RUN_ENV) or None)
+                               parent_run_id=os.environ.get(PARENT_RUN_ENV) or None,
+                               log_system_metrics=system_metrics)
     except Exception as exc:  # MLflow raises many kinds for an unreachable or broken store
         raise ImagegenError(f"MLflow tracking at {uri} is not usable: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
     with run:

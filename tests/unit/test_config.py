@@ -99,7 +99,8 @@ def test_gpu_profile_is_valid_and_documented():
     from imagegen.config import GPU_PROFILE, with_overrides
 
     cfg = with_overrides(Config(), GPU_PROFILE)
-    assert cfg.gan.width == GPU_PROFILE["gan.width"] and cfg.train.compile is True
+    # No compile: on an H100 its cold warm-up cost more than it saved in a 60-epoch run (bench/README.md).
+    assert cfg.gan.width == GPU_PROFILE["gan.width"] and cfg.train.compile is False
     readme = (REPO_PARAMS.parent / "README.md").read_text()
     for key, value in GPU_PROFILE.items():
         spelled = str(value).lower() if isinstance(value, bool) else f"{value:g}"

@@ -55,8 +55,11 @@ class FeatureNet(nn.Module):
 
 @torch.no_grad()
 def embed(net: FeatureNet, images: np.ndarray, device: torch.device | str = "cpu",
-          batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+          batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(features float64 N x D, class probabilities float64 N x C) of uint8 N x 28 x 28 images."""
+    from imagegen.evaluation.sampling import batch_size_for
+
+    batch_size = batch_size or batch_size_for(device)
     net.eval()
     feats, probs = [], []
     for start in range(0, len(images), batch_size):
@@ -105,7 +108,7 @@ def fit(net, images, labels, test_images, test_labels, fc, seed, device) -> list
     x_all = torch.from_numpy(images).to(device).unsqueeze(1)
     y_all = torch.from_numpy(labels.astype(np.int64)).to(device)
     steps = len(x_all) // fc.batch_size
-    optimizer = torch.optim.Adam(net.parameters(), lr=fc.lr)
+    optimizer = torch.optim.Adam(net.parameters(), lr=fc.lr, fused=device.type == "cuda")
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, fc.lr, total_steps=fc.epochs * steps)
     order_gen = torch.Generator().manual_seed(seed)
     history = []
@@ -113,11 +116,13 @@ def fit(net, images, labels, test_images, test_labels, fc, seed, device) -> list
         started, total = time.perf_counter(), torch.zeros((), device=device)
         net.train()
         order = torch.randperm(len(x_all), generator=order_gen).to(device)
+        # The epoch's flips in one draw (the same numbers as a draw per step) and one copy: a copy
+        # from the CPU in every step would make the host wait for the GPU in every step.
+        flips = (torch.rand(steps, fc.batch_size, generator=order_gen) < 0.5).to(device)
         for step in range(steps):
             index = order[step * fc.batch_size:(step + 1) * fc.batch_size]
             x = x_all[index].float().div(255)
-            flip = torch.rand(len(x), generator=order_gen).to(device) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+            x = torch.where(flips[step][:, None, None, None], x.flip(3), x)
             loss = F.cross_entropy(net(x), y_all[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

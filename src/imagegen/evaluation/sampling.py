@@ -34,13 +34,19 @@ def class_labels(meta: dict, n: int, label: int | None) -> torch.Tensor | None:
     return torch.full((n,), label, dtype=torch.long)
 
 
+def batch_size_for(device: str | torch.device) -> int:
+    """Images per forward pass: small on a CPU (cache-sized), large on a GPU (fewer launches)."""
+    return 8192 if torch.device(device).type == "cuda" else 1000
+
+
 @torch.no_grad()
 def generate(module: nn.Module, meta: dict, n: int, seed: int = 0, label: int | None = None,
-             device: str | torch.device = "cpu", batch_size: int = 1000) -> np.ndarray:
+             device: str | torch.device = "cpu", batch_size: int | None = None) -> np.ndarray:
     """n images as uint8 N x 28 x 28. The latents come from a CPU generator seeded with `seed`,
     so a seed gives the same images on any device (up to floating-point differences)."""
     if n < 1:
         raise ImagegenError(f"n={n}: expected at least 1 image")
+    batch_size = batch_size or batch_size_for(device)
     labels = class_labels(meta, n, label)
     z = torch.randn(n, meta["arch"]["latent_dim"], generator=torch.Generator().manual_seed(seed))
     module = module.to(device).eval()

@@ -57,7 +57,7 @@ def run_train(cfg: Config, kind: str, root: Path = Path(".")) -> TrainResult:
         images, labels = load_split(train_file, cfg.train.limit)
         torch.manual_seed(cfg.train.seed)
         task = TASKS[kind](section, len(spec.classes), runtime.device, cfg.train.amp, cfg.train.channels_last)
-        task.prepare_models(cfg.train.compile, runtime.distributed)
+        task.prepare_models(cfg.train.compile, runtime.distributed, cfg.train.cuda_graphs)
         data = DeviceBatches(images, labels, section.batch_size, runtime.device, cfg.train.seed,
                              runtime.rank, runtime.world_size)
         out = paths(root, kind)
@@ -80,7 +80,8 @@ def run_train(cfg: Config, kind: str, root: Path = Path(".")) -> TrainResult:
         from imagegen import tracking
 
         tags = tracking.lineage_tags(root, params, str(runtime.device))
-        with tracking.stage_run(root, f"imagegen-{cfg.data.dataset}", f"train-{kind}", params, tags):
+        with tracking.stage_run(root, f"imagegen-{cfg.data.dataset}", f"train-{kind}", params, tags,
+                                system_metrics=cfg.train.system_metrics):
             history = train(task, data, loop_cfg, runtime, Chain(probe, grids, MlflowLogger(grids)))
             result = finish(task, history, cfg, kind, runtime, out)
             log_outputs(result, out)
@@ -94,7 +95,8 @@ def fingerprint(kind: str, params: dict, train_file: Path, world_size: int, prob
     """What a checkpoint must match to be resumed: params (but not resume itself), data, world size,
     and the feature net that scores the epochs."""
     digest = sha256_file(train_file)
-    relevant = {k: v for k, v in params.items() if k not in ("train.resume", "train.mlflow", "train.threads")}
+    ignored = ("train.resume", "train.mlflow", "train.threads", "train.system_metrics")
+    relevant = {k: v for k, v in params.items() if k not in ignored}
     blob = json.dumps([kind, relevant, digest, world_size, probe.identity if probe else None], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -2,12 +2,17 @@
 
 A task owns its models, optimisers and (for the GAN) the EMA generator, and exposes
 `step`, `sample`, `state_dict` / `load_state_dict` and `export` (the weights to ship).
+
+On CUDA a step is a few hundred small kernels, so Python and launch overhead, not the GPU,
+set the pace. There the whole step (forwards, backwards, fused Adam, EMA) is captured once as
+a CUDA graph and replayed (`StepGraph`); nothing in a step reads a value back to the host.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +20,8 @@ from torch import nn
 
 from imagegen.models.gan import Discriminator, Generator
 from imagegen.models.vae import VAE, negative_elbo
+
+log = logging.getLogger(__name__)
 
 
 class Task:
@@ -29,16 +36,28 @@ class Task:
         # channels_last: faster convolutions on CUDA and on CPU (measured on CPU: about -10% per GAN or VAE step)
         fast = channels_last and device.type in ("cuda", "cpu")
         self.memory_format = torch.channels_last if fast else torch.contiguous_format
+        self.graph: StepGraph | None = None
 
     def autocast(self):
         if not self.autocast_enabled:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        # No weight-cast cache: a CUDA graph must not keep casts from the capture (the docs require this).
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, cache_enabled=False)
 
-    def prepare_models(self, compile_models: bool, ddp: bool) -> None:
-        """Move to the device, then optionally torch.compile and wrap for DDP (training copies only)."""
+    def place(self, module: nn.Module) -> nn.Module:
+        return module.to(self.device, memory_format=self.memory_format)
+
+    def adam(self, params, **options) -> torch.optim.Adam:
+        """Adam; on CUDA its fused kernel with the step count kept on the device, so a CUDA graph can replay it."""
+        if self.device.type == "cuda":
+            options.update(fused=True, capturable=True)
+        return torch.optim.Adam(params, **options)
+
+    def prepare_models(self, compile_models: bool, ddp: bool, cuda_graphs: bool = False) -> None:
+        """Optionally torch.compile and wrap for DDP (training copies only); on CUDA without DDP,
+        replay each step as a CUDA graph when `cuda_graphs`."""
         for module in self.modules.values():
-            module.to(self.device, memory_format=self.memory_format)
+            self.place(module)
         self.train_modules = dict(self.modules)
         for name in self.trained:
             module = self.modules[name]
@@ -50,6 +69,16 @@ class Task:
             if compile_models:
                 module = torch.compile(module)
             self.train_modules[name] = module
+        self.graph = StepGraph(self.train_step) if cuda_graphs and self.device.type == "cuda" and not ddp else None
+
+    def step(self, images, labels, noise: torch.Generator) -> dict[str, torch.Tensor]:
+        """One optimisation step; the losses stay on the device (reading them would wait for the GPU)."""
+        if self.graph is not None:
+            return self.graph(images, labels, noise)
+        return self.train_step(images, labels, noise)
+
+    def train_step(self, images, labels, noise: torch.Generator) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
 
     def state_dict(self) -> dict:
         return {
@@ -75,16 +104,17 @@ class GANTask(Task):
         super().__init__(device, amp, channels_last)
         self.cfg = cfg
         self.num_classes = num_classes if cfg.conditional else 0
-        self.generator = Generator(cfg.latent_dim, cfg.width, self.num_classes, cfg.kernel_size)
-        self.discriminator = Discriminator(cfg.width, self.num_classes, cfg.spectral_norm, cfg.kernel_size)
+        self.generator = self.place(Generator(cfg.latent_dim, cfg.width, self.num_classes, cfg.kernel_size))
+        self.discriminator = self.place(Discriminator(cfg.width, self.num_classes, cfg.spectral_norm, cfg.kernel_size))
         self.ema = copy.deepcopy(self.generator).requires_grad_(False)
-        self.ema_updates = 0
+        # On CUDA the count lives on the device, so the EMA's warm-up needs no host value (see update_ema).
+        self.ema_updates: int | torch.Tensor = torch.zeros((), device=device) if device.type == "cuda" else 0
         self.best: dict | None = None  # {"epoch", "score", "ema": state_dict}: see keep_if_best
         self.modules = {"generator": self.generator, "discriminator": self.discriminator, "ema": self.ema}
         betas = tuple(cfg.betas)
         self.optimizers = {
-            "generator": torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=betas),
-            "discriminator": torch.optim.Adam(self.discriminator.parameters(), lr=cfg.lr_d, betas=betas),
+            "generator": self.adam(self.generator.parameters(), lr=cfg.lr_g, betas=betas),
+            "discriminator": self.adam(self.discriminator.parameters(), lr=cfg.lr_d, betas=betas),
         }
 
     def as_input(self, images):
@@ -102,7 +132,7 @@ class GANTask(Task):
             return -fake_out.mean()
         return F.binary_cross_entropy_with_logits(fake_out, torch.ones_like(fake_out))  # non-saturating
 
-    def step(self, images, labels, noise: torch.Generator) -> dict[str, torch.Tensor]:
+    def train_step(self, images, labels, noise: torch.Generator) -> dict[str, torch.Tensor]:
         generator, discriminator = self.train_modules["generator"], self.train_modules["discriminator"]
         real = self.as_input(images)
         labels = labels if self.num_classes else None
@@ -126,11 +156,14 @@ class GANTask(Task):
                 "d_real": real_out.detach().mean(), "d_fake": fake_out.detach().mean()}
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "ema_updates": self.ema_updates, "best": self.best}
+        return {**super().state_dict(), "ema_updates": int(self.ema_updates), "best": self.best}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.ema_updates = state["ema_updates"]
+        if isinstance(self.ema_updates, torch.Tensor):
+            self.ema_updates.fill_(state["ema_updates"])
+        else:
+            self.ema_updates = state["ema_updates"]
         self.best = state["best"]
 
     def keep_if_best(self, epoch: int, score: float) -> None:
@@ -141,10 +174,21 @@ class GANTask(Task):
 
     @torch.no_grad()
     def update_ema(self):
-        # Warm-up: early on, average over the few steps there are rather than the random init.
+        """ema += (1 - decay) * (generator - ema). Warm-up: early on, average over the few steps there
+        are rather than the random init. On CUDA the decay is computed on the device and all parameters
+        move at once (foreach kernels), so a CUDA graph can replay it; elsewhere a loop of lerp_ is
+        faster (measured on a CPU: 1.7 ms against 4.4 ms per update of the default generator)."""
+        ema, current = list(self.ema.parameters()), list(self.generator.parameters())
+        if isinstance(self.ema_updates, torch.Tensor):
+            n = self.ema_updates.add_(1)
+            decay = ((1 + n) / (10 + n)).clamp(max=self.cfg.ema_decay)
+            moves = torch._foreach_sub(current, ema)
+            torch._foreach_mul_(moves, 1 - decay)
+            torch._foreach_add_(ema, moves)
+            return
         self.ema_updates += 1
         decay = min(self.cfg.ema_decay, (1 + self.ema_updates) / (10 + self.ema_updates))
-        for ema_p, p in zip(self.ema.parameters(), self.generator.parameters(), strict=True):
+        for ema_p, p in zip(ema, current, strict=True):
             ema_p.lerp_(p, 1 - decay)
 
     @torch.no_grad()
@@ -195,14 +239,14 @@ class VAETask(Task):
         super().__init__(device, amp, channels_last)
         self.cfg = cfg
         self.num_classes = num_classes if cfg.conditional else 0
-        self.vae = VAE(cfg.latent_dim, cfg.width, self.num_classes)
+        self.vae = self.place(VAE(cfg.latent_dim, cfg.width, self.num_classes))
         self.modules = {"vae": self.vae}
-        self.optimizers = {"vae": torch.optim.Adam(self.vae.parameters(), lr=cfg.lr)}
+        self.optimizers = {"vae": self.adam(self.vae.parameters(), lr=cfg.lr)}
 
     def as_input(self, images):
         return (images.float() / 255).contiguous(memory_format=self.memory_format)
 
-    def step(self, images, labels, noise: torch.Generator) -> dict[str, torch.Tensor]:
+    def train_step(self, images, labels, noise: torch.Generator) -> dict[str, torch.Tensor]:
         x = self.as_input(images)
         labels = labels if self.num_classes else None
         with self.autocast():
@@ -223,3 +267,58 @@ class VAETask(Task):
 
     def export(self) -> nn.Module:
         return self.vae
+
+
+class StepGraph:
+    """A training step captured once as a CUDA graph, then replayed: one launch instead of hundreds.
+
+    The first `warmup` calls run eagerly on a side stream (cuDNN picks its algorithms and Adam makes
+    its state, as capture requires); the next call captures the step and replays it; later calls copy
+    the batch into the captured input buffers and replay. Every call is exactly one training step.
+    The noise generator is registered with the graph: a replay draws from the generator's current
+    seed and offset, so after `noise.manual_seed(s)` it draws what an eager step would.
+    """
+
+    def __init__(self, step, warmup: int = 3):
+        self.step, self.warmup, self.calls = step, warmup, 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.noise: torch.Generator | None = None
+        self.failed = False
+
+    def __call__(self, images, labels, noise: torch.Generator) -> dict[str, torch.Tensor]:
+        if self.failed:
+            return self.step(images, labels, noise)
+        if self.graph is None and self.calls < self.warmup:
+            self.calls += 1
+            side = torch.cuda.Stream(images.device)
+            side.wait_stream(torch.cuda.current_stream(images.device))
+            with torch.cuda.stream(side):
+                out = self.step(images, labels, noise)
+            torch.cuda.current_stream(images.device).wait_stream(side)
+            return out
+        if self.graph is None:
+            try:
+                self.capture(images, labels, noise)
+            except Exception as exc:  # nothing ran during the capture: this step runs eagerly, as do all later ones
+                log.warning("CUDA graph capture of the training step failed (%s: %s); continuing without graphs",
+                            type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+                self.failed, self.graph = True, None
+                torch.cuda.synchronize()
+                return self.step(images, labels, noise)
+        else:
+            if noise is not self.noise:
+                raise RuntimeError("StepGraph: the step was captured with another noise generator")
+            self.inputs[0].copy_(images, non_blocking=True)
+            self.inputs[1].copy_(labels, non_blocking=True)
+        self.graph.replay()
+        return self.outputs
+
+    def capture(self, images, labels, noise: torch.Generator) -> None:
+        self.inputs, self.noise = (images.clone(), labels.clone()), noise
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(noise)
+        with torch.cuda.graph(graph):
+            self.outputs = self.step(*self.inputs, noise)
+        self.graph = graph
