@@ -110,6 +110,10 @@ class Stack:
             "AWS_SECRET_ACCESS_KEY": self.config["s3_secret_key"],
             "AWS_ENDPOINT_URL_S3": self.url("s3"),
             "AWS_DEFAULT_REGION": "us-east-1",
+            # MLflow's client retries a failing request for minutes by default; fail within ~10 s
+            # (e.g. when the object store behind the server is down) and say so.
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
             "IMAGEGEN_WORK_POOL": POOL,
             "IMAGEGEN_STACK_DIR": str(self.dir),
         }
@@ -241,14 +245,14 @@ def tail(log: Path | None) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def http_ok(url: str, auth: tuple[str, str] | None = None) -> bool:
+def http_ok(url: str, auth: tuple[str, str] | None = None, timeout: float = 3) -> bool:
     request = urllib.request.Request(url)
     if auth:
         import base64
 
         request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
     try:
-        with urllib.request.urlopen(request, timeout=3) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
@@ -427,6 +431,7 @@ def start_mlflow(stack: Stack) -> int:
         "AWS_ACCESS_KEY_ID": stack.config["s3_access_key"],
         "AWS_SECRET_ACCESS_KEY": stack.config["s3_secret_key"],
         "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_MAX_ATTEMPTS": "2",  # the object store down: answer 500 in seconds, not after minutes of retries
         "MLFLOW_DISABLE_TELEMETRY": "true",
     }
     cmd = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--serve-artifacts",
@@ -441,11 +446,12 @@ def mlflow_healthy(stack: Stack) -> bool:
 
 def ensure_mlflow_user(stack: Stack) -> None:
     """The team's user (the env file's MLFLOW_TRACKING_USERNAME), created by the admin once."""
-    if http_ok(f"{stack.url('mlflow')}/api/2.0/mlflow/experiments/search?max_results=1",
-               (MLFLOW_USER, stack.config["mlflow_password"])):
-        return
     import base64
 
+    search = f"{stack.url('mlflow')}/api/2.0/mlflow/experiments/search?max_results=1"
+    user = (MLFLOW_USER, stack.config["mlflow_password"])
+    if http_ok(search, user, timeout=30):
+        return
     body = json.dumps({"username": MLFLOW_USER, "password": stack.config["mlflow_password"]}).encode()
     request = urllib.request.Request(f"{stack.url('mlflow')}/api/2.0/mlflow/users/create", data=body,
                                      headers={"Content-Type": "application/json"}, method="POST")
@@ -454,8 +460,12 @@ def ensure_mlflow_user(stack: Stack) -> None:
     try:
         urllib.request.urlopen(request, timeout=30).close()
     except urllib.error.HTTPError as exc:
-        raise StackError(f"MLflow at {stack.url('mlflow')}: creating user '{MLFLOW_USER}' failed: "
-                         f"HTTP {exc.code} {exc.read()[:200]!r}") from None
+        if b"RESOURCE_ALREADY_EXISTS" not in exc.read():
+            raise StackError(f"MLflow at {stack.url('mlflow')}: creating user '{MLFLOW_USER}' failed: "
+                             f"HTTP {exc.code}") from None
+    if not http_ok(search, user, timeout=30):
+        raise StackError(f"MLflow at {stack.url('mlflow')}: user '{MLFLOW_USER}' cannot log in with the password "
+                         f"in {stack.path('config.json')}")
 
 
 # --- Prefect
