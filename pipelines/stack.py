@@ -550,27 +550,21 @@ def write_env_file(stack: Stack) -> Path:
 
 
 def up(stack: Stack) -> int:
-    starters = {"postgres": start_postgres, "s3": start_s3, "mlflow": start_mlflow, "prefect": start_prefect,
-                "worker": start_worker}
-    for name in SERVICES:
-        started = time.monotonic()
-        if running_pid(stack, name) is not None and (name == "worker" or HEALTH[name](stack)):
-            state = "already running"
-        else:
-            if name == "worker":
-                deploy(stack)
-            pid = starters[name](stack)
-            log = stack.path("postgres", "postgres.log") if name == "postgres" else stack.path("logs", f"{name}.log")
-            wait_until(lambda: HEALTH[name](stack), name, TIMEOUTS[name], log,
-                       None if name == "postgres" else pid)
-            state = f"started in {time.monotonic() - started:.1f} s"
-        if name == "s3":
-            ensure_buckets(stack)
-        elif name == "mlflow":
-            ensure_mlflow_user(stack)
-        elif name == "worker" and state == "already running":
-            wait_until(lambda: worker_healthy(stack), "worker", TIMEOUTS["worker"], stack.path("logs", "worker.log"))
-        print(f"{name:9} {state:24} {describe(stack, name)}", flush=True)
+    """Start what is not running: the servers together (MLflow's and Prefect's database migrations
+    overlap), then wait for each in order; the deployment and the worker last."""
+    starters = {"postgres": start_postgres, "s3": start_s3, "mlflow": start_mlflow, "prefect": start_prefect}
+    started: dict[str, tuple[int | None, float]] = {}  # name -> (pid, start time), for what this call starts
+    for name, start in starters.items():
+        if running_pid(stack, name) is None or not HEALTH[name](stack):
+            began = time.monotonic()
+            started[name] = (start(stack), began)  # postgres: pg_ctl itself waits until it is up
+    for name in starters:
+        report(stack, name, started.get(name))
+    if running_pid(stack, "worker") is None:
+        deploy(stack)
+        began = time.monotonic()
+        started["worker"] = (start_worker(stack), began)
+    report(stack, "worker", started.get("worker"))
     configure_dvc_remote(stack)
     env_path = write_env_file(stack)
     print(f"\nDVC remote '{DVC_REMOTE}': s3://{BUCKETS['dvc']}/store (in {stack.repo / '.dvc' / 'config.local'})")
@@ -579,6 +573,24 @@ def up(stack: Stack) -> int:
         shown = "********" if "PASSWORD" in key or "SECRET" in key else value
         print(f"  {key}={shown}")
     return 0
+
+
+def report(stack: Stack, name: str, started: tuple[int | None, float] | None) -> None:
+    """Wait until the service is healthy, do its set-up (buckets, MLflow user), print one line."""
+    log = stack.path("postgres", "postgres.log") if name == "postgres" else stack.path("logs", f"{name}.log")
+    if started is None:
+        if name == "worker":
+            wait_until(lambda: worker_healthy(stack), name, TIMEOUTS[name], log)
+        state = "already running"
+    else:
+        pid, began = started
+        wait_until(lambda: HEALTH[name](stack), name, TIMEOUTS[name], log, None if name == "postgres" else pid)
+        state = f"started in {time.monotonic() - began:.1f} s"
+    if name == "s3":
+        ensure_buckets(stack)
+    elif name == "mlflow":
+        ensure_mlflow_user(stack)
+    print(f"{name:9} {state:24} {describe(stack, name)}", flush=True)
 
 
 def describe(stack: Stack, name: str) -> str:
