@@ -42,8 +42,9 @@ def ensure_pool(client, pool: str, concurrency_limit: int | None = 1) -> bool:
     try:
         client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template,
                                                concurrency_limit=concurrency_limit))
-    except ObjectAlreadyExists:  # created meanwhile by another `apply`
-        return ensure_pool(client, pool, concurrency_limit) and False
+    except ObjectAlreadyExists:  # created meanwhile by another `apply`: set its limit
+        ensure_pool(client, pool, concurrency_limit)
+        return False
     return True
 
 
@@ -94,7 +95,9 @@ def status(args) -> int:
             print(f"deployment {FLOW_NAME}/{args.name}: not found (run: python -m pipelines.deploy apply)")
             return 1
         state = "PAUSED" if deployment.paused else "active"
-        print(f"deployment {FLOW_NAME}/{args.name}: {state}, pool '{deployment.work_pool_name}'")
+        limit = client.read_work_pool(deployment.work_pool_name).concurrency_limit
+        print(f"deployment {FLOW_NAME}/{args.name}: {state}, pool '{deployment.work_pool_name}' "
+              f"(runs at a time: {limit or 'no limit'})")
         for item in deployment.schedules:
             print(f"  schedule: {describe(item.schedule)}{'' if item.active else ' (inactive)'}")
         runs = scheduled_runs(client, deployment.id, args.next)

@@ -132,7 +132,7 @@ class Team:
         pages = self.s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
-    def run_deployment(self, timeout: float = 480) -> dict:
+    def run_deployment(self, timeout: float = 900) -> dict:
         """`prefect deployment run retrain/weekly`, executed by the stack's worker; the finished flow run."""
         deployment = self.prefect("deployments/name/retrain/weekly")
         flow_run = self.prefect(f"deployments/{deployment['id']}/create_flow_run", {})
