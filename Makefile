@@ -9,12 +9,12 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run test venv dataset schedule schedule-status
+.PHONY: run test venv dataset postgresql schedule schedule-status stack-up stack-status stack-down
 
 run: venv dataset  ## dvc repro, then the wall time of each stage it ran and the total
 	$(PY) bench/timed_repro.py
 
-test: venv dataset
+test: venv dataset postgresql
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 venv: $(STAMP)
@@ -45,4 +45,24 @@ dataset:
 	else \
 		echo "note: /usr/share/datasets/fashion-mnist is missing; fetch will try the official URLs" \
 		     "(offline: sudo apt-get install dataset-fashion-mnist)"; \
+	fi
+
+# The team stack on this machine (README "Team setup"): PostgreSQL, SeaweedFS S3, MLflow and Prefect
+# servers, a worker, the DVC remote. State, logs and generated credentials in .stack/ (git-ignored).
+stack-up: venv postgresql  ## start what is not running, wait for health, print the URLs and the env
+	$(PY) -m pipelines.stack up
+
+stack-status: venv  ## each service up/down and its URL; is a worker polling? (exit 1 when not all up)
+	$(PY) -m pipelines.stack status
+
+stack-down: venv  ## stop every service of the stack by PID; data kept
+	$(PY) -m pipelines.stack down
+
+# PostgreSQL from Debian's package (installed here when running as root).
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
+	else \
+		echo "note: PostgreSQL is missing (sudo apt-get install postgresql): the team stack and its tests need it"; \
 	fi

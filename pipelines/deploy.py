@@ -23,21 +23,27 @@ FLOW_NAME = "retrain"
 ENTRYPOINT = "pipelines/retrain.py:retrain"
 
 
-def ensure_pool(client, pool: str) -> bool:
-    """Create the process work pool when missing; True when it was created."""
-    from prefect.client.schemas.actions import WorkPoolCreate
+def ensure_pool(client, pool: str, concurrency_limit: int | None = 1) -> bool:
+    """Create the process work pool when missing, with at most `concurrency_limit` runs at a time
+    (set on an existing pool too); True when it was created."""
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
     from prefect.workers.process import ProcessWorker
 
     try:
-        client.read_work_pool(pool)
-        return False
+        existing = client.read_work_pool(pool)
     except ObjectNotFound:
-        pass
+        existing = None
+    if existing is not None:
+        if existing.concurrency_limit != concurrency_limit:
+            client.update_work_pool(pool, WorkPoolUpdate(concurrency_limit=concurrency_limit))
+        return False
     template = ProcessWorker.get_default_base_job_template()  # local: no registry look-up
     try:
-        client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
-    except ObjectAlreadyExists:  # created meanwhile by another `apply`
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template,
+                                               concurrency_limit=concurrency_limit))
+    except ObjectAlreadyExists:  # created meanwhile by another `apply`: set its limit
+        ensure_pool(client, pool, concurrency_limit)
         return False
     return True
 
@@ -49,7 +55,8 @@ def apply(args) -> int:
     from prefect.schedules import Cron
 
     with get_client(sync_client=True) as client:
-        if ensure_pool(client, args.pool):
+        limit = args.pool_concurrency or None  # 0: no limit
+        if ensure_pool(client, args.pool, limit):
             print(f"created process work pool '{args.pool}'")
     parameters = {"target": args.target, "only_if_changed": args.only_if_changed, "push": args.push}
     deployment_id = flow.from_source(str(args.repo), ENTRYPOINT).deploy(
@@ -57,7 +64,7 @@ def apply(args) -> int:
         parameters=parameters, build=False, push=False, print_next_steps=False, ignore_warnings=True,
         concurrency_limit=1)  # one run at a time: DVC locks the repo, a second `dvc repro` would fail
     print(f"deployment {FLOW_NAME}/{args.name} ({deployment_id}): cron '{args.cron}' {args.timezone}, "
-          f"pool '{args.pool}', source {args.repo}")
+          f"pool '{args.pool}' (concurrency limit {args.pool_concurrency or 'none'}), source {args.repo}")
     return 0
 
 
@@ -88,7 +95,9 @@ def status(args) -> int:
             print(f"deployment {FLOW_NAME}/{args.name}: not found (run: python -m pipelines.deploy apply)")
             return 1
         state = "PAUSED" if deployment.paused else "active"
-        print(f"deployment {FLOW_NAME}/{args.name}: {state}, pool '{deployment.work_pool_name}'")
+        limit = client.read_work_pool(deployment.work_pool_name).concurrency_limit
+        print(f"deployment {FLOW_NAME}/{args.name}: {state}, pool '{deployment.work_pool_name}' "
+              f"(runs at a time: {limit or 'no limit'})")
         for item in deployment.schedules:
             print(f"  schedule: {describe(item.schedule)}{'' if item.active else ' (inactive)'}")
         runs = scheduled_runs(client, deployment.id, args.next)
@@ -147,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--target", default=None, help="runs do only this stage and its upstream")
         sub.add_argument("--only-if-changed", action="store_true", help="runs skip when dvc status is clean")
         sub.add_argument("--push", action="store_true", help="runs end with `dvc push`")
+        sub.add_argument("--pool-concurrency", type=int, default=1,
+                         help="runs at a time across the pool's workers (default 1: one training at a time; 0: no limit)")
     sub = commands.add_parser("status", help="deployment, schedule, next runs, workers", parents=[common])
     sub.add_argument("--next", type=int, default=3, help="how many upcoming runs to list (default 3)")
     return parser

@@ -92,7 +92,8 @@ def run_register(cfg: Config, root: Path = Path(".")) -> RegisterResult:
     except ImagegenError:
         raise
     except Exception as exc:  # MLflow raises many kinds when the store fails midway
-        raise ImagegenError(f"MLflow tracking at {uri} failed during registration: {describe(exc)}; "
+        raise ImagegenError(f"MLflow tracking at {uri} failed during registration: {describe(exc)}"
+                            f"{tracking.object_store_hint()}; "
                             "re-run to finish (an interrupted version is completed, not duplicated)") from None
     output = {"metric": metric, "margin": cfg.register_.margin, **decisions}
     write_json(root / OUTPUT, output)

