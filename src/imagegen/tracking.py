@@ -252,6 +252,13 @@ def log_dataset(root: Path, dataset: str, context: str) -> None:
         data = ImageData(df=manifest, source=resolve_dataset_source(str(folder)),
                          name=f"{dataset}-prepared", digest=digest[:36])
         mlflow.log_input(data, context=context)
+    run = mlflow.active_run()
+    parent = mlflow.get_run(run.info.run_id).data.tags.get("mlflow.parentRunId") if run else None
+    if parent:  # the pipeline's row in the runs table shows its data version too
+        from mlflow.entities import DatasetInput, InputTag
+
+        mlflow.MlflowClient().log_inputs(parent, [DatasetInput(data._to_mlflow_entity(),
+                                                               [InputTag("mlflow.data.context", "pipeline")])])
 
 
 def flatten(tree: dict, sep: str = ".", prefix: str = "") -> dict[str, object]:
