@@ -85,7 +85,7 @@ def pipeline_key(root: Path) -> str | None:
     possible, the git commit and a hash of params.yaml, which groups the stages of one configuration.
     """
     if key := os.environ.get(PIPELINE_RUN_ENV):
-        return key
+        return key.replace("'", "_")  # it goes into MLflow search filters
     if not os.environ.get(DVC_STAGE_ENV):
         return None
     if found := dvc_process():

@@ -45,8 +45,8 @@ class EvaluateResult:
 
 
 def run_evaluate(cfg: Config, root: Path = Path(".")) -> EvaluateResult:
-    started = time.perf_counter()
     with tracked_run(cfg, root) as tracked:  # the MLflow run spans the whole stage
+        started = time.perf_counter()
         scorer = Scorer.load(cfg, root, select_device(cfg.train.device))
         test_images, test_labels = load_split(root / PREPARED_DIR / "test.npz")
         results: dict = {"reference": reference_metrics(cfg, root, scorer)}
