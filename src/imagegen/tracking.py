@@ -23,7 +23,8 @@ from imagegen.errors import ImagegenError
 PIPELINE_RUN_ENV = "IMAGEGEN_PIPELINE_RUN"  # set by an orchestrator to group one pipeline run's stages
 PIPELINE_NAME_ENV = "IMAGEGEN_PIPELINE_NAME"  # the parent run's name (optional)
 PARENT_RUN_ENV = "IMAGEGEN_PARENT_RUN_ID"  # an MLflow run id to nest stage runs under
-# MLflow 3's UI opens an experiment on the runs table ("Model training") only when it knows its kind.
+# An experiment's kind: earlier MLflow 3 UIs open a custom_model_development experiment on its runs table;
+# 3.17 decides by its GenAI / Model training switch (URL ?workflowType=machine_learning), see README.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 # Set by DVC in a stage's environment: every stage (DVC_STAGE), `dvc exp run` (the other two).
 DVC_STAGE_ENV, DVC_EXP_NAME_ENV, DVC_EXP_BASELINE_ENV = "DVC_STAGE", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"

@@ -249,7 +249,7 @@ def test_experiment_opens_on_the_runs_table_and_a_pipeline_row_expands(page, ui,
     open_runs_table(page, ui, client)
     rows = page.get_by_role("row")
     _, exp = parents(runs)
-    assert page.get_by_text(exp.info.run_name).is_visible()
+    page.get_by_text(exp.info.run_name).wait_for()  # the newest pipeline run's row
     assert not page.get_by_text("train-gan", exact=True).count()  # collapsed: one row per pipeline run
     expand = page.locator('button[data-component-id*="runnamecellrenderer"]')
     assert expand.count() == 2
@@ -259,7 +259,7 @@ def test_experiment_opens_on_the_runs_table_and_a_pipeline_row_expands(page, ui,
     assert all(name in texts for name in STAGE_RUNS)
     # the Dataset column names the data and its DVC hash
     digest = client.get_run(exp.info.run_id).inputs.dataset_inputs[0].dataset.digest
-    assert page.get_by_text(f"fashion-mnist-prepared ({digest[:8]}").first.is_visible()
+    page.get_by_text(f"fashion-mnist-prepared ({digest[:8]}").first.wait_for()
     close_assistant(page)
     screenshot(page, "mlflow-runs-table.png", tmp_path)
 

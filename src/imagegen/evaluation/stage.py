@@ -46,34 +46,39 @@ class EvaluateResult:
 
 def run_evaluate(cfg: Config, root: Path = Path(".")) -> EvaluateResult:
     with tracked_run(cfg, root) as tracked:  # the MLflow run spans the whole stage
-        started = time.perf_counter()
-        scorer = Scorer.load(cfg, root, select_device(cfg.train.device))
-        test_images, test_labels = load_split(root / PREPARED_DIR / "test.npz")
-        results: dict = {"reference": reference_metrics(cfg, root, scorer)}
-        grids = {}
-        with atomic_dir(root / REPORTS) as pictures_dir:
-            for kind in KINDS:
-                module, meta = load_model(root / "models" / kind, scorer.device)
-                samples = generate(module, meta, cfg.eval.n_samples, cfg.eval.seed, device=scorer.device)
-                scores = scorer.score(samples)
-                if meta["num_classes"]:
-                    scores["class_accuracy"] = conditional_accuracy(module, meta, scorer, cfg)
-                if kind == "vae":
-                    n = cfg.eval.iwae_images or len(test_images)
-                    scores.update(vae_test_metrics(module, test_images[:n], test_labels[:n], cfg.eval.iwae_k,
-                                                   cfg.eval.seed, device=scorer.device))
-                    scores["iwae_k"] = cfg.eval.iwae_k
-                results[kind] = rounded(scores)
-                log.info("evaluate %s: %s", kind, results[kind])
-                draw_pictures(pictures_dir, kind, module, meta, samples, (test_images, test_labels), cfg.eval.seed,
-                              scorer.device)
-                grids[kind.upper()] = samples[:64]
-            side_by_side(pictures_dir / SIDE_BY_SIDE, grids)
-        results["seconds"] = round(time.perf_counter() - started, 1)
-        write_json(root / METRICS, results)
+        results = evaluate_models(cfg, root)
         if tracked:
             log_results(root, results)
     return EvaluateResult(results)
+
+
+def evaluate_models(cfg: Config, root: Path) -> dict:
+    started = time.perf_counter()
+    scorer = Scorer.load(cfg, root, select_device(cfg.train.device))
+    test_images, test_labels = load_split(root / PREPARED_DIR / "test.npz")
+    results: dict = {"reference": reference_metrics(cfg, root, scorer)}
+    grids = {}
+    with atomic_dir(root / REPORTS) as pictures_dir:
+        for kind in KINDS:
+            module, meta = load_model(root / "models" / kind, scorer.device)
+            samples = generate(module, meta, cfg.eval.n_samples, cfg.eval.seed, device=scorer.device)
+            scores = scorer.score(samples)
+            if meta["num_classes"]:
+                scores["class_accuracy"] = conditional_accuracy(module, meta, scorer, cfg)
+            if kind == "vae":
+                n = cfg.eval.iwae_images or len(test_images)
+                scores.update(vae_test_metrics(module, test_images[:n], test_labels[:n], cfg.eval.iwae_k,
+                                               cfg.eval.seed, device=scorer.device))
+                scores["iwae_k"] = cfg.eval.iwae_k
+            results[kind] = rounded(scores)
+            log.info("evaluate %s: %s", kind, results[kind])
+            draw_pictures(pictures_dir, kind, module, meta, samples, (test_images, test_labels), cfg.eval.seed,
+                          scorer.device)
+            grids[kind.upper()] = samples[:64]
+        side_by_side(pictures_dir / SIDE_BY_SIDE, grids)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    write_json(root / METRICS, results)
+    return results
 
 
 @dataclass
