@@ -101,3 +101,18 @@ def test_report_refuses_a_template_without_the_inlined_libraries(tmp_path):
     (tmp_path / "plots/template.html").write_text("<html>{plot_divs}<script src=https://cdn/vega></script></html>")
     with pytest.raises(ImagegenError, match="not the offline plots page"):
         read_template(tmp_path)
+
+
+def test_report_without_evaluation_is_a_one_line_error_and_writes_nothing(tmp_path):
+    import shutil
+
+    from imagegen.config import Config
+    from imagegen.errors import ImagegenError
+    from imagegen.report import OUTPUT, TEMPLATE, run_report
+    from tests.conftest import REPO_ROOT
+
+    (tmp_path / "plots").mkdir()
+    shutil.copy(REPO_ROOT / TEMPLATE, tmp_path / TEMPLATE)
+    with pytest.raises(ImagegenError, match=r"metrics/evaluate.json: missing; run the pipeline"):
+        run_report(Config(), tmp_path)
+    assert not (tmp_path / OUTPUT).exists()
