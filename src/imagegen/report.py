@@ -41,7 +41,7 @@ PICTURES = (  # (caption, path relative to root)
     ("VAE reconstructions (rows: test images, then their reconstructions)", "reports/evaluate/vae-reconstructions.png"),
 )
 STYLE = """<style>
-body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1100px; color: #222 }
+body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1240px; color: #222 }
 table { border-collapse: collapse; margin: 8px 0 16px } td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: right }
 th { background: #f3f3f3 } td:first-child, th:first-child { text-align: left }
 .ok { color: #17803d } .bad { color: #b42318 } figure { display: inline-block; margin: 8px 16px 8px 0 }
@@ -127,7 +127,7 @@ def chart(root: Path, title: str, name: str, columns: tuple[str, ...]) -> dict |
               for row in rows for column in columns if row.get(column) not in (None, "")]
     if not values:
         return None
-    return {"$schema": "https://vega.github.io/schema/vega-lite/v5.json", "title": title, "width": 460,
+    return {"$schema": "https://vega.github.io/schema/vega-lite/v5.json", "title": title, "width": 400,
             "height": 220, "data": {"values": values}, "mark": {"type": "line", "point": True, "tooltip": True},
             "encoding": {"x": {"field": "epoch", "type": "quantitative", "axis": {"tickMinStep": 1}},
                          "y": {"field": "value", "type": "quantitative", "scale": {"zero": False}, "title": None},
@@ -154,17 +154,17 @@ def validation_section(summary: dict) -> str:
 
 
 def metrics_table(evaluation: dict, champions: dict[str, dict], registered: dict) -> str:
-    parts = []
-    for kind in KINDS:
-        scores = evaluation.get(kind)
-        if not isinstance(scores, dict):
-            continue
-        champion = champions.get(kind, {})
-        label = champion.get("label", "champion")
-        rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{cell(v)}</td><td>{cell(champion.get('metrics', {}).get(k))}</td></tr>"
-                       for k, v in scores.items() if not isinstance(v, dict))
-        parts.append(f"<h3>{kind.upper()}</h3><table><tr><th>metric</th><th>this run</th>"
-                     f"<th>{html.escape(label)}</th></tr>{rows}</table>")
+    """One table: a row per metric, for each model this run's value and its champion's beside it."""
+    kinds = [kind for kind in KINDS if isinstance(evaluation.get(kind), dict)]
+    names = list(dict.fromkeys(k for kind in kinds for k, v in evaluation[kind].items() if not isinstance(v, dict)))
+    head = "".join(f"<th>{kind.upper()}: this run</th><th>{kind.upper()}: "
+                   f"{html.escape(champions.get(kind, {}).get('label', 'champion'))}</th>" for kind in kinds)
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td>" + "".join(
+            f"<td>{cell(evaluation[kind].get(name))}</td><td>{cell(champions.get(kind, {}).get('metrics', {}).get(name))}</td>"
+            for kind in kinds) + "</tr>"
+        for name in names)
+    parts = [f"<table><tr><th>metric</th>{head}</tr>{rows}</table>"]
     reference = evaluation.get("reference", {}).get("fid_train_vs_test")
     if reference is not None:
         parts.append(f"<p>Reference: FID of real train images vs the test split = {cell(reference)} "
@@ -177,7 +177,7 @@ def register_section(registered: dict) -> str:
         return "<h2>Registry decision</h2><p>metrics/register.json is missing: the register stage has not run.</p>"
     rows = "".join(
         f"<tr><td>{html.escape(str(d.get('model')))}</td><td>{d.get('version')}</td>"
-        f"<td class=\"{'ok' if d.get('promoted') else ''}\">{'champion' if d.get('promoted') else 'challenger'}</td>"
+        f"<td>{'champion' if d.get('champion_after') == d.get('version') else 'challenger'}</td>"
         f"<td>{d.get('champion_after')}</td><td style=\"text-align:left\">{html.escape(str(d.get('reason')))}</td></tr>"
         for kind in KINDS if isinstance(d := registered.get(kind), dict))
     return (f"<h2>Registry decision (metric {html.escape(str(registered.get('metric')))}, margin "
@@ -186,15 +186,17 @@ def register_section(registered: dict) -> str:
 
 
 def champion_metrics(cfg: Config, root: Path, registered: dict) -> dict[str, dict]:
-    """Per kind: the metrics of the champion this run was compared with, from the registry's version tags
-    (metric.*); without a reachable registry, register.json's value of the chosen metric."""
+    """Per kind: the metrics of the champion this run was compared with (the version itself when it was
+    already registered), from the registry's version tags (metric.*); without a reachable registry,
+    register.json's value of the chosen metric."""
     out: dict[str, dict] = {}
     for kind in KINDS:
         d = registered.get(kind) if isinstance(registered.get(kind), dict) else {}
-        before = d.get("champion_before")
-        if before is not None and before != d.get("version"):
-            out[kind] = {"label": f"champion before (v{before})", "version": before,
-                         "metrics": {registered.get("metric"): d.get("champion_value")}}
+        before, version = d.get("champion_before"), d.get("version")
+        if before is None:
+            continue
+        label = f"champion (v{before}: this version)" if before == version else f"champion before (v{before})"
+        out[kind] = {"label": label, "version": before, "metrics": {registered.get("metric"): d.get("champion_value")}}
     if out:
         try:
             from imagegen import registry
