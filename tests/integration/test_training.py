@@ -209,12 +209,14 @@ def test_stage_runs_of_one_pipeline_nest_under_one_parent(tmp_path, monkeypatch)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("IMAGEGEN_PIPELINE_RUN", "test-pipeline-1")
     root, cfg = make_root(tmp_path, train={"mlflow": True}, gan={"epochs": 1}, vae={"epochs": 1})
-    run_train(cfg, "gan", root)
-    run_train(cfg, "vae", root)
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{root / 'mlruns.db'}")
+    client = MlflowClient(f"sqlite:///{root / 'mlruns.db'}")  # an experiment made before kinds existed
+    client.create_experiment("imagegen-fashion-mnist", artifact_location=(root / "mlartifacts").as_uri())
+    run_train(cfg, "gan", root)
+    run_train(cfg, "vae", root)
     experiment = client.get_experiment_by_name("imagegen-fashion-mnist")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # set on first use
     runs = client.search_runs([experiment.experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("run_kind") == "pipeline"]
     stages = [r for r in runs if r.data.tags.get("run_kind") == "stage"]
