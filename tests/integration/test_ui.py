@@ -314,6 +314,11 @@ def test_dvc_plots_render_offline(page, pipeline, tmp_path):
     page.goto(index.as_uri())
     assert rendered_vega_charts(page) == 5  # the five curves of dvc.yaml's plots section, once each
     assert "GAN FID probe per epoch" in index.read_text()
+    run(pipeline, "dvc", "plots", "diff", "HEAD", "-o", str(tmp_path / "dvc_diff"))  # workspace (the exp) vs baseline
+    diff = tmp_path / "dvc_diff" / "index.html"
+    assert "cdn.jsdelivr" not in diff.read_text()
+    page.goto(diff.as_uri())
+    assert rendered_vega_charts(page) == 5
 
 
 def test_the_report_renders_offline(page, pipeline, tmp_path):
