@@ -51,8 +51,9 @@ def _env() -> dict[str, str]:
     from prefect.runtime import flow_run
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if flow_run.id:
+    if flow_run.id:  # the first stage that logs to MLflow creates the parent run of this key and name
         env["IMAGEGEN_PIPELINE_RUN"] = f"prefect-{flow_run.id}"
+        env["IMAGEGEN_PIPELINE_NAME"] = f"retrain {flow_run.name}"
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 

@@ -85,6 +85,13 @@ def _register(cfg, root, args):
     return run_register(cfg, root).summary
 
 
+def _report(cfg, root, args):
+    from imagegen.report import run_report
+
+    result = run_report(cfg, root)
+    return f"{result.path} ({result.charts} charts, {result.pictures} pictures; opens offline)"
+
+
 def _sample(cfg, root, args):
     from imagegen.evaluation.sampling import generate, save_images
     from imagegen.training.runtime import select_device
@@ -136,6 +143,8 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command(_evaluate, "score the trained models (FID, KID, precision/recall, VAE likelihood)",
                         _evaluate_args),
     "register": Command(_register, "register the evaluated models in MLflow; promote a better one to champion"),
+    "report": Command(_report, "write reports/report.html: data checks, curves, samples, metrics and the "
+                               "register decision on one offline page"),
     "sample": Command(_sample, "write images from a trained model folder or a registered model",
                       _sample_args, needs_params=False),
 }

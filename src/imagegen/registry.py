@@ -144,7 +144,8 @@ def register_kind(cfg: Config, root: Path, kind: str, folder: Path, metrics: dic
         version = create_version(client, cfg, root, kind, folder, metrics, sha, run)
     else:
         log.info("register: %s version %s was interrupted before its decision; finishing it", name, version.version)
-    return promote(client, name, version, metrics[metric], cfg.register_.margin, metric, new)
+    card = ModelCard(client, root, kind, metrics, run)
+    return promote(client, name, version, metrics[metric], cfg.register_.margin, metric, new, card)
 
 
 def create_version(client, cfg: Config, root: Path, kind: str, folder: Path, metrics: dict, sha: str, run):
@@ -175,7 +176,8 @@ def create_version(client, cfg: Config, root: Path, kind: str, folder: Path, met
     return client.get_model_version(version.name, version.version)
 
 
-def promote(client, name: str, version, value: float, margin: float, metric: str, new: bool) -> dict:
+def promote(client, name: str, version, value: float, margin: float, metric: str, new: bool,
+            card: ModelCard | None = None) -> dict:
     champion = alias_version(client, name, CHAMPION)
     if champion is not None and champion.version == version.version:
         decision = Decision(True, "already champion (promoted by an interrupted run)")
@@ -187,13 +189,85 @@ def promote(client, name: str, version, value: float, margin: float, metric: str
     result = record(name, version, new, value, champion, metric, decision)
     before = result["champion_before"]
     outcome = "champion" if decision.promote else f"challenger (champion stays version {before})"
-    client.update_model_version(name, version.version, description=(
-        f"{metric} {value:.6g}: {outcome}; {decision.reason}. Weights sha256 "
-        f"{version.tags.get('weights_sha256', '?')[:12]}, training run {version.tags.get('training_run_id', '?')}."))
+    summary = (f"{metric} {value:.6g}: {outcome}; {decision.reason}. Weights sha256 "
+               f"{version.tags.get('weights_sha256', '?')[:12]}, training run {version.tags.get('training_run_id', '?')}.")
+    description = card.write(name, version, champion, decision, summary) if card else summary
+    client.update_model_version(name, version.version, description=description)
     client.set_model_version_tag(name, version.version, "decision_reason", decision.reason)
     client.set_model_version_tag(name, version.version, "champion_before", str(before))
     client.set_model_version_tag(name, version.version, DECISION_TAG, "promoted" if decision.promote else "kept")
     return result
+
+
+INTENDED_USE = """\
+**Intended use.** Generating {dataset} images for experiments, demos and data-augmentation trials;
+comparing generator variants by the project's metrics. **Not for** anything where a generated image
+could be taken for a real one, nor for judging quality against published (Inception) FIDs.
+
+**Known limits.** Trained on {dataset} only (28 x 28 grey images of its classes): it cannot draw
+anything else. FID, KID and precision/recall are measured in the project's own domain feature space
+(a small classifier, see `metrics/features.json`), so they compare runs of this project, not papers.
+A GAN can miss rare modes (see recall and `class_entropy`); a VAE's samples are blurrier than its
+likelihood suggests."""
+
+
+class ModelCard:
+    """The model card of a registered version: markdown with data version, metrics against the previous
+    champion, the decision, a sample grid, links to the training and evaluation runs, intended use and
+    known limits. It becomes the version's description and `<kind>/model_card.md` in the register run."""
+
+    def __init__(self, client, root: Path, kind: str, metrics: dict[str, float], run):
+        self.client, self.root, self.kind, self.metrics, self.run = client, root, kind, metrics, run
+
+    def write(self, name: str, version, champion, decision: Decision, summary: str) -> str:
+        import mlflow
+
+        text = self.markdown(name, version, champion, decision, summary)
+        folder = f"model_cards/{name}-v{version.version}"
+        grid = self.root / "reports" / "evaluate" / f"{self.kind}-samples.png"
+        if grid.is_file():
+            mlflow.log_artifact(str(grid), folder)
+        mlflow.log_text(text, f"{folder}/model_card.md")
+        self.client.set_model_version_tag(name, version.version, "model_card",
+                                          f"runs:/{self.run.info.run_id}/{folder}/model_card.md")
+        return text
+
+    def markdown(self, name: str, version, champion, decision: Decision, summary: str) -> str:
+        tags, exp = version.tags, self.run.info.experiment_id
+        before = {k[len(METRIC_TAG):]: v for k, v in (champion.tags if champion else {}).items()
+                  if k.startswith(METRIC_TAG)}
+        head = f"champion before (v{champion.version})" if champion else "champion before"
+        rows = [f"| {k} | {v:.6g} | {before.get(k, '—')} |" for k, v in sorted(self.metrics.items())]
+        training = tags.get("training_run_id", "?")
+        evaluation = self.evaluation_run(tags.get("weights_sha256", ""))
+        folder = f"model_cards/{name}-v{version.version}"
+        grid = (f"![{self.kind} samples](get-artifact?path={folder}/{self.kind}-samples.png"
+                f"&run_uuid={self.run.info.run_id})")
+        lines = [
+            f"# {name} version {version.version}", "",
+            f"**Decision: {'champion' if decision.promote else 'challenger'}.** {summary}", "",
+            "## Metrics (test split, this version vs the champion it was compared with)", "",
+            f"| metric | this version | {head} |", "| --- | --- | --- |", *rows, "",
+            "## Data", "",
+            f"- dataset `{name.rsplit('-', 1)[0]}`, prepared data DVC md5 `{tags.get('dvc_data_md5', '?')}`",
+            f"- git commit `{tags.get('git_commit', '?')}`, params hash `{tags.get('params_hash', '?')}`, "
+            f"pipeline run `{tags.get('pipeline_run', '?')}`", "",
+            "## Runs", "",
+            f"- training: [{training}](#/experiments/{exp}/runs/{training}) ({tags.get('training_run_source', '')})",
+            f"- evaluation: " + (f"[{evaluation}](#/experiments/{exp}/runs/{evaluation})" if evaluation else "not found"),
+            f"- registration: [{self.run.info.run_id}](#/experiments/{exp}/runs/{self.run.info.run_id}) "
+            f"(artifact `{folder}/model_card.md`)", "",
+            "## Samples (8 x 8 of the evaluation samples)", "", grid, "",
+            INTENDED_USE.format(dataset=name.rsplit("-", 1)[0]), "",
+        ]
+        return "\n".join(lines)
+
+    def evaluation_run(self, sha: str) -> str | None:
+        """The latest evaluate run that scored these weights (tag <kind>_weights_sha256)."""
+        found = self.client.search_runs([self.run.info.experiment_id],
+                                        filter_string=f"tags.{self.kind}_weights_sha256 = '{sha}'",
+                                        order_by=["attributes.start_time DESC"], max_results=1)
+        return found[0].info.run_id if found else None
 
 
 def record(name: str, version, new: bool, value: float, champion, metric: str, decision: Decision) -> dict:

@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 import subprocess
+import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import yaml
 from imagegen.errors import ImagegenError
 
 PIPELINE_RUN_ENV = "IMAGEGEN_PIPELINE_RUN"  # set by an orchestrator to group one pipeline run's stages
+PIPELINE_NAME_ENV = "IMAGEGEN_PIPELINE_NAME"  # the parent run's name (optional)
 PARENT_RUN_ENV = "IMAGEGEN_PARENT_RUN_ID"  # an MLflow run id to nest stage runs under
 SYSTEM_METRICS_INTERVAL_S = 5  # MLflow's default, 10 s, leaves a one-minute GPU run with five points
 
@@ -27,6 +30,12 @@ SYSTEM_METRICS_INTERVAL_S = 5  # MLflow's default, 10 s, leaves a one-minute GPU
 EMBEDDED_DB = "mlflow.db"  # MLflow's default store (sqlite:///mlflow.db in the working folder)
 EMBEDDED_ARTIFACTS = "mlruns"  # and where MLflow puts artifacts by default
 OLD_EMBEDDED_DB = "mlruns.db"  # this project's store before it used MLflow's default
+# An experiment's kind: earlier MLflow 3 UIs open a custom_model_development experiment on its runs table;
+# 3.17 decides by its GenAI / Model training switch (URL ?workflowType=machine_learning), see README.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# Set by DVC in a stage's environment: every stage (DVC_STAGE), `dvc exp run` (the other two).
+DVC_STAGE_ENV, DVC_EXP_NAME_ENV, DVC_EXP_BASELINE_ENV = "DVC_STAGE", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"
+STANDALONE = "standalone"  # the pipeline_run tag of a stage run outside any pipeline
 
 
 def embedded_uri(root: Path) -> str:
@@ -59,14 +68,17 @@ def migrate_old_store(root: Path) -> None:
 
 
 def experiment_id(name: str, root: Path) -> str:
+    """The experiment's id, created if missing; either way marked as a model-training experiment."""
     import mlflow
 
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
+        if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made by an older version, or by hand
+            mlflow.MlflowClient().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
     embedded = mlflow.get_tracking_uri() == embedded_uri(root)
     location = (root / EMBEDDED_ARTIFACTS).resolve().as_uri() if embedded else None
-    return mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 def lineage_tags(root: Path, params: dict, device: str) -> dict[str, str]:
@@ -77,8 +89,56 @@ def lineage_tags(root: Path, params: dict, device: str) -> dict[str, str]:
         "params_hash": params_hash,
         "dvc_data_md5": dvc_out_md5(root, "prepare", "data/prepared"),
         "device": device,
-        "pipeline_run": os.environ.get(PIPELINE_RUN_ENV) or f"{commit[:10]}-{params_hash[:8]}",
+        "pipeline_run": pipeline_key(root) or STANDALONE,
+        **dvc_exp_tags(),
     }
+
+
+def dvc_exp_tags() -> dict[str, str]:
+    """`dvc exp run` puts the experiment's name and baseline commit in each stage's environment."""
+    return {tag: os.environ[env] for tag, env in (("dvc_exp_name", DVC_EXP_NAME_ENV),
+                                                  ("dvc_exp_baseline_rev", DVC_EXP_BASELINE_ENV))
+            if os.environ.get(env)}
+
+
+def pipeline_key(root: Path) -> str | None:
+    """What the stage runs of one pipeline run share, or None for a stage run on its own.
+
+    An orchestrator says it (IMAGEGEN_PIPELINE_RUN; the Prefect flow sets `prefect-<flow run id>`).
+    Under DVC (DVC_STAGE is set) it is the `dvc repro` / `dvc exp run` process that runs the stages:
+    its pid and start time, found by walking up the process tree (Linux /proc). Where that is not
+    possible, the git commit and a hash of params.yaml, which groups the stages of one configuration.
+    """
+    if key := os.environ.get(PIPELINE_RUN_ENV):
+        return key.replace("'", "_")  # it goes into MLflow search filters
+    if not os.environ.get(DVC_STAGE_ENV):
+        return None
+    if found := dvc_process():
+        return f"dvc-{found}"
+    try:
+        params = hashlib.sha256((root / "params.yaml").read_bytes()).hexdigest()[:8]
+    except OSError:
+        params = "none"
+    return f"dvc-{git_commit(root)[:10]}-{params}"
+
+
+def dvc_process() -> str | None:
+    """'<pid>-<start time>' of the nearest ancestor process running DVC, from /proc; None if not found."""
+    pid = os.getppid()
+    for _ in range(8):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        words = [Path(a.decode(errors="replace")).name for a in argv[:3]]
+        if "dvc" in words:
+            return f"{pid}-{fields[19]}"  # field 22 of stat: start time in clock ticks since boot
+        pid = int(fields[1])
+        if pid <= 1:
+            return None
+    return None
 
 
 def git_commit(root: Path) -> str:
@@ -102,7 +162,8 @@ def dvc_out_md5(root: Path, stage: str, path: str) -> str:
 @contextlib.contextmanager
 def stage_run(root: Path, experiment: str, run_name: str, params: dict, tags: dict,
               system_metrics: bool | None = None) -> Iterator[object]:
-    """An active MLflow run for one stage, nested under IMAGEGEN_PARENT_RUN_ID when set. With
+    """An active MLflow run for one stage, nested under its pipeline's parent run (IMAGEGEN_PARENT_RUN_ID,
+    else the parent run of the pipeline_run tag, created by the first stage that finds none). With
     `system_metrics`, MLflow samples CPU, memory, disk, network and (with nvidia-ml-py and a GPU) GPU
     utilisation and memory every SYSTEM_METRICS_INTERVAL_S seconds as system/* metrics (None: MLflow's
     MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING decides)."""
@@ -114,18 +175,24 @@ def stage_run(root: Path, experiment: str, run_name: str, params: dict, tags: di
         exp_id = experiment_id(experiment, root)
         if system_metrics and not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
             mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
-        run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags,
-                               parent_run_id=os.environ.get(PARENT_RUN_ENV) or None,
-                               log_system_metrics=system_metrics)
+        parent = os.environ.get(PARENT_RUN_ENV) or pipeline_parent(exp_id, tags.get("pipeline_run"), root)
+        run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags={**tags, "run_kind": "stage"},
+                               parent_run_id=parent, log_system_metrics=system_metrics)
     except Exception as exc:  # MLflow raises many kinds for an unreachable or broken store
         raise ImagegenError(f"MLflow tracking at {uri} is not usable: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
-    with run:
-        mlflow.log_params(params)
-        try:
-            yield run
-        except MlflowException as exc:  # e.g. the server cannot store artifacts: one line, run marked FAILED
-            raise ImagegenError(f"MLflow tracking at {uri} failed: {str(exc).strip().splitlines()[0][:300]}"
-                                f"{object_store_hint()}") from None
+    status = "FAILED"
+    try:
+        with run:
+            mlflow.log_params(params)
+            try:
+                yield run
+            except MlflowException as exc:  # e.g. the server cannot store artifacts: one line, run marked FAILED
+                raise ImagegenError(f"MLflow tracking at {uri} failed: {str(exc).strip().splitlines()[0][:300]}"
+                                    f"{object_store_hint()}") from None
+        status = "FINISHED"
+    finally:
+        if parent and not os.environ.get(PARENT_RUN_ENV):
+            end_pipeline_stage(parent, status)
 
 
 def object_store_hint() -> str:
@@ -145,6 +212,108 @@ def object_store_hint() -> str:
     except (urllib.error.URLError, OSError) as exc:
         return f"; the object store at {endpoint} is not reachable ({getattr(exc, 'reason', exc)})"
     return ""
+
+
+def pipeline_parent(exp_id: str, key: str | None, root: Path) -> str | None:
+    """The id of the parent run of pipeline `key` (None: a stage on its own): found by its tags, else
+    created with the pipeline's params. Marked RUNNING while a stage runs; each stage's end sets its
+    status and end time, so the parent spans the pipeline's stages."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    if not key or key == STANDALONE:
+        return None
+    client = MlflowClient()
+    found = client.search_runs([exp_id], f"tags.pipeline_run = '{key}' and tags.run_kind = 'pipeline'",
+                               max_results=1)
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    exp = dvc_exp_tags()
+    name = (os.environ.get(PIPELINE_NAME_ENV) or (f"dvc exp {exp['dvc_exp_name']}" if exp else None)
+            or f"dvc repro {time.strftime('%Y-%m-%d %H:%M')}")
+    tags = {"pipeline_run": key, "run_kind": "pipeline", "git_commit": git_commit(root), **exp,
+            "mlflow.note.content": "One pipeline run: its stages are the nested runs below."}
+    run = client.create_run(exp_id, run_name=name, tags=tags)
+    try:
+        params = flatten(yaml.safe_load((root / "params.yaml").read_text()) or {})
+    except (OSError, yaml.YAMLError):
+        params = {}
+    items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[start:start + 100])
+    return run.info.run_id
+
+
+def end_pipeline_stage(parent: str, status: str) -> None:
+    """A stage of the pipeline ended: the parent takes its status and end time (best effort)."""
+    from mlflow import MlflowClient
+
+    with contextlib.suppress(Exception):
+        MlflowClient().set_terminated(parent, status)
+
+
+def log_to_pipeline(metrics: dict[str, float]) -> None:
+    """Headline metrics of a stage also on its pipeline's parent run, so the runs table compares pipelines."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    run = mlflow.active_run()
+    parent = mlflow.get_run(run.info.run_id).data.tags.get("mlflow.parentRunId") if run else None
+    if parent:
+        now = int(time.time() * 1000)
+        mlflow.MlflowClient().log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+
+
+def log_dataset(root: Path, dataset: str, context: str) -> None:
+    """The prepared data as the active run's dataset input: digest = its DVC hash (dvc.lock), source =
+    the folder, profile = images per split and class, schema = the per-image manifest's columns."""
+    import mlflow
+    import pandas as pd
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.pandas_dataset import PandasDataset
+
+    from imagegen.data.datasets import DATASETS
+    from imagegen.data.prepare import MANIFEST, PREPARED_DIR
+
+    folder = (root / PREPARED_DIR).resolve()
+    try:
+        manifest = pd.read_parquet(folder / MANIFEST, columns=["split", "label"])
+    except (OSError, ValueError):  # no manifest (a hand-made folder): count the labels of the arrays
+        import numpy as np
+
+        frames = []
+        for split in ("train", "test"):
+            with contextlib.suppress(OSError, KeyError, ValueError), np.load(folder / f"{split}.npz") as f:
+                frames.append(pd.DataFrame({"split": split, "label": f["labels"]}))
+        manifest = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"split": [], "label": []})
+    classes = DATASETS[dataset].classes if dataset in DATASETS else ()
+    per_class = {split: {(classes[int(label)] if int(label) < len(classes) else str(label)): int(n)
+                         for label, n in group["label"].value_counts().sort_index().items()}
+                 for split, group in manifest.groupby("split", sort=False)}
+    digest = dvc_out_md5(root, "prepare", str(PREPARED_DIR))
+    profile = {"images": {split: sum(counts.values()) for split, counts in per_class.items()},
+               "images_per_class": per_class, "dvc_md5": digest}
+    if digest == "untracked":
+        digest = "untracked-" + hashlib.sha256(json.dumps(profile, sort_keys=True).encode()).hexdigest()[:26]
+
+    class ImageData(PandasDataset):
+        @property
+        def profile(self):
+            return profile
+
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways", "integer columns" hints
+        warnings.simplefilter("ignore")
+        data = ImageData(df=manifest, source=resolve_dataset_source(str(folder)),
+                         name=f"{dataset}-prepared", digest=digest[:36])
+        mlflow.log_input(data, context=context)
+    run = mlflow.active_run()
+    parent = mlflow.get_run(run.info.run_id).data.tags.get("mlflow.parentRunId") if run else None
+    if parent:  # the pipeline's row in the runs table shows its data version too
+        from mlflow.entities import DatasetInput, InputTag
+
+        mlflow.MlflowClient().log_inputs(parent, [DatasetInput(data._to_mlflow_entity(),
+                                                               [InputTag("mlflow.data.context", "pipeline")])])
 
 
 def flatten(tree: dict, sep: str = ".", prefix: str = "") -> dict[str, object]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -163,7 +164,7 @@ def test_evaluate_stage_writes_metrics_pictures_and_an_mlflow_run(root, monkeypa
     assert metrics["vae"]["nll_iwae"] <= metrics["vae"]["nelbo"] + 1.0 and metrics["vae"]["iwae_k"] == 4
     assert "fid_inception" not in metrics["gan"]  # the configured weights file does not exist: skipped
     pictures = sorted(p.name for p in (root / "reports/evaluate").iterdir())
-    assert pictures == ["gan-classes.png", "gan-interpolations.png", "gan-samples.png",
+    assert pictures == ["gan-classes.png", "gan-interpolations.png", "gan-samples.png", "gan-vs-vae.png",
                         "vae-interpolations.png", "vae-reconstructions.png", "vae-samples.png"]
 
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
@@ -173,3 +174,9 @@ def test_evaluate_stage_writes_metrics_pictures_and_an_mlflow_run(root, monkeypa
     assert run.data.metrics["vae/nll_iwae"] == pytest.approx(metrics["vae"]["nll_iwae"])
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
     assert logged == {f"evaluate/{name}" for name in pictures}
+    assert run.inputs.dataset_inputs[0].dataset.name == "fashion-mnist-prepared"
+    assert run.data.tags["gan_weights_sha256"] == hashlib.sha256((root / "models/gan/weights.pt").read_bytes()).hexdigest()
+    # the run spans the stage: it was open while the samples were drawn and scored
+    assert (run.info.end_time - run.info.start_time) / 1000 >= metrics["seconds"]
+    (features,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'train-features'")
+    assert [m.step for m in client.get_metric_history(features.info.run_id, "test_accuracy")] == [1]

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 PARAMS = {"train": {"mlflow": True, "checkpoint_every": 2, "threads": 1},
           "gan": {"epochs": 3, "batch_size": 16, "latent_dim": 8, "width": 8}}
-OUTPUTS = ("models", "metrics", "plots", "reports", "checkpoints", "mlruns.db", "mlartifacts")
+OUTPUTS = ("models", "metrics", "plots", "reports", "checkpoints", "mlflow.db", "mlruns")
 
 
 def nodes(root: Path, mlflow: bool = True) -> list[Path]:
@@ -85,7 +85,7 @@ def test_two_nodes_train_resume_under_ddp_and_only_rank0_writes(tmp_path):
 
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{reference[0] / 'mlruns.db'}")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{reference[0] / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("imagegen-fashion-mnist").experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name == "train-gan"  # one run: rank 0's
     assert [m.step for m in client.get_metric_history(run.info.run_id, "d_loss")] == [1, 2, 3]

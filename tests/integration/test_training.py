@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -196,6 +197,35 @@ def test_mlflow_run_in_real_sqlite_store(tmp_path, monkeypatch):
     assert artifacts == {"samples/samples-epoch-001.png", "samples/samples-epoch-002.png"}
     assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {"model/weights.pt", "model/model.json"}
     assert (root / "mlruns").is_dir()
+    # on its own (no DVC, no orchestrator): not nested, says so; the experiment opens on the runs table
+    assert run.data.tags["pipeline_run"] == "standalone" and "mlflow.parentRunId" not in run.data.tags
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.digest.startswith("untracked-")  # no dvc.lock here
+    assert json.loads(dataset.dataset.profile)["images"] == {"train": 128}
+
+
+def test_stage_runs_of_one_pipeline_nest_under_one_parent(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("IMAGEGEN_PIPELINE_RUN", "test-pipeline-1")
+    root, cfg = make_root(tmp_path, train={"mlflow": True}, gan={"epochs": 1}, vae={"epochs": 1})
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")  # an experiment made before kinds existed
+    client.create_experiment("imagegen-fashion-mnist", artifact_location=(root / "mlruns").as_uri())
+    run_train(cfg, "gan", root)
+    run_train(cfg, "vae", root)
+    experiment = client.get_experiment_by_name("imagegen-fashion-mnist")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # set on first use
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("run_kind") == "pipeline"]
+    stages = [r for r in runs if r.data.tags.get("run_kind") == "stage"]
+    assert len(runs) == 3
+    assert sorted(r.info.run_name for r in stages) == ["train-gan", "train-vae"]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in stages)
+    assert parent.data.tags["pipeline_run"] == "test-pipeline-1" and parent.info.status == "FINISHED"
+    assert parent.info.end_time >= max(r.info.end_time for r in stages)
+    assert parent.data.params["gan.epochs"] == "1"  # the pipeline's params.yaml
 
 
 def test_gan_ships_the_epoch_with_the_best_fid_probe(tmp_path):

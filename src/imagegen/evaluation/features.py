@@ -7,9 +7,11 @@ features (models/features/reference.npz) so evaluation never recomputes them.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,9 +84,47 @@ def run_train_features(cfg: Config, root: Path = Path(".")) -> FeaturesResult:
     classes = DATASETS[cfg.data.dataset].classes
     train_images, train_labels = load_split(root / PREPARED_DIR / "train.npz", cfg.train.limit)
     test_images, test_labels = load_split(root / PREPARED_DIR / "test.npz")
-    torch.manual_seed(cfg.train.seed)
-    net = FeatureNet(fc.width, fc.feature_dim, len(classes)).to(device)
-    history = fit(net, train_images, train_labels, test_images, test_labels, fc, cfg.train.seed, device)
+    with tracked_run(cfg, root, device) as on_epoch:
+        torch.manual_seed(cfg.train.seed)
+        net = FeatureNet(fc.width, fc.feature_dim, len(classes)).to(device)
+        history = fit(net, train_images, train_labels, test_images, test_labels, fc, cfg.train.seed, device, on_epoch)
+        result = save_outputs(cfg, root, net, history, test_images, test_labels, device)
+        on_epoch(None, result.metrics)
+    return result
+
+
+@contextlib.contextmanager
+def tracked_run(cfg: Config, root: Path, device) -> Iterator[Callable[[dict | None, dict], None]]:
+    """The stage's MLflow run (train.mlflow): params, the data, accuracy per epoch, the final metrics.
+    Yields a callback: (epoch row, {}) after each epoch; (None, final metrics) at the end."""
+    if not cfg.train.mlflow:
+        yield lambda row, final: None
+        return
+    import mlflow
+
+    from imagegen import tracking
+    from imagegen.config import flat_section
+
+    params = {"data.dataset": cfg.data.dataset, "train.seed": cfg.train.seed, "train.limit": cfg.train.limit,
+              **flat_section("features", cfg.features)}
+    tags = tracking.lineage_tags(root, params, str(device))
+    with tracking.stage_run(root, f"imagegen-{cfg.data.dataset}", "train-features", params, tags):
+        tracking.log_dataset(root, cfg.data.dataset, "training")
+
+        def on_epoch(row: dict | None, final: dict) -> None:
+            if row is not None:
+                mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+            else:
+                mlflow.log_metrics({f"final_{k}": float(v) for k, v in final.items()
+                                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
+                mlflow.log_artifact(str(root / "plots" / "train-features.csv"))
+
+        yield on_epoch
+
+
+def save_outputs(cfg: Config, root: Path, net: FeatureNet, history: list[dict], test_images, test_labels,
+                 device) -> FeaturesResult:
+    fc, classes = cfg.features, DATASETS[cfg.data.dataset].classes
 
     test_features, test_probs = embed(net, test_images, device)
     accuracy = float((test_probs.argmax(1) == test_labels).mean())
@@ -103,7 +143,7 @@ def run_train_features(cfg: Config, root: Path = Path(".")) -> FeaturesResult:
     return FeaturesResult(root / FEATURES_DIR, metrics)
 
 
-def fit(net, images, labels, test_images, test_labels, fc, seed, device) -> list[dict]:
+def fit(net, images, labels, test_images, test_labels, fc, seed, device, on_epoch=None) -> list[dict]:
     """Adam with a cosine schedule; random horizontal flips (clothes are left-right symmetric)."""
     x_all = torch.from_numpy(images).to(device).unsqueeze(1)
     y_all = torch.from_numpy(labels.astype(np.int64)).to(device)
@@ -134,6 +174,8 @@ def fit(net, images, labels, test_images, test_labels, fc, seed, device) -> list
         row = {"epoch": epoch, "loss": round(float(total) / steps, 5), "test_accuracy": round(accuracy, 5),
                "seconds": round(time.perf_counter() - started, 2)}
         history.append(row)
+        if on_epoch is not None:
+            on_epoch(row, {})
         log.info("train-features: epoch %d/%d loss=%.4f test_accuracy=%.4f (%.1f s)", epoch, fc.epochs,
                  row["loss"], accuracy, row["seconds"])
     return history

@@ -10,17 +10,39 @@ import torch
 
 from imagegen.evaluation.sampling import decode, generate, png_grid, to_uint8
 
+SCALE = 3  # tiles enlarged x3 (nearest neighbour): 28-pixel tiles are too small to judge
+SIDE_BY_SIDE = "gan-vs-vae.png"
+
 
 def draw_pictures(folder: Path, kind: str, module, meta: dict, samples: np.ndarray,
                   test: tuple[np.ndarray, np.ndarray], seed: int, device) -> None:
-    (folder / f"{kind}-samples.png").write_bytes(png_grid(samples[:100], nrow=10))
-    (folder / f"{kind}-interpolations.png").write_bytes(png_grid(interpolations(module, meta, seed, device), nrow=10))
+    (folder / f"{kind}-samples.png").write_bytes(png_grid(samples[:100], nrow=10, scale=SCALE))
+    (folder / f"{kind}-interpolations.png").write_bytes(png_grid(interpolations(module, meta, seed, device), nrow=10,
+                                                                 scale=SCALE))
     if meta["num_classes"]:
         rows = [generate(module, meta, 10, seed + 1 + label, label, device) for label in range(meta["num_classes"])]
-        (folder / f"{kind}-classes.png").write_bytes(png_grid(np.concatenate(rows), nrow=10))
+        (folder / f"{kind}-classes.png").write_bytes(png_grid(np.concatenate(rows), nrow=10, scale=SCALE))
     if kind == "vae":
         (folder / "vae-reconstructions.png").write_bytes(png_grid(reconstructions(module, test[0][:50], test[1][:50],
-                                                                                  device), nrow=10))
+                                                                                  device), nrow=10, scale=SCALE))
+
+
+def side_by_side(path: Path, grids: dict[str, np.ndarray], gap: int = 24) -> None:
+    """One PNG with an 8 x 8 grid per model next to each other, each titled (e.g. GAN | VAE)."""
+    import io
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    pictures = [Image.open(io.BytesIO(png_grid(images[:64], nrow=8, scale=SCALE))) for images in grids.values()]
+    title = 20
+    canvas = Image.new("L", (sum(p.width for p in pictures) + gap * (len(pictures) + 1),
+                             max(p.height for p in pictures) + title + gap), 255)
+    draw, x, font = ImageDraw.Draw(canvas), gap, ImageFont.load_default(size=16)
+    for name, picture in zip(grids, pictures, strict=True):
+        draw.text((x, 0), name, fill=0, font=font)
+        canvas.paste(picture.convert("L"), (x, title))
+        x += picture.width + gap
+    canvas.save(path, format="png")
 
 
 @torch.no_grad()

@@ -81,10 +81,14 @@ def save_images(path: Path, images: np.ndarray, nrow: int | None = None) -> None
             tmp.write_bytes(png_grid(images, nrow))
 
 
-def png_grid(images: np.ndarray, nrow: int | None = None) -> bytes:
+def png_grid(images: np.ndarray, nrow: int | None = None, scale: int = 1) -> bytes:
+    """N x H x W uint8 images as one PNG grid; `scale` enlarges each tile (nearest neighbour) to be readable."""
     from torchvision.utils import save_image
 
-    tensor = torch.from_numpy(np.asarray(images, dtype=np.uint8)).float().div(255).unsqueeze(1)
+    images = np.asarray(images, dtype=np.uint8)
+    if scale > 1:
+        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    tensor = torch.from_numpy(images).float().div(255).unsqueeze(1)
     buffer = io.BytesIO()
     save_image(tensor, buffer, nrow=nrow or math.ceil(math.sqrt(len(tensor))), padding=2, format="png")
     return buffer.getvalue()

@@ -4,8 +4,10 @@ add the VAE's likelihood numbers, draw the pictures; metrics/evaluate.json + an 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,11 +20,11 @@ from imagegen.data.prepare import PREPARED_DIR
 from imagegen.errors import ImagegenError
 from imagegen.evaluation import metrics as m
 from imagegen.evaluation.features import FeatureNet, embed, load_features
-from imagegen.evaluation.pictures import draw_pictures
+from imagegen.evaluation.pictures import SIDE_BY_SIDE, draw_pictures, side_by_side
 from imagegen.evaluation.sampling import generate
 from imagegen.evaluation.vae_metrics import vae_test_metrics
-from imagegen.fsutil import atomic_dir, write_json
-from imagegen.models.io import load_model
+from imagegen.fsutil import atomic_dir, sha256_file, write_json
+from imagegen.models.io import WEIGHTS, load_model
 from imagegen.training.data import load_split
 from imagegen.training.runtime import select_device
 
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 KINDS = ("gan", "vae")
 REPORTS = Path("reports/evaluate")
 METRICS = Path("metrics/evaluate.json")
+HEADLINE = ("fid", "kid_mean", "precision", "recall", "nll_iwae")  # also logged on the pipeline's parent run
 
 
 @dataclass(frozen=True)
@@ -42,10 +45,19 @@ class EvaluateResult:
 
 
 def run_evaluate(cfg: Config, root: Path = Path(".")) -> EvaluateResult:
+    with tracked_run(cfg, root) as tracked:  # the MLflow run spans the whole stage
+        results = evaluate_models(cfg, root)
+        if tracked:
+            log_results(root, results)
+    return EvaluateResult(results)
+
+
+def evaluate_models(cfg: Config, root: Path) -> dict:
     started = time.perf_counter()
     scorer = Scorer.load(cfg, root, select_device(cfg.train.device))
     test_images, test_labels = load_split(root / PREPARED_DIR / "test.npz")
     results: dict = {"reference": reference_metrics(cfg, root, scorer)}
+    grids = {}
     with atomic_dir(root / REPORTS) as pictures_dir:
         for kind in KINDS:
             module, meta = load_model(root / "models" / kind, scorer.device)
@@ -62,11 +74,11 @@ def run_evaluate(cfg: Config, root: Path = Path(".")) -> EvaluateResult:
             log.info("evaluate %s: %s", kind, results[kind])
             draw_pictures(pictures_dir, kind, module, meta, samples, (test_images, test_labels), cfg.eval.seed,
                           scorer.device)
+            grids[kind.upper()] = samples[:64]
+        side_by_side(pictures_dir / SIDE_BY_SIDE, grids)
     results["seconds"] = round(time.perf_counter() - started, 1)
     write_json(root / METRICS, results)
-    if cfg.train.mlflow:
-        log_to_mlflow(cfg, root, results)
-    return EvaluateResult(results)
+    return results
 
 
 @dataclass
@@ -175,16 +187,33 @@ def score_samples_file(cfg: Config, root: Path, path: Path) -> dict:
     return rounded(Scorer.load(cfg, root, select_device(cfg.train.device)).score(samples))
 
 
-def log_to_mlflow(cfg: Config, root: Path, results: dict) -> None:
-    import mlflow
-
+@contextlib.contextmanager
+def tracked_run(cfg: Config, root: Path) -> Iterator[bool]:
+    """The stage's MLflow run (when train.mlflow), tagged with the weights it evaluates, the data as input."""
+    if not cfg.train.mlflow:
+        yield False
+        return
     from imagegen import tracking
 
     params = flat_section("eval", cfg.eval)
     tags = tracking.lineage_tags(root, params, str(select_device(cfg.train.device)))
+    for kind in KINDS:  # the register stage links a version's model card to this run by these tags
+        weights = root / "models" / kind / WEIGHTS
+        if weights.is_file():
+            tags[f"{kind}_weights_sha256"] = sha256_file(weights)
     with tracking.stage_run(root, f"imagegen-{cfg.data.dataset}", "evaluate", params, tags):
-        mlflow.log_metrics({name: value for name, value in tracking.flatten(results, "/").items()
-                            if isinstance(value, (int, float))})
-        mlflow.log_artifacts(str(root / REPORTS), artifact_path="evaluate")
-        mlflow.log_artifact(str(root / METRICS))
+        tracking.log_dataset(root, cfg.data.dataset, "evaluation")
+        yield True
 
+
+def log_results(root: Path, results: dict) -> None:
+    import mlflow
+
+    from imagegen import tracking
+
+    metrics = {name: value for name, value in tracking.flatten(results, "/").items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    mlflow.log_metrics(metrics)
+    tracking.log_to_pipeline({k: v for k, v in metrics.items() if k.split("/")[-1] in HEADLINE})
+    mlflow.log_artifacts(str(root / REPORTS), artifact_path="evaluate")
+    mlflow.log_artifact(str(root / METRICS))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import logging
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from imagegen.training.tasks import GANTask, Task, VAETask
 log = logging.getLogger(__name__)
 
 TASKS = {"gan": GANTask, "vae": VAETask}
+GRID_SCALE = 3  # sample grid tiles enlarged x3 (nearest neighbour): 28-pixel tiles are too small to judge
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,7 @@ def run_train(cfg: Config, kind: str, root: Path = Path(".")) -> TrainResult:
         tags = tracking.lineage_tags(root, params, str(runtime.device))
         with tracking.stage_run(root, f"imagegen-{cfg.data.dataset}", f"train-{kind}", params, tags,
                                 system_metrics=cfg.train.system_metrics):
+            tracking.log_dataset(root, cfg.data.dataset, "training")
             history = train(task, data, loop_cfg, runtime, Chain(probe, grids, MlflowLogger(grids)))
             result = finish(task, history, cfg, kind, runtime, out)
             log_outputs(result, out)
@@ -109,13 +110,11 @@ class GridWriter(TrainingLogger):
         self.last: Path | None = None
 
     def on_epoch_end(self, epoch, metrics, samples):
-        from torchvision.utils import save_image
+        from imagegen.evaluation.sampling import png_grid, to_uint8
 
         self.last = self.folder / f"samples-epoch-{epoch:03d}.png"
-        buffer = io.BytesIO()
-        save_image(samples.cpu(), buffer, nrow=8, padding=2, format="png")
-        with atomic_file(self.last) as tmp:
-            tmp.write_bytes(buffer.getvalue())
+        with atomic_file(self.last) as tmp:  # the loop's fixed latents: 8 x 8 tiles, each x3 to be readable
+            tmp.write_bytes(png_grid(to_uint8(samples.float()), nrow=8, scale=GRID_SCALE))
 
 
 class Chain(TrainingLogger):

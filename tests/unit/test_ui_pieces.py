@@ -1,0 +1,118 @@
+"""Pure pieces behind what a user sees: pipeline keys, DVC experiment tags, readable grids, report charts."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from imagegen import tracking
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in ("IMAGEGEN_PIPELINE_RUN", "IMAGEGEN_PARENT_RUN_ID", "DVC_STAGE", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_pipeline_key_orchestrator_first_then_dvc_then_standalone(clean_env, tmp_path):
+    assert tracking.pipeline_key(tmp_path) is None  # `imagegen train-gan` on its own
+    clean_env.setenv("DVC_STAGE", "train-gan")
+    under_dvc = tracking.pipeline_key(tmp_path)
+    assert under_dvc.startswith("dvc-")
+    clean_env.setenv("IMAGEGEN_PIPELINE_RUN", "prefect-123")
+    assert tracking.pipeline_key(tmp_path) == "prefect-123"
+
+
+def test_stages_of_one_dvc_process_share_a_key_and_another_process_differs(tmp_path):
+    """Two `imagegen`-like children of one `dvc` process get the same key; a second `dvc` process another."""
+    probe = ("import os, sys; from pathlib import Path; sys.path[:0] = os.environ['PROBE_PATH'].split(':');"
+             "from imagegen.tracking import pipeline_key; print(pipeline_key(Path('.')))")
+    fake_dvc = tmp_path / "dvc"  # a process whose argv names dvc, running two stages one after the other
+    fake_dvc.write_text(f"#!{sys.executable}\nimport subprocess, sys\n"
+                        f"for _ in range(2): subprocess.run([sys.executable, '-c', {probe!r}], check=True)\n")
+    fake_dvc.chmod(0o755)
+    env = {**os.environ, "DVC_STAGE": "x", "PROBE_PATH": ":".join(sys.path)}
+    env.pop("IMAGEGEN_PIPELINE_RUN", None)
+    first = subprocess.run([str(fake_dvc)], env=env, capture_output=True, text=True, check=True).stdout.split()
+    second = subprocess.run([str(fake_dvc)], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert len(first) == 2 and first[0] == first[1] and first[0].startswith("dvc-")
+    assert second[0] == second[1] and second[0] != first[0]
+
+
+def test_dvc_exp_tags_come_from_the_stage_environment(clean_env):
+    assert tracking.dvc_exp_tags() == {}
+    clean_env.setenv("DVC_EXP_NAME", "hefty-moth")
+    clean_env.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
+    assert tracking.dvc_exp_tags() == {"dvc_exp_name": "hefty-moth", "dvc_exp_baseline_rev": "a" * 40}
+
+
+def test_png_grid_scales_tiles_with_nearest_neighbour():
+    from PIL import Image
+
+    from imagegen.evaluation.sampling import png_grid
+
+    images = np.zeros((64, 28, 28), np.uint8)
+    images[0, 0, 0] = 255
+    small = Image.open(io.BytesIO(png_grid(images, nrow=8)))
+    big = Image.open(io.BytesIO(png_grid(images, nrow=8, scale=3)))
+    assert small.size == (8 * 30 + 2, 8 * 30 + 2)  # torchvision's grid: 2-pixel padding
+    assert big.size == (8 * 86 + 2, 8 * 86 + 2)
+    block = np.asarray(big.convert("L"))[2:5, 2:5]
+    assert (block == 255).all() and np.asarray(big.convert("L"))[5, 5] == 0  # one pixel -> a sharp 3 x 3 block
+
+
+def test_side_by_side_puts_both_grids_in_one_picture(tmp_path):
+    from PIL import Image
+
+    from imagegen.evaluation.pictures import side_by_side
+
+    side_by_side(tmp_path / "both.png", {"GAN": np.zeros((64, 28, 28), np.uint8),
+                                         "VAE": np.full((64, 28, 28), 255, np.uint8)})
+    picture = np.asarray(Image.open(tmp_path / "both.png").convert("L"))
+    assert picture.shape[1] > 2 * 8 * 84
+    left, right = picture[100, : picture.shape[1] // 2], picture[100, picture.shape[1] // 2:]
+    assert (left == 0).sum() > 400 and (right == 255).sum() > 400
+
+
+def test_report_chart_is_a_vega_lite_line_per_column(tmp_path):
+    from imagegen.report import chart
+
+    (tmp_path / "p.csv").write_text("epoch,d_loss,g_loss,fid_probe\n1,1.5,0.5,30\n2,1.2,0.7,\n")
+    spec = chart(tmp_path, "GAN", "p.csv", ("d_loss", "g_loss", "fid_probe"))
+    assert spec["mark"]["type"] == "line"
+    assert {(v["epoch"], v["series"]) for v in spec["data"]["values"]} == {
+        (1, "d_loss"), (1, "g_loss"), (1, "fid_probe"), (2, "d_loss"), (2, "g_loss")}  # empty cells skipped
+    assert chart(tmp_path, "absent", "missing.csv", ("x",)) is None
+
+
+def test_report_refuses_a_template_without_the_inlined_libraries(tmp_path):
+    from imagegen.errors import ImagegenError
+    from imagegen.report import read_template
+
+    with pytest.raises(ImagegenError, match="plots/template.html: missing"):
+        read_template(tmp_path)
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots/template.html").write_text("<html>{plot_divs}<script src=https://cdn/vega></script></html>")
+    with pytest.raises(ImagegenError, match="not the offline plots page"):
+        read_template(tmp_path)
+
+
+def test_report_without_evaluation_is_a_one_line_error_and_writes_nothing(tmp_path):
+    import shutil
+
+    from imagegen.config import Config
+    from imagegen.errors import ImagegenError
+    from imagegen.report import OUTPUT, TEMPLATE, run_report
+    from tests.conftest import REPO_ROOT
+
+    (tmp_path / "plots").mkdir()
+    shutil.copy(REPO_ROOT / TEMPLATE, tmp_path / TEMPLATE)
+    with pytest.raises(ImagegenError, match=r"metrics/evaluate.json: missing; run the pipeline"):
+        run_report(Config(), tmp_path)
+    assert not (tmp_path / OUTPUT).exists()
