@@ -132,11 +132,10 @@ def env_port(name: str, default: int) -> int:
 
 def write_private(path: Path, text: str) -> None:
     """Write a file readable by its owner only (temp + rename: never half-written)."""
-    from imagegen.fsutil import atomic_file  # mkstemp: mode 600 from the start
+    from imagegen.fsutil import atomic_file  # mkstemp: mode 600 from the start, kept by mode=
 
-    with atomic_file(path) as tmp:
+    with atomic_file(path, mode=0o600) as tmp:
         tmp.write_text(text)
-        tmp.chmod(0o600)
 
 
 # --- processes

@@ -13,15 +13,16 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success it replaces `path`, on error it is removed."""
+def atomic_file(path: Path, mode: int | None = None) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success it replaces `path` (with `mode`, else what the umask
+    allows), on error it is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~umask())  # mkstemp makes 0600; the file is for whoever the umask allows
+        os.chmod(tmp_path, 0o666 & ~umask() if mode is None else mode)  # mkstemp makes 0600
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
