@@ -153,8 +153,8 @@ def test_kill_during_a_checkpoint_write_leaves_no_partial_file(tmp_path):
     assert (folder / "last.pt").exists()
 
     result = run_train(cfg, "vae", root)
-    assert result.metrics["resumed_from_step"] == 6 and result.metrics["steps"] == 16
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []
+    assert result.metrics["resumed_from_step"] == 6 and result.metrics["steps"] == 16
 
 
 # ---- item 6: MLflow runs of killed, resumed and failed runs ---------------------------------------
