@@ -276,3 +276,15 @@ def test_stages_refuse_data_that_failed_validation_or_was_validated_as_other_dat
     assert line.startswith("imagegen train-gan: error: train-gan: data/prepared/train.npz is not the data that "
                            "passed validation (content sha256 ")
     assert line.endswith("re-run the validate stage")
+
+
+def test_a_run_is_judged_abandoned_only_when_its_process_is_gone():
+    from imagegen.tracking import process_gone, process_tag
+
+    assert not process_gone(process_tag())  # this process: alive
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host, _, start = process_tag().split(":")
+    assert process_gone(f"{host}:{int(ended.stdout)}:{start}")  # a pid that has exited
+    assert process_gone(f"{host}:{os.getpid()}:{int(start) + 1 if start else 1}") == bool(start)  # pid reused
+    assert not process_gone(f"other-host:{int(ended.stdout)}:{start}")  # another machine's: never judged
+    assert not process_gone("") and not process_gone("garbage")
