@@ -159,10 +159,12 @@ def test_kill_during_a_checkpoint_write_leaves_no_partial_file(tmp_path):
 
 # ---- item 6: MLflow runs of killed, resumed and failed runs ---------------------------------------
 
-def train_runs(root: Path) -> dict[str, object]:
+def train_runs(root: Path):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{root / 'mlruns.db'}")
+    from imagegen.tracking import embedded_uri
+
+    client = MlflowClient(embedded_uri(root))
     experiment = client.get_experiment_by_name("imagegen-fashion-mnist")
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
     return client, runs
