@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from imagegen.fsutil import write_json
 from imagegen.models.io import build, save_model
 
 ARCH = {"latent_dim": 8, "width": 4, "kernel_size": 4}
@@ -107,3 +108,12 @@ def cli_env(tracking_uri: str | None, **extra: str) -> dict:
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
     return env
+
+
+def mark_validated(root: Path) -> None:
+    """metrics/validate.json as a passing validate stage writes it for root's prepared arrays
+    (for tests about training or evaluation, not validation: the stages refuse unvalidated data)."""
+    from imagegen.data.validated import HASH_KEY, RECORD, split_hash
+
+    hashes = {path.stem: split_hash(path) for path in sorted((root / "data" / "prepared").glob("*.npz"))}
+    write_json(root / RECORD, {"success": True, "failed_expectations": 0, HASH_KEY: hashes})

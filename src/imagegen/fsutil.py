@@ -76,3 +76,12 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def remove_partials(folder: Path) -> None:
+    """Remove the temporary files and folders (`.*.partial`) that killed atomic writes left in folder."""
+    for stale in folder.glob(".*.partial") if folder.is_dir() else ():
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)

@@ -25,8 +25,6 @@ import math
 import re
 import shutil
 import tempfile
-import urllib.error
-import urllib.request
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -79,7 +77,7 @@ def run_register(cfg: Config, root: Path = Path(".")) -> RegisterResult:
     metric = cfg.register_.metric
     models = {kind: (model_folder(root, kind), challenger_metrics(root, kind, metric)) for kind in KINDS}
     uri = tracking.configure(root)
-    check_reachable(uri)
+    tracking.check_uri(uri)
     params = {"data.dataset": cfg.data.dataset, "register.metric": metric, "register.margin": cfg.register_.margin}
     try:
         with registry_lock(uri), tracking.stage_run(root, f"imagegen-{cfg.data.dataset}", "register", params,
@@ -337,19 +335,6 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def check_reachable(uri: str) -> None:
-    """Fail fast on a tracking server that is down, instead of MLflow's minutes of retries."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as response:
-            response.read()
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise ImagegenError(f"MLflow tracking server {uri} is not reachable ({reason}); start it, or unset "
-                            "MLFLOW_TRACKING_URI to use the embedded store") from None
-
-
 @contextlib.contextmanager
 def quiet_mlflow() -> Iterator[None]:
     """No progress bars, prints or advice from MLflow while logging, registering or downloading a model:
@@ -434,5 +419,5 @@ def tracking_store(root: Path) -> str:
     if uri == tracking.embedded_uri(root) and not (root / tracking.EMBEDDED_DB).exists():
         raise ImagegenError(f"no model registry at {uri}: run the pipeline (dvc repro) here first, or set "
                             "MLFLOW_TRACKING_URI to a tracking server")
-    check_reachable(uri)
+    tracking.check_uri(uri)
     return uri

@@ -3,6 +3,12 @@
 With MLFLOW_TRACKING_URI unset, runs go to MLflow's own default store, sqlite:///mlflow.db with
 artifacts in ./mlruns (both beside params.yaml), so plain `mlflow ui`, `mlflow server` and
 `mlflow models serve` run there find them; set the variable to use a tracking server instead.
+
+Run lifecycle: a stage checks the store first (`check_store`: a server that is down fails the
+stage in seconds, not after minutes of HTTP retries). Each stage run is tagged with the process
+and folder that own it; a RUNNING run whose process is gone (killed) is marked KILLED by the next
+stage run in that folder, unless it is being resumed (`stage_run(resume_run_id=...)`), and a stage
+that fails ends its run FAILED (KILLED when interrupted).
 """
 
 from __future__ import annotations
@@ -10,9 +16,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import socket
 import subprocess
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +47,11 @@ EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_de
 # Set by DVC in a stage's environment: every stage (DVC_STAGE), `dvc exp run` (the other two).
 DVC_STAGE_ENV, DVC_EXP_NAME_ENV, DVC_EXP_BASELINE_ENV = "DVC_STAGE", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"
 STANDALONE = "standalone"  # the pipeline_run tag of a stage run outside any pipeline
+PROCESS_TAG = "imagegen.process"  # host:pid:start-time of the process that owns a RUNNING run
+WORKDIR_TAG = "imagegen.workdir"  # the project folder it runs in
+DB_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+log = logging.getLogger(__name__)
 
 
 def embedded_uri(root: Path) -> str:
@@ -159,49 +175,166 @@ def dvc_out_md5(root: Path, stage: str, path: str) -> str:
     return next((o.get("md5", "untracked") for o in outs if o.get("path") == path), "untracked")
 
 
-@contextlib.contextmanager
-def stage_run(root: Path, experiment: str, run_name: str, params: dict, tags: dict,
-              system_metrics: bool | None = None) -> Iterator[object]:
-    """An active MLflow run for one stage, nested under its pipeline's parent run (IMAGEGEN_PARENT_RUN_ID,
-    else the parent run of the pipeline_run tag, created by the first stage that finds none). With
-    `system_metrics`, MLflow samples CPU, memory, disk, network and (with nvidia-ml-py and a GPU) GPU
-    utilisation and memory every SYSTEM_METRICS_INTERVAL_S seconds as system/* metrics (None: MLflow's
-    MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING decides)."""
-    import mlflow
+def check_store(root: Path) -> str:
+    """The tracking URI (configured for this project), once its store answers; see check_uri."""
+    return check_uri(configure(root))
+
+
+def check_uri(uri: str, timeout: float = 5.0) -> str:
+    """Fail in seconds, naming the URI, when the tracking store does not answer (rather than after
+    minutes of MLflow's HTTP retries). http(s): GET /health (any answer below 500 counts: the server
+    is up); a database URI: a TCP connection to its host and port; a local SQLite file needs no check."""
+    parsed = urllib.parse.urlparse(uri)
+    hint = "start it, or unset MLFLOW_TRACKING_URI to use the embedded store"
+    if parsed.scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+                response.read()
+        except urllib.error.HTTPError as exc:
+            if exc.code >= 500:
+                raise ImagegenError(f"MLflow tracking server {uri} answers HTTP {exc.code} on /health; "
+                                    f"expected a healthy server ({hint})") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ImagegenError(f"MLflow tracking server {uri} is not reachable ({reason}); {hint}") from None
+        return uri
+    port = DB_PORTS.get(parsed.scheme.split("+")[0])
+    if port and parsed.hostname:
+        try:
+            socket.create_connection((parsed.hostname, parsed.port or port), timeout=timeout).close()
+        except OSError as exc:
+            shown = parsed._replace(netloc=parsed.hostname + (f":{parsed.port}" if parsed.port else "")).geturl()
+            raise ImagegenError(f"MLflow tracking store {shown} is not reachable ({exc}); {hint}") from None
+    return uri
+
+
+def process_tag(pid: int | None = None) -> str:
+    """host:pid:start-time (the start time tells a reused pid from the original process; Linux only)."""
+    pid = pid or os.getpid()
+    return f"{socket.gethostname()}:{pid}:{process_start(pid)}"
+
+
+def process_start(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[-1].split()[19]  # field 22, counted after the command name
+
+
+def process_gone(tag: str) -> bool:
+    """Whether the process a PROCESS_TAG names has ended; a process on another host is never judged gone."""
+    try:
+        host, pid_text, start = tag.rsplit(":", 2)
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # it exists, under another user
+    return bool(start) and process_start(pid) != start
+
+
+def end_abandoned_runs(client, experiment_id: str, root: Path, keep: str | None = None) -> list[str]:
+    """Mark KILLED the RUNNING runs of this folder whose process is gone (killed runs can no longer finish)."""
+    workdir = str(root.resolve())
+    ended = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        if run.info.run_id != keep and tags.get(WORKDIR_TAG) == workdir and process_gone(tags.get(PROCESS_TAG, "")):
+            client.set_terminated(run.info.run_id, "KILLED")
+            ended.append(run.info.run_id)
+            log.info("MLflow run %s (%s) was left RUNNING by a process that is gone: marked KILLED",
+                     run.info.run_id, run.info.run_name)
+    return ended
+
+
+def resumable_run(client, run_id: str | None, experiment_id: str) -> str | None:
+    """run_id when that run can be continued: it exists in this store's experiment and has not finished."""
+    if not run_id:
+        return None
     from mlflow.exceptions import MlflowException
 
-    uri = configure(root)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return None
+    ok = (run.info.experiment_id == experiment_id and run.info.status != "FINISHED"
+          and run.info.lifecycle_stage == "active")
+    return run_id if ok else None
+
+
+@contextlib.contextmanager
+def stage_run(root: Path, experiment: str, run_name: str, params: dict, tags: dict,
+              system_metrics: bool | None = None, resume_run_id: str | None = None) -> Iterator[object]:
+    """An active MLflow run for one stage, nested under its pipeline's parent run (IMAGEGEN_PARENT_RUN_ID,
+    else the parent run of the pipeline_run tag, created by the first stage that finds none).
+
+    resume_run_id: continue that run (a resumed training run) if it exists here and has not finished.
+    The run ends FINISHED, FAILED on an error, KILLED when interrupted. With `system_metrics`, MLflow
+    samples CPU, memory, disk, network and (with nvidia-ml-py and a GPU) GPU utilisation and memory every
+    SYSTEM_METRICS_INTERVAL_S seconds as system/* metrics (None: MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING decides)."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri = check_store(root)
+    owner = {PROCESS_TAG: process_tag(), WORKDIR_TAG: str(root.resolve())}
     try:
         exp_id = experiment_id(experiment, root)
         if system_metrics and not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
             mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
-        parent = os.environ.get(PARENT_RUN_ENV) or pipeline_parent(exp_id, tags.get("pipeline_run"), root)
-        run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags={**tags, "run_kind": "stage"},
-                               parent_run_id=parent, log_system_metrics=system_metrics)
+        client = MlflowClient()
+        run_id = resumable_run(client, resume_run_id, exp_id)
+        end_abandoned_runs(client, exp_id, root, keep=run_id)
+        if run_id:  # a resumed training run: the same run, under the parent it already has
+            run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
+            mlflow.set_tags({**tags, **owner})
+            parent = run.data.tags.get("mlflow.parentRunId")
+            log.info("continuing MLflow run %s (%s)", run_id, run_name)
+        else:
+            parent = os.environ.get(PARENT_RUN_ENV) or pipeline_parent(exp_id, tags.get("pipeline_run"), root)
+            run = mlflow.start_run(experiment_id=exp_id, run_name=run_name,
+                                   tags={**tags, **owner, "run_kind": "stage"},
+                                   parent_run_id=parent, log_system_metrics=system_metrics)
+            mlflow.log_params(params)
     except Exception as exc:  # MLflow raises many kinds for an unreachable or broken store
         raise ImagegenError(f"MLflow tracking at {uri} is not usable: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
     status = "FAILED"
     try:
-        with run:
-            mlflow.log_params(params)
-            try:
-                yield run
-            except MlflowException as exc:  # e.g. the server cannot store artifacts: one line, run marked FAILED
-                raise ImagegenError(f"MLflow tracking at {uri} failed: {str(exc).strip().splitlines()[0][:300]}"
-                                    f"{object_store_hint()}") from None
+        yield run
         status = "FINISHED"
+    except MlflowException as exc:  # e.g. the server cannot store artifacts: one line, run marked FAILED
+        raise ImagegenError(f"MLflow tracking at {uri} failed: {str(exc).strip().splitlines()[0][:300]}"
+                            f"{object_store_hint()}") from None
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
+        end_run(status)
         if parent and not os.environ.get(PARENT_RUN_ENV):
             end_pipeline_stage(parent, status)
+
+
+def end_run(status: str) -> None:
+    """End the active run; a store that fails now is not worth hiding the stage's own error for."""
+    import mlflow
+
+    try:
+        mlflow.end_run(status)
+    except Exception as exc:
+        log.warning("could not mark the MLflow run %s: %s: %s", status, type(exc).__name__, str(exc).splitlines()[:1])
 
 
 def object_store_hint() -> str:
     """'; the object store at URL is not reachable (...)' when the environment names an S3 endpoint
     (AWS_ENDPOINT_URL_S3, MLFLOW_S3_ENDPOINT_URL: the team stack's) that does not answer; else ''.
     A tracking server only answers HTTP 500 when its artifact store is down: this names the culprit."""
-    import urllib.error
-    import urllib.request
-
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
     if not endpoint:
         return ""

@@ -21,7 +21,7 @@ from imagegen.evaluation.features import embed, load_features, run_train_feature
 from imagegen.evaluation.vae_metrics import vae_test_metrics
 from imagegen.models.vae import VAE, negative_elbo
 from imagegen.training.data import load_split
-from tests.helpers import CLASSES, make_model
+from tests.helpers import CLASSES, make_model, mark_validated
 
 MIRROR = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = [pytest.mark.slow,
@@ -35,6 +35,7 @@ def root(tmp_path_factory) -> Path:
     cfg = with_overrides(Config(), {"train.limit": 6000, "train.threads": 1, "features.epochs": 1})
     run_fetch(cfg, root)
     run_prepare(cfg, root)
+    mark_validated(root)
     torch.set_num_threads(2)
     run_train_features(cfg, root)
     return root

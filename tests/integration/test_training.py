@@ -22,6 +22,7 @@ from imagegen.config import Config
 from imagegen.errors import ImagegenError
 from imagegen.training import stage
 from imagegen.training.stage import paths, run_train
+from tests.helpers import mark_validated
 
 TINY = {
     # One thread: with two, a loaded machine made CPU reductions differ in the last bits (seen once in ~10 runs).
@@ -32,7 +33,7 @@ TINY = {
 
 
 def make_root(root: Path, n: int = 128, **overrides) -> tuple[Path, Config]:
-    """A project folder with n random training images and a params.yaml of tiny sizes."""
+    """A project folder with n random training images (validated) and a params.yaml of tiny sizes."""
     rng = np.random.default_rng(0)
     folder = root / "data" / "prepared"
     folder.mkdir(parents=True)
@@ -40,6 +41,7 @@ def make_root(root: Path, n: int = 128, **overrides) -> tuple[Path, Config]:
         np.savez(f, images=rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), labels=np.arange(n) % 10)
     params = {section: {**values, **overrides.get(section, {})} for section, values in TINY.items()}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
+    mark_validated(root)
     return root, Config.model_validate(params)
 
 
@@ -112,7 +114,7 @@ def test_changed_params_do_not_resume(tmp_path):
     again = run_train(cfg_more, "vae", root)
     assert again.metrics["resumed_from_step"] is None and again.metrics["steps"] == 16
     same = run_train(cfg_more, "vae", root)  # a finished run with the same params resumes at its end
-    assert same.metrics["resumed_from_step"] == 16 and same.metrics["steps"] == 0
+    assert same.metrics["resumed_from_step"] == 16 and same.metrics["steps"] == 16  # the run's steps, all of them
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ from imagegen.config import Config, ValidateConfig
 from imagegen.data.fetch import RAW_DIR
 from imagegen.data.prepare import MANIFEST, PREPARED_DIR, run_prepare
 from imagegen.data.validate import METRICS_FILE, REPORT_DIR, run_validate
+from imagegen.data.validated import split_hash
 from imagegen.errors import ImagegenError
 from tests.tiny import tiny_arrays, write_mirror
 
@@ -52,7 +53,8 @@ def test_clean_data_passes_and_writes_reports(tmp_path):
     assert metrics["success"] is True and metrics["failed_expectations"] == 0
     assert metrics["evaluated_expectations"] > 30
     assert metrics["train"]["rows"] == 120 and metrics["test"]["rows"] == 40
-    assert metrics["train"]["duplicates_within_split"] == 0
+    assert metrics["train"]["duplicates_within_split"] == 0 and metrics["train"]["differ_from_manifest"] == 0
+    assert metrics["data_sha256"] == {split: split_hash(root / PREPARED_DIR / f"{split}.npz") for split in ("train", "test")}
     assert metrics["test"]["near_duplicates_in_other_split"] == 0
     results = json.loads((root / REPORT_DIR / "results.json").read_text())
     assert results["train"]["success"] and results["test"]["success"]
@@ -107,6 +109,25 @@ def test_duplicates_within_split_above_threshold(tmp_path):
                             "e.g. [True, True, True]; expected values in [False] in at least 99.0% of rows")
     assert json.loads((root / METRICS_FILE).read_text())["train"]["duplicates_within_split"] == 5
     run_validate(config(max_duplicate_fraction=0.05), root)
+
+
+def test_arrays_changed_after_prepare_fail_validation(tmp_path):
+    """Validate checks the arrays training reads, not only the manifest prepare wrote: one image
+    copied over a quarter of train.npz (the manifest still describes the old images) fails."""
+    root = prepared(tmp_path)
+    path = root / PREPARED_DIR / "train.npz"
+    with np.load(path) as arrays:
+        images, labels = arrays["images"].copy(), arrays["labels"]
+    images[1:31] = images[0]
+    np.savez(path, images=images, labels=labels)
+    message = failure(root)
+    assert "train: expect_column_pair_values_to_be_equal(hash,array_hash): 30 of 120 rows unexpected" in message
+    assert "train: expect_column_values_to_be_in_set(repeats_earlier): 30 of 120 rows unexpected" in message
+    assert "test:" not in message
+    metrics = json.loads((root / METRICS_FILE).read_text())
+    assert metrics["train"]["differ_from_manifest"] == 30 and metrics["test"]["differ_from_manifest"] == 0
+    assert metrics["train"]["duplicates_within_split"] == 30
+    assert metrics["data_sha256"]["train"] == split_hash(path)  # what failed is recorded: training refuses it
 
 
 def test_near_duplicates_across_splits(tmp_path):

@@ -1,8 +1,11 @@
 """validate: a Great Expectations suite over the manifest and the prepared arrays.
 
 Each split is one batch: the manifest's rows for that split plus a few columns derived
-here (class share, duplicate flags, the label stored in the .npz). The suite is the same
-for both splits; the expected row count comes in as a suite parameter. Results and Data
+here from the arrays training reads (each image's content hash, which must equal the
+manifest's, duplicate flags from those hashes, the label stored in the .npz, class share).
+The suite is the same for both splits; the expected row count comes in as a suite parameter.
+The content hash of each split goes to metrics/validate.json, so that the stages reading the
+data can tell that these very arrays passed (imagegen.data.validated). Results and Data
 Docs go to reports/validation/, a summary to metrics/validate.json. Any failed expectation
 fails the stage, naming each one and what was observed.
 """
@@ -18,14 +21,15 @@ import numpy as np
 
 from imagegen.config import Config, ValidateConfig
 from imagegen.data.datasets import DATASETS, SPLITS
-from imagegen.data.prepare import MANIFEST, MANIFEST_COLUMNS, PREPARED_DIR
+from imagegen.data.prepare import MANIFEST, MANIFEST_COLUMNS, PREPARED_DIR, image_hashes
+from imagegen.data.validated import HASH_KEY, RECORD, array_hash
 from imagegen.errors import ImagegenError
 from imagegen.fsutil import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 
 REPORT_DIR = Path("reports/validation")
-METRICS_FILE = Path("metrics/validate.json")
+METRICS_FILE = RECORD
 
 
 @dataclass(frozen=True)
@@ -41,8 +45,9 @@ def run_validate(cfg: Config, root: Path = Path(".")) -> ValidateResult:
     manifest = load_manifest(root / PREPARED_DIR / MANIFEST)
     arrays = {split: load_arrays(root / PREPARED_DIR / f"{split}.npz") for split in SPLITS}
     nearest = nearest_other_split_rms(arrays["train"][0], arrays["test"][0])
+    hashes = {split: image_hashes(arrays[split][0]) for split in SPLITS}
     batches = {
-        split: validation_frame(manifest, split, arrays[split][1], nearest[split]) for split in SPLITS
+        split: validation_frame(manifest, split, arrays[split][1], hashes, nearest[split]) for split in SPLITS
     }
     with atomic_dir(root / REPORT_DIR) as report_dir:
         results = run_suite(batches, expected_counts, len(spec.classes), cfg.validate_, report_dir)
@@ -53,6 +58,7 @@ def run_validate(cfg: Config, root: Path = Path(".")) -> ValidateResult:
         "failed_expectations": len(failures),
         "evaluated_expectations": sum(len(results[s]["results"]) for s in SPLITS),
         **{split: split_summary(batches[split], cfg.validate_.near_duplicate_rms) for split in SPLITS},
+        HASH_KEY: {split: array_hash(*arrays[split]) for split in SPLITS},
     }
     write_json(root / METRICS_FILE, summary)
     for split in SPLITS:
@@ -111,21 +117,23 @@ def nearest_other_split_rms(train: np.ndarray, test: np.ndarray, chunk: int = 50
     return {"train": to_test.numpy() / scale, "test": to_train.numpy() / scale}
 
 
-def validation_frame(manifest, split: str, array_labels: np.ndarray, nearest_rms: np.ndarray):
-    """The split's manifest rows plus the derived columns the suite checks."""
+def validation_frame(manifest, split: str, array_labels: np.ndarray, hashes: dict[str, list[str]],
+                     nearest_rms: np.ndarray):
+    """The split's manifest rows plus the columns derived from the arrays that the suite checks."""
     frame = manifest[manifest["split"] == split].reset_index(drop=True)
     if len(frame) != len(array_labels):
         raise ImagegenError(
             f"{PREPARED_DIR / MANIFEST}: {len(frame)} {split} rows, but {split}.npz holds "
             f"{len(array_labels)} labels; expected one row per image (re-run prepare)"
         )
-    other_hashes = set(manifest.loc[manifest["split"] != split, "hash"])
+    other_hashes = {h for other, values in hashes.items() if other != split for h in values}
     counts = frame["label"].value_counts()
     share_if_balanced = len(frame) / max(frame["label"].nunique(), 1)
     frame["array_label"] = array_labels
+    frame["array_hash"] = hashes[split]
     frame["class_share_ratio"] = frame["label"].map(counts) / share_if_balanced
-    frame["repeats_earlier"] = frame["hash"].duplicated(keep="first")
-    frame["in_other_split"] = frame["hash"].isin(other_hashes)
+    frame["repeats_earlier"] = frame["array_hash"].duplicated(keep="first")
+    frame["in_other_split"] = frame["array_hash"].isin(other_hashes)
     frame["nearest_other_split_rms"] = nearest_rms
     return frame
 
@@ -143,6 +151,7 @@ def build_suite(num_classes: int, cfg: ValidateConfig):
         e.ExpectColumnValuesToBeInSet(column="label", value_set=labels),
         e.ExpectColumnDistinctValuesToEqualSet(column="label", value_set=labels),
         e.ExpectColumnPairValuesToBeEqual(column_A="label", column_B="array_label"),
+        e.ExpectColumnPairValuesToBeEqual(column_A="hash", column_B="array_hash"),  # the arrays are what prepare described
         e.ExpectColumnValuesToBeBetween(column="min", min_value=0, max_value=255),
         e.ExpectColumnValuesToBeBetween(column="max", min_value=0, max_value=255),
         e.ExpectColumnPairValuesAToBeGreaterThanB(column_A="max", column_B="min", or_equal=True),
@@ -251,6 +260,7 @@ def expected(kind: str, kwargs: dict) -> str:
 def split_summary(frame, near_rms: float) -> dict:
     return {
         "rows": int(len(frame)),
+        "differ_from_manifest": int((frame["hash"] != frame["array_hash"]).sum()),
         "duplicates_within_split": int(frame["repeats_earlier"].sum()),
         "also_in_other_split": int(frame["in_other_split"].sum()),
         "near_duplicates_in_other_split": int((frame["nearest_other_split_rms"] < near_rms).sum()),

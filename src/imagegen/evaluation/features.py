@@ -23,6 +23,7 @@ from torch import nn
 from imagegen.config import Config
 from imagegen.data.datasets import DATASETS
 from imagegen.data.prepare import PREPARED_DIR
+from imagegen.data.validated import require_validated
 from imagegen.errors import ImagegenError
 from imagegen.fsutil import atomic_dir, atomic_file, write_json
 from imagegen.models.io import load_model, save_model
@@ -80,6 +81,7 @@ class FeaturesResult:
 
 def run_train_features(cfg: Config, root: Path = Path(".")) -> FeaturesResult:
     fc = cfg.features
+    require_validated(root, "train-features")
     device = select_device(cfg.train.device)
     classes = DATASETS[cfg.data.dataset].classes
     train_images, train_labels = load_split(root / PREPARED_DIR / "train.npz", cfg.train.limit)

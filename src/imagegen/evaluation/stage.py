@@ -17,6 +17,7 @@ import torch
 
 from imagegen.config import MIN_EVAL_SAMPLES, Config, flat_section
 from imagegen.data.prepare import PREPARED_DIR
+from imagegen.data.validated import require_validated
 from imagegen.errors import ImagegenError
 from imagegen.evaluation import metrics as m
 from imagegen.evaluation.features import FeatureNet, embed, load_features
@@ -54,6 +55,11 @@ def run_evaluate(cfg: Config, root: Path = Path(".")) -> EvaluateResult:
 
 def evaluate_models(cfg: Config, root: Path) -> dict:
     started = time.perf_counter()
+    if cfg.train.mlflow:
+        from imagegen import tracking
+
+        tracking.check_store(root)  # now, not after minutes of evaluation
+    require_validated(root, "evaluate")
     scorer = Scorer.load(cfg, root, select_device(cfg.train.device))
     test_images, test_labels = load_split(root / PREPARED_DIR / "test.npz")
     results: dict = {"reference": reference_metrics(cfg, root, scorer)}

@@ -1,9 +1,11 @@
 """The training loop shared by the GAN and the VAE: epochs, checkpoints, resume, NaN guard.
 
 It reports through a `TrainingLogger` (no MLflow import here), so it runs on a bare GPU box.
-Checkpoints hold models, optimisers, EMA, the epoch and the step within it; the data order is
-drawn from (seed, epoch) and the noise from (seed, rank, epoch, step), so a resumed CPU run
-finishes with the same weights as an uninterrupted one.
+Checkpoints hold models, optimisers, EMA, the epoch and the step within it, the per-epoch history
+and the running loss sums of the current epoch; the data order is drawn from (seed, epoch) and the
+noise from (seed, rank, epoch, step), so a resumed CPU run finishes with the same weights, history
+and step count as an uninterrupted one. A kill during a checkpoint write leaves a temporary file:
+the next run removes it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import torch
 
 from imagegen.errors import ImagegenError
-from imagegen.fsutil import atomic_file
+from imagegen.fsutil import atomic_file, remove_partials
 from imagegen.training.data import DeviceBatches
 from imagegen.training.runtime import Runtime
 from imagegen.training.tasks import Task
@@ -41,35 +43,46 @@ class LoopConfig:
     resume: bool = True
     grid_size: int = 64
     check_every: int = 50  # steps between finiteness checks (each one syncs the device)
+    run_info: dict = field(default_factory=dict)  # kept in every checkpoint (e.g. the MLflow run id)
 
 
 @dataclass
 class History:
     epochs: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int | None = None  # global step
-    steps: int = 0
-    seconds: float = 0.0
-    images: int = 0
+    steps: int = 0  # global step at the end: the same for a resumed run as for an uninterrupted one
+    seconds: float = 0.0  # this process only (throughput)
+    images: int = 0  # this process only
 
 
 def train(task: Task, data: DeviceBatches, cfg: LoopConfig, runtime: Runtime,
-          logger: TrainingLogger | None = None) -> History:
+          logger: TrainingLogger | None = None, state: dict | None | str = "read") -> History:
+    """`state`: the checkpoint to resume from as load_checkpoint returned it (None: start afresh);
+    by default the loop reads cfg.checkpoint_path itself when cfg.resume."""
     logger = logger or TrainingLogger()
     noise = torch.Generator(device=runtime.device)
     fixed_z, fixed_labels = fixed_inputs(task, cfg, runtime.device)
     history = History()
     epoch, step_in_epoch = 0, 0
-    state = shared_checkpoint(cfg, runtime) if cfg.resume else None
+    if runtime.is_main:
+        remove_partials(cfg.checkpoint_path.parent)  # left by a kill during a checkpoint write
+    if isinstance(state, str):  # not given: rank 0 reads it
+        state = load_checkpoint(cfg) if cfg.resume and runtime.is_main else None
+    state = shared_checkpoint(state, runtime)
+    sums: dict[str, torch.Tensor] = {}
+    summed = 0  # steps of the current epoch in `sums`
     if state is not None:
         task.load_state_dict(state["task"])
         epoch, step_in_epoch = state["epoch"], state["step_in_epoch"]
         history.epochs = state["history"]
-        history.resumed_from = epoch * data.steps_per_epoch + step_in_epoch
+        history.resumed_from = history.steps = epoch * data.steps_per_epoch + step_in_epoch
+        if "sums" in state:  # the epoch's losses so far, so that its mean is the uninterrupted run's
+            sums = {k: v.to(runtime.device) for k, v in state["sums"].items()}
+            summed = step_in_epoch
         log.info("%s: resuming from %s at epoch %d, step %d", task.kind, cfg.checkpoint_path, epoch + 1, step_in_epoch)
 
     started = time.perf_counter()
     while epoch < cfg.epochs:
-        sums: dict[str, torch.Tensor] = {}
         epoch_start, done = time.perf_counter(), 0
         bar = progress(task.kind, epoch, cfg.epochs, data, step_in_epoch, runtime)
         for images, labels in data.epoch(epoch, step_in_epoch):
@@ -80,20 +93,22 @@ def train(task: Task, data: DeviceBatches, cfg: LoopConfig, runtime: Runtime,
                 sums[k] = sums.get(k, 0) + v
             step_in_epoch += 1
             done += 1
+            summed += 1
             if step_in_epoch % cfg.check_every == 0 or step_in_epoch % cfg.checkpoint_every == 0:
-                means = check_finite(task, sums, done, epoch, step_in_epoch, cfg)
+                means = check_finite(task, sums, summed, epoch, step_in_epoch, cfg)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()}, refresh=False)
             if step_in_epoch % cfg.checkpoint_every == 0 and runtime.is_main:
-                save_checkpoint(task, epoch, step_in_epoch, history, cfg)
+                save_checkpoint(task, epoch, step_in_epoch, history, cfg, sums)
             bar.update(len(images))
         bar.close()
         seconds = time.perf_counter() - epoch_start
-        means = check_finite(task, sums, done, epoch, step_in_epoch, cfg) if done else {}
+        means = check_finite(task, sums, summed, epoch, step_in_epoch, cfg) if summed else {}
         images_per_s = done * data.batch_size * runtime.world_size / seconds if done else 0.0
         history.steps += done
         history.images += done * data.batch_size * runtime.world_size
         epoch += 1
         step_in_epoch = 0
+        sums, summed = {}, 0
         row = {"epoch": epoch, **means, "images_per_s": round(images_per_s, 1), "seconds": round(seconds, 2)}
         history.epochs.append(row)
         if runtime.is_main:
@@ -137,22 +152,23 @@ def progress(kind, epoch, epochs, data: DeviceBatches, start_step, runtime):
                 disable=None if runtime.is_main else True, leave=False, dynamic_ncols=True)
 
 
-def save_checkpoint(task, epoch, step_in_epoch, history, cfg: LoopConfig) -> None:
+def save_checkpoint(task, epoch, step_in_epoch, history, cfg: LoopConfig, sums: dict | None = None) -> None:
     state = {
         "fingerprint": cfg.fingerprint,
         "task": task.state_dict(),
         "epoch": epoch,
         "step_in_epoch": step_in_epoch,
         "history": history.epochs,
+        "sums": {k: v.detach().cpu() for k, v in (sums or {}).items()},
+        "run": dict(cfg.run_info),
     }
     with atomic_file(cfg.checkpoint_path) as tmp:
         torch.save(state, tmp)
 
 
-def shared_checkpoint(cfg: LoopConfig, runtime: Runtime) -> dict | None:
-    """Rank 0 reads the checkpoint and sends it to the other ranks: rank 0 alone writes checkpoints,
-    so on other nodes there is none (or a stale one), and every rank must resume the same state."""
-    state = load_checkpoint(cfg) if runtime.is_main else None
+def shared_checkpoint(state: dict | None, runtime: Runtime) -> dict | None:
+    """Rank 0's checkpoint goes to the other ranks: rank 0 alone writes checkpoints, so on other
+    nodes there is none (or a stale one), and every rank must resume the same state."""
     if runtime.distributed:
         import torch.distributed as dist
 

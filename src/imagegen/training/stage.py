@@ -1,4 +1,11 @@
-"""The train-gan / train-vae stages: data -> loop -> weights, metrics, curves, sample grids, MLflow."""
+"""The train-gan / train-vae stages: data -> loop -> weights, metrics, curves, sample grids, MLflow.
+
+Until a run finishes, everything it has made lives with its checkpoint (checkpoints/<kind>/:
+last.pt with the weights, history and step, and samples/ with the per-epoch grids), so that a
+killed and resumed run (DVC deletes a stage's outputs before running it) ends with the same
+outputs as an uninterrupted one. The outputs (models/<kind>, reports/<kind>, metrics, plots)
+are written at the end, each whole (temp + rename).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,9 @@ import csv
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+import re
+import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +24,11 @@ import torch
 from imagegen.config import Config, model_params
 from imagegen.data.datasets import DATASETS
 from imagegen.data.prepare import PREPARED_DIR
-from imagegen.fsutil import atomic_dir, atomic_file, sha256_file, write_json
+from imagegen.data.validated import require_validated
+from imagegen.fsutil import atomic_dir, atomic_file, remove_partials, sha256_file, write_json
 from imagegen.models.io import WEIGHTS, save_model
 from imagegen.training.data import DeviceBatches, load_split
-from imagegen.training.loop import History, LoopConfig, TrainingLogger, train
+from imagegen.training.loop import History, LoopConfig, TrainingLogger, load_checkpoint, train
 from imagegen.training.runtime import Runtime, setup_runtime, teardown_runtime
 from imagegen.training.tasks import GANTask, Task, VAETask
 
@@ -42,16 +52,22 @@ def paths(root: Path, kind: str) -> dict[str, Path]:
         "plot": root / "plots" / f"train-{kind}.csv",
         "samples": root / "reports" / kind,
         "checkpoint": root / "checkpoints" / kind / "last.pt",
+        "staged_samples": root / "checkpoints" / kind / "samples",  # the grids, until the run finishes
     }
 
 
 def run_train(cfg: Config, kind: str, root: Path = Path(".")) -> TrainResult:
     section = getattr(cfg, kind)
+    if cfg.train.mlflow:
+        from imagegen import tracking
+
+        tracking.check_store(root)  # before anything slow: a store that is down fails the stage in seconds
     threads = torch.get_num_threads()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     runtime = setup_runtime(cfg.train.device)
     try:
+        require_validated(root, f"train-{kind}", ("train",))
         spec = DATASETS[cfg.data.dataset]
         train_file = root / PREPARED_DIR / "train.npz"
         images, labels = load_split(train_file, cfg.train.limit)
@@ -73,17 +89,20 @@ def run_train(cfg: Config, kind: str, root: Path = Path(".")) -> TrainResult:
             return TrainResult(kind, out["model"], {})
         log.info("train-%s: %d images, %d steps/epoch, %d epochs on %s%s", kind, len(images), data.steps_per_epoch,
                  section.epochs, runtime.device, f" x {runtime.world_size}" if runtime.distributed else "")
-        grids = GridWriter(out["samples"])
+        state = load_checkpoint(loop_cfg) if loop_cfg.resume else None
+        grids = GridWriter(out["staged_samples"], keep_through=state["epoch"] if state else 0)
         if not cfg.train.mlflow:
-            history = train(task, data, loop_cfg, runtime, Chain(probe, grids))
+            history = train(task, data, loop_cfg, runtime, Chain(probe, grids), state)
             return finish(task, history, cfg, kind, runtime, out)
         from imagegen import tracking
 
         tags = tracking.lineage_tags(root, params, str(runtime.device))
+        previous_run = (state or {}).get("run", {}).get("mlflow_run_id")
         with tracking.stage_run(root, f"imagegen-{cfg.data.dataset}", f"train-{kind}", params, tags,
-                                system_metrics=cfg.train.system_metrics):
+                                system_metrics=cfg.train.system_metrics, resume_run_id=previous_run) as run:
             tracking.log_dataset(root, cfg.data.dataset, "training")
-            history = train(task, data, loop_cfg, runtime, Chain(probe, grids, MlflowLogger(grids)))
+            loop_cfg = replace(loop_cfg, run_info={"mlflow_run_id": run.info.run_id})
+            history = train(task, data, loop_cfg, runtime, Chain(probe, grids, MlflowLogger(grids)), state)
             result = finish(task, history, cfg, kind, runtime, out)
             log_outputs(result, out)
         return result
@@ -103,11 +122,18 @@ def fingerprint(kind: str, params: dict, train_file: Path, world_size: int, prob
 
 
 class GridWriter(TrainingLogger):
-    """reports/<kind>/samples-epoch-NNN.png, written atomically."""
+    """samples-epoch-NNN.png in the staging folder beside the checkpoint, each written atomically.
 
-    def __init__(self, folder: Path):
+    Grids of epochs after `keep_through` (the checkpoint's epoch; 0 for a fresh run) are removed
+    first: they belong to another run or will be drawn again."""
+
+    def __init__(self, folder: Path, keep_through: int = 0):
         self.folder = folder
         self.last: Path | None = None
+        remove_partials(folder)
+        for grid in staged_grids(folder):
+            if grid_epoch(grid) > keep_through:
+                grid.unlink()
 
     def on_epoch_end(self, epoch, metrics, samples):
         from imagegen.evaluation.sampling import png_grid, to_uint8
@@ -187,6 +213,7 @@ def finish(task: Task, history: History, cfg: Config, kind: str, runtime: Runtim
     }
     with atomic_dir(out["model"]) as tmp:
         save_model(tmp, module, meta)
+    publish_grids(out["staged_samples"], out["samples"], len(history.epochs))
     last = history.epochs[-1] if history.epochs else {}
     metrics = {
         **{k: round(v, 5) for k, v in last.items() if k not in ("epoch", "seconds", "images_per_s")},
@@ -205,6 +232,26 @@ def finish(task: Task, history: History, cfg: Config, kind: str, runtime: Runtim
     write_plot(out["plot"], history.epochs)
     log.info("train-%s: done: %s", kind, metrics)
     return TrainResult(kind, out["model"], metrics)
+
+
+def staged_grids(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("samples-epoch-*.png") if grid_epoch(p))
+
+
+def grid_epoch(path: Path) -> int:
+    match = re.fullmatch(r"samples-epoch-(\d+)\.png", path.name)
+    return int(match.group(1)) if match else 0
+
+
+def publish_grids(staged: Path, folder: Path, epochs: int) -> None:
+    """reports/<kind>: the staged grids of all epochs, replacing the folder whole."""
+    grids = staged_grids(staged)
+    missing = sorted(set(range(1, epochs + 1)) - {grid_epoch(g) for g in grids})
+    if missing:  # e.g. a checkpoint written before grids were kept with it
+        log.warning("%s: no sample grid for epoch(s) %s", folder, ", ".join(map(str, missing)))
+    with atomic_dir(folder) as tmp:
+        for grid in grids:
+            shutil.copyfile(grid, tmp / grid.name)
 
 
 def write_plot(path: Path, rows: list[dict]) -> None:
