@@ -26,6 +26,8 @@ from imagegen.training.tasks import GANTask, Task, VAETask
 log = logging.getLogger(__name__)
 
 TASKS = {"gan": GANTask, "vae": VAETask}
+# The params a model folder's description keeps (those a section has), to rebuild the model.
+ARCH_KEYS = ("latent_dim", "width", "kernel_size", "prior", "prior_components", "prior_width")
 
 
 @dataclass(frozen=True)
@@ -76,13 +78,13 @@ def run_train(cfg: Config, kind: str, root: Path = Path(".")) -> TrainResult:
         grids = GridWriter(out["samples"])
         if not cfg.train.mlflow:
             history = train(task, data, loop_cfg, runtime, Chain(probe, grids))
-            return finish(task, history, cfg, kind, runtime, out)
+            return finish(task, history, cfg, kind, runtime, out, data)
         from imagegen import tracking
 
         tags = tracking.lineage_tags(root, params, str(runtime.device))
         with tracking.stage_run(root, f"imagegen-{cfg.data.dataset}", f"train-{kind}", params, tags):
             history = train(task, data, loop_cfg, runtime, Chain(probe, grids, MlflowLogger(grids)))
-            result = finish(task, history, cfg, kind, runtime, out)
+            result = finish(task, history, cfg, kind, runtime, out, data)
             log_outputs(result, out)
         return result
     finally:
@@ -172,15 +174,17 @@ class MlflowLogger(TrainingLogger):
         mlflow.log_artifact(str(self.grids.last), artifact_path="samples")
 
 
-def finish(task: Task, history: History, cfg: Config, kind: str, runtime: Runtime, out: dict) -> TrainResult:
+def finish(task: Task, history: History, cfg: Config, kind: str, runtime: Runtime, out: dict,
+           data: DeviceBatches) -> TrainResult:
     section = getattr(cfg, kind)
+    fitted = task.finalize(data)
     module = task.export()
     meta = {
         "kind": kind,
         "dataset": cfg.data.dataset,
         "classes": list(DATASETS[cfg.data.dataset].classes),
         "num_classes": task.num_classes,
-        "arch": {k: getattr(section, k) for k in ("latent_dim", "width", "kernel_size") if hasattr(section, k)},
+        "arch": {k: getattr(section, k) for k in ARCH_KEYS if hasattr(section, k)},
         "output_range": [0, 1],
         "parameters": sum(p.numel() for p in module.parameters()),
     }
@@ -198,6 +202,7 @@ def finish(task: Task, history: History, cfg: Config, kind: str, runtime: Runtim
         "world_size": runtime.world_size,
         "parameters": meta["parameters"],
     }
+    metrics.update(fitted)
     if getattr(task, "best", None):
         metrics.update(best_epoch=task.best["epoch"], best_fid_probe=task.best["score"])
     write_json(out["metrics"], metrics)
