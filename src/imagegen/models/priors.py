@@ -117,15 +117,18 @@ def fit_mixture(codes: torch.Tensor, k: int, seed: int = 0, iterations: int = 10
     """EM for a full-covariance Gaussian mixture (on the codes' device).
 
     Starts from k distinct codes as means and the codes' covariance for every component; stops when
-    the mean log-likelihood gains less than `tol` nats per point. `reg` is added to every covariance's
-    diagonal, as a floor. Returns (weights, means, scale_tril, mean log-likelihood, iterations)."""
+    the mean log-likelihood gains less than `tol` nats per point. Each covariance is shrunk towards
+    the codes' covariance by one pseudo-point (so a component that loses its points stays a proper
+    Gaussian) and gets `reg` on its diagonal. Returns (weights, means, scale_tril, mean
+    log-likelihood, iterations)."""
     x = codes.detach().float()
     n, d = x.shape
     k = min(k, n)
     gen = torch.Generator().manual_seed(seed)
     means = x[torch.randperm(n, generator=gen)[:k].to(x.device)].clone()
     eye = torch.eye(d, dtype=x.dtype, device=x.device)
-    tril = torch.linalg.cholesky(torch.cov(x.T) + reg * eye).repeat(k, 1, 1)
+    overall = torch.cov(x.T).double() + reg * eye.double()
+    tril = torch.linalg.cholesky(overall).float().repeat(k, 1, 1)
     center = x.mean(0)  # second moments about the mean: float32 keeps its precision
     log_weights = torch.full((k,), -math.log(k), dtype=x.dtype, device=x.device)
     previous, log_lik, step = -math.inf, -math.inf, 0
@@ -140,9 +143,10 @@ def fit_mixture(codes: torch.Tensor, k: int, seed: int = 0, iterations: int = 10
         for start in range(0, n, chunk):
             xs, rs = x[start:start + chunk] - center, r[start:start + chunk]
             second += (rs.T[:, :, None] * xs[None]).transpose(1, 2) @ xs
-        shifted = means - center
-        cov = second / nk[:, None, None] - shifted[:, :, None] * shifted[:, None, :] + reg * eye
-        tril = torch.linalg.cholesky(0.5 * (cov + cov.transpose(1, 2)))
+        shifted = (means - center).double()
+        scatter = second.double() - nk.double()[:, None, None] * shifted[:, :, None] * shifted[:, None, :]
+        cov = (scatter + overall) / (nk.double()[:, None, None] + 1) + reg * eye.double()
+        tril = torch.linalg.cholesky(0.5 * (cov + cov.transpose(1, 2))).float()
         log_weights = (nk / n).log()
         if log_lik - previous < tol:
             break
