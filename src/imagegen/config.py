@@ -92,9 +92,9 @@ class VAEConfig(Section):
     # What samples start from (models/priors.py), fitted to the trained encoder's codes after training:
     # standard = N(0, I) as trained; mixture = Gaussian mixture (EM); two_stage = a second small VAE.
     prior: Literal["standard", "mixture", "two_stage"] = "mixture"
-    prior_components: Annotated[int, Field(ge=1)] = 64  # mixture
-    prior_width: Annotated[int, Field(ge=1)] = 256  # two_stage: hidden units of its MLPs
-    prior_epochs: Annotated[int, Field(ge=1)] = 20  # two_stage: passes over the codes
+    prior_components: Annotated[int, Field(ge=1)] = 32  # mixture
+    prior_width: Annotated[int, Field(ge=1)] = 128  # two_stage: hidden units of its MLPs
+    prior_epochs: Annotated[int, Field(ge=1)] = 10  # two_stage: passes over the codes
 
 
 class FeaturesConfig(Section):

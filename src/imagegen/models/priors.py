@@ -26,7 +26,7 @@ from torch import nn
 PRIORS = ("standard", "mixture", "two_stage")
 
 
-def build_prior(kind: str, latent_dim: int, components: int = 64, width: int = 256) -> nn.Module:
+def build_prior(kind: str, latent_dim: int, components: int = 32, width: int = 128) -> nn.Module:
     if kind == "standard":
         return StandardPrior(latent_dim)
     if kind == "mixture":
@@ -90,7 +90,12 @@ class MixturePrior(nn.Module):
         return out.reshape(shape)
 
     @torch.no_grad()
-    def fit(self, codes: torch.Tensor, seed: int = 0, iterations: int = 100, tol: float = 1e-3, **_) -> dict:
+    def fit(self, codes: torch.Tensor, seed: int = 0, iterations: int = 100, tol: float = 1e-3,
+            max_points: int = 20_000, **_) -> dict:
+        """EM on at most `max_points` codes (a seeded random subset): ample for a few dozen Gaussians
+        in a few dozen dimensions, and it keeps the fit to seconds on a CPU."""
+        if len(codes) > max_points:
+            codes = codes[torch.randperm(len(codes), generator=torch.Generator().manual_seed(seed))[:max_points]]
         weights, means, tril, log_lik, steps = fit_mixture(codes, self.components, seed, iterations, tol)
         self.log_weights.copy_(weights.log())
         self.means.copy_(means)

@@ -18,7 +18,7 @@ from imagegen.models.priors import build_prior
 
 class VAE(nn.Module):
     def __init__(self, latent_dim: int = 16, width: int = 32, num_classes: int = 0, prior: str = "standard",
-                 prior_components: int = 64, prior_width: int = 256):
+                 prior_components: int = 32, prior_width: int = 128):
         super().__init__()
         self.latent_dim, self.num_classes = latent_dim, num_classes
         c = width
