@@ -161,7 +161,8 @@ def fit_mixture(codes: torch.Tensor, k: int, seed: int = 0, iterations: int = 10
 
 class TwoStagePrior(nn.Module):
     """A second VAE over the first stage's codes (Dai & Wipf 2019): MLP encoder z -> q(u | z),
-    MLP decoder u -> z with a learned scalar variance gamma. Samples are decoder means of u ~ N(0, I)."""
+    MLP decoder u -> z with a learned scalar variance gamma. Samples are z = decoder(u) + sqrt(gamma) e,
+    u, e ~ N(0, I): the density `log_prob` bounds (Dai & Wipf take the mean; the same once gamma -> 0)."""
 
     kind = "two_stage"
 
@@ -175,7 +176,8 @@ class TwoStagePrior(nn.Module):
 
     def sample(self, n: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
         u = _noise((n, self.latent_dim), generator, self.log_gamma.device)
-        return self.decoder(u).to(device)
+        e = _noise((n, self.latent_dim), generator, self.log_gamma.device)
+        return (self.decoder(u) + e * (0.5 * self.log_gamma.clamp(min=-12)).exp()).to(device)
 
     def losses(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Per-code negative ELBO of the second stage in nats (a Gaussian decoder with variance gamma)."""
