@@ -77,14 +77,14 @@ def test_mixture_fit_recovers_two_clusters_and_samples_like_them():
 
 def test_two_stage_maps_noise_to_codes_of_the_first_stage_shape():
     torch.manual_seed(0)
-    codes = two_clusters(n=2000, d=4)
-    prior = TwoStagePrior(4, width=64)
+    codes = two_clusters(n=1200, d=4)
+    prior = TwoStagePrior(4, width=32)
     with torch.no_grad():
         before = float(prior.losses(codes, torch.Generator().manual_seed(1)).mean())
-    metrics = prior.fit(codes, epochs=15, batch_size=128)
+    metrics = prior.fit(codes, epochs=10, batch_size=128)
     with torch.no_grad():
         after = float(prior.losses(codes, torch.Generator().manual_seed(1)).mean())
-    assert after < before and metrics["prior_gamma"] < 1
+    assert after < before and 0 < metrics["prior_gamma_min"] <= metrics["prior_gamma_max"]
     draws = prior.sample(4000, torch.Generator().manual_seed(0))
     assert draws.shape == (4000, 4)  # u ~ N(0, I) decoded to the first stage's latent shape
     assert torch.allclose(draws.mean(0), codes.mean(0), atol=0.3)

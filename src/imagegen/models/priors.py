@@ -161,7 +161,8 @@ def fit_mixture(codes: torch.Tensor, k: int, seed: int = 0, iterations: int = 10
 
 class TwoStagePrior(nn.Module):
     """A second VAE over the first stage's codes (Dai & Wipf 2019): MLP encoder z -> q(u | z),
-    MLP decoder u -> z with a learned scalar variance gamma. Samples are z = decoder(u) + sqrt(gamma) e,
+    MLP decoder u -> z with a learned variance gamma per dimension (one scalar, as in the paper, stays
+    near 1 when some of the first stage's dimensions are unused noise). Samples are z = decoder(u) + sqrt(gamma) e,
     u, e ~ N(0, I): the density `log_prob` bounds (Dai & Wipf take the mean; the same once gamma -> 0)."""
 
     kind = "two_stage"
@@ -172,7 +173,7 @@ class TwoStagePrior(nn.Module):
         d, w = latent_dim, width
         self.encoder = nn.Sequential(nn.Linear(d, w), nn.SiLU(), nn.Linear(w, w), nn.SiLU(), nn.Linear(w, 2 * d))
         self.decoder = nn.Sequential(nn.Linear(d, w), nn.SiLU(), nn.Linear(w, w), nn.SiLU(), nn.Linear(w, d))
-        self.log_gamma = nn.Parameter(torch.zeros(()))
+        self.log_gamma = nn.Parameter(torch.zeros(d))
 
     def sample(self, n: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
         u = _noise((n, self.latent_dim), generator, self.log_gamma.device)
@@ -212,7 +213,8 @@ class TwoStagePrior(nn.Module):
                     total += float(loss.detach()) * len(order[start:start + batch_size])
                 schedule.step()
             self.eval()
-        return {"prior_fit_loss": total / len(x), "prior_gamma": float(self.log_gamma.exp())}
+        return {"prior_fit_loss": total / len(x), "prior_gamma_min": float(self.log_gamma.exp().min()),
+                "prior_gamma_max": float(self.log_gamma.exp().max())}
 
 
 @torch.no_grad()
