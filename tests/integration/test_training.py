@@ -84,6 +84,27 @@ def test_conditional_gan_trains_and_exports_a_conditional_model(tmp_path):
     assert model(torch.randn(3, 8), torch.tensor([1, 2, 3])).shape == (3, 1, 28, 28)
 
 
+def test_vae_prior_is_fitted_after_training_and_leaves_the_first_stage_alone(tmp_path):
+    from imagegen.evaluation.sampling import generate
+    from imagegen.models.io import load_model
+
+    folders = {}
+    for prior in ("standard", "mixture", "two_stage"):
+        root, cfg = make_root(tmp_path / prior, vae={"prior": prior, "prior_components": 3, "prior_width": 8,
+                                                     "prior_epochs": 2})
+        result = run_train(cfg, "vae", root)
+        folders[prior] = paths(root, "vae")["model"]
+        model, meta = load_model(folders[prior])
+        assert meta["arch"]["prior"] == prior and model.prior.kind == prior
+        assert ("prior_fit_seconds" in result.metrics) == (prior != "standard")
+        assert generate(model, meta, 5, seed=1).shape == (5, 28, 28)
+    first_stage = {k: v for k, v in torch.load(folders["standard"] / "weights.pt", weights_only=True).items()}
+    for prior in ("mixture", "two_stage"):
+        state = torch.load(folders[prior] / "weights.pt", weights_only=True)
+        assert_same(first_stage, {k: v for k, v in state.items() if not k.startswith("prior.")})
+        assert any(k.startswith("prior.") for k in state)
+
+
 def test_resume_after_kill_matches_uninterrupted(tmp_path):
     overrides = {"gan": {"epochs": 3}, "train": {"checkpoint_every": 2}}
     reference, cfg = make_root(tmp_path / "reference", n=1024, **overrides)

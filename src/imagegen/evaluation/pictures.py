@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imagegen.evaluation.sampling import decode, generate, png_grid, to_uint8
+from imagegen.evaluation.sampling import decode, generate, latents, png_grid, to_uint8
 
 SCALE = 3  # tiles enlarged x3 (nearest neighbour): 28-pixel tiles are too small to judge
 SIDE_BY_SIDE = "gan-vs-vae.png"
@@ -47,16 +47,23 @@ def side_by_side(path: Path, grids: dict[str, np.ndarray], gap: int = 24) -> Non
 
 @torch.no_grad()
 def interpolations(module, meta: dict, seed: int, device, rows: int = 8, steps: int = 10) -> np.ndarray:
-    """Each row walks from one latent to another along the great circle (slerp), which keeps
-    the intermediate points at the norm the Gaussian prior puts its mass on."""
+    """Each row walks from one latent to another: along the great circle (slerp) under N(0, I), which
+    keeps the intermediate points at the norm the Gaussian prior puts its mass on; along the straight
+    line between two draws of a fitted prior (a VAE's mixture or second stage)."""
     gen = torch.Generator().manual_seed(seed + 999)
-    start, end = (torch.randn(rows, meta["arch"]["latent_dim"], generator=gen) for _ in range(2))
+    start, end = (latents(module, meta, rows, gen).cpu() for _ in range(2))
+    gaussian = getattr(getattr(module, "prior", None), "kind", "standard") == "standard"
     t = torch.linspace(0, 1, steps)
-    z = torch.stack([slerp(a, b, t) for a, b in zip(start, end, strict=True)]).flatten(0, 1).to(device)
+    path = slerp if gaussian else lerp
+    z = torch.stack([path(a, b, t) for a, b in zip(start, end, strict=True)]).flatten(0, 1).to(device)
     labels = None
     if meta["num_classes"]:
         labels = (torch.arange(rows) % meta["num_classes"]).repeat_interleave(steps).to(device)
     return to_uint8(decode(module, meta["kind"], z, labels))
+
+
+def lerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return torch.lerp(a[None], b[None], t[:, None])
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

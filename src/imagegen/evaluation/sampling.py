@@ -48,14 +48,22 @@ def generate(module: nn.Module, meta: dict, n: int, seed: int = 0, label: int | 
         raise ImagegenError(f"n={n}: expected at least 1 image")
     batch_size = batch_size or batch_size_for(device)
     labels = class_labels(meta, n, label)
-    z = torch.randn(n, meta["arch"]["latent_dim"], generator=torch.Generator().manual_seed(seed))
     module = module.to(device).eval()
+    z = latents(module, meta, n, torch.Generator().manual_seed(seed))
     chunks = []
     for start in range(0, n, batch_size):
         zb = z[start:start + batch_size].to(device)
         lb = labels[start:start + batch_size].to(device) if labels is not None else None
         chunks.append(to_uint8(decode(module, meta["kind"], zb, lb)))
     return np.concatenate(chunks)
+
+
+def latents(module: nn.Module, meta: dict, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n latents from the model's prior: its own (a VAE's fitted prior) or N(0, I), drawn with `generator`."""
+    own = getattr(module, "sample_latents", None)
+    if own is not None:
+        return own(n, generator)
+    return torch.randn(n, meta["arch"]["latent_dim"], generator=generator)
 
 
 def decode(module: nn.Module, kind: str, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:

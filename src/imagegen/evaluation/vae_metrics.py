@@ -18,10 +18,18 @@ from imagegen.models.vae import VAE, negative_elbo
 def vae_test_metrics(vae: VAE, images: np.ndarray, labels: np.ndarray, k: int, seed: int = 0,
                      batch_size: int = 500, device: torch.device | str = "cpu") -> dict[str, float]:
     """Reconstruction error (decoding the posterior mean), negative ELBO (one posterior sample)
-    and the IWAE bound on the negative log-likelihood with k importance samples."""
+    and the IWAE bound on the negative log-likelihood with k importance samples, all of the first
+    stage as trained (prior N(0, I)). With a fitted prior (vae.prior), also `nll_iwae_prior`: the same
+    bound for the model samples are drawn from (fitted prior + decoder; for a two-stage prior, whose
+    density is only bounded, a looser bound)."""
     vae = vae.to(device).eval()
     noise = torch.Generator().manual_seed(seed)
+    prior_noise = torch.Generator().manual_seed(seed + 1)  # its own: the first-stage numbers stay as they were
+    fitted = getattr(vae, "prior", None)
+    fitted = fitted if getattr(fitted, "kind", "standard") != "standard" else None
     sums = {"recon_bce": 0.0, "recon_mse": 0.0, "nelbo": 0.0, "kl": 0.0, "nll_iwae": 0.0}
+    if fitted is not None:
+        sums["nll_iwae_prior"] = 0.0
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(images[start:start + batch_size]).float().div(255).unsqueeze(1).to(device)
         y = torch.from_numpy(labels[start:start + batch_size]).to(device) if vae.num_classes else None
@@ -33,13 +41,19 @@ def vae_test_metrics(vae: VAE, images: np.ndarray, labels: np.ndarray, k: int, s
         nelbo, _, kl = negative_elbo(vae.decode(mu + eps * (0.5 * logvar).exp(), y), x, mu, logvar)
         sums["nelbo"] += float(nelbo.sum())
         sums["kl"] += float(kl.sum())
-        sums["nll_iwae"] -= float(iwae_bound(vae, x, y, mu, logvar, k, noise).sum())
+        bounds = iwae_bound(vae, x, y, mu, logvar, k, noise, fitted, prior_noise)
+        sums["nll_iwae"] -= float(bounds[0].sum())
+        if fitted is not None:
+            sums["nll_iwae_prior"] -= float(bounds[1].sum())
     return {name: total / len(images) for name, total in sums.items()}
 
 
-def iwae_bound(vae: VAE, x, y, mu, logvar, k: int, noise: torch.Generator) -> torch.Tensor:
+def iwae_bound(vae: VAE, x, y, mu, logvar, k: int, noise: torch.Generator, prior=None,
+               prior_noise: torch.Generator | None = None):
     """log (1/k) sum_i p(x, z_i) / q(z_i | x), z_i ~ q(z | x): a lower bound on log p(x) that
-    tightens as k grows (Burda et al., 2016), and equals the ELBO in expectation for k = 1."""
+    tightens as k grows (Burda et al., 2016), and equals the ELBO in expectation for k = 1.
+    Returns (bound with p(z) = N(0, I), bound with p(z) = `prior`'s log_prob from the same z_i and
+    decodes, or None without a prior)."""
     n, d = mu.shape
     eps = torch.randn((k, n, d), generator=noise).to(mu.device)
     z = mu + eps * (0.5 * logvar).exp()  # k x n x d
@@ -48,4 +62,8 @@ def iwae_bound(vae: VAE, x, y, mu, logvar, k: int, noise: torch.Generator) -> to
     log_lik = torch.stack([
         -negative_elbo(vae.decode(z_i, y), x, mu, logvar)[1] for z_i in z
     ])
-    return torch.logsumexp(log_lik + log_prior - log_q, dim=0) - math.log(k)
+    bound = torch.logsumexp(log_lik + log_prior - log_q, dim=0) - math.log(k)
+    if prior is None:
+        return bound, None
+    log_fitted = prior.log_prob(z, prior_noise)
+    return bound, torch.logsumexp(log_lik + log_fitted - log_q, dim=0) - math.log(k)

@@ -21,7 +21,9 @@ def build(kind: str, arch: dict, num_classes: int) -> nn.Module:
     if kind == "vae":
         from imagegen.models.vae import VAE
 
-        return VAE(arch["latent_dim"], arch["width"], num_classes)
+        # VAEs saved before priors existed have no "prior" key: N(0, I).
+        return VAE(arch["latent_dim"], arch["width"], num_classes, arch.get("prior", "standard"),
+                   arch.get("prior_components", 32), arch.get("prior_width", 128))
     if kind == "features":
         from imagegen.evaluation.features import FeatureNet
 

@@ -2,6 +2,8 @@
 
 Encoder: 28 -> 14 -> 7 convolutions -> (mu, log sigma^2). Decoder mirrors it and returns logits.
 A conditional model feeds a class embedding to both encoder head and decoder.
+Samples start from `prior` (models/priors.py): N(0, I) as trained, or a prior fitted to the
+trained encoder's codes afterwards; the first stage (encoder, decoder) is the same either way.
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imagegen.models.priors import build_prior
+
 
 class VAE(nn.Module):
-    def __init__(self, latent_dim: int = 16, width: int = 32, num_classes: int = 0):
+    def __init__(self, latent_dim: int = 16, width: int = 32, num_classes: int = 0, prior: str = "standard",
+                 prior_components: int = 32, prior_width: int = 128):
         super().__init__()
         self.latent_dim, self.num_classes = latent_dim, num_classes
         c = width
@@ -33,6 +38,8 @@ class VAE(nn.Module):
             nn.ConvTranspose2d(2 * c, c, 4, 2, 1), nn.SiLU(),  # 14x14
             nn.ConvTranspose2d(c, 1, 4, 2, 1),  # 28x28 logits
         )
+        # Registered last: a standard prior has no state, so old state_dicts still load.
+        self.prior = build_prior(prior, latent_dim, prior_components, prior_width)
 
     def _with_label(self, h: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         return torch.cat([h, self.embed(labels)], dim=1) if self.embed is not None else h
@@ -51,10 +58,14 @@ class VAE(nn.Module):
         return self.decode(z, labels), mu, logvar
 
     @torch.no_grad()
+    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n latents from the prior, on the model's device; noise from `generator` (a CPU one: same
+        images on any device)."""
+        return self.prior.sample(n, generator, next(self.parameters()).device)
+
+    @torch.no_grad()
     def sample(self, n: int, labels=None, generator: torch.Generator | None = None) -> torch.Tensor:
-        device = next(self.parameters()).device
-        z = torch.randn(n, self.latent_dim, generator=generator, device=device)
-        return torch.sigmoid(self.decode(z, labels))
+        return torch.sigmoid(self.decode(self.sample_latents(n, generator), labels))
 
 
 def negative_elbo(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float = 1.0):

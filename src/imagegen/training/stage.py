@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 TASKS = {"gan": GANTask, "vae": VAETask}
 GRID_SCALE = 3  # sample grid tiles enlarged x3 (nearest neighbour): 28-pixel tiles are too small to judge
+# The params a model folder's description keeps (those a section has), to rebuild the model.
+ARCH_KEYS = ("latent_dim", "width", "kernel_size", "prior", "prior_components", "prior_width")
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ def run_train(cfg: Config, kind: str, root: Path = Path(".")) -> TrainResult:
         grids = GridWriter(out["staged_samples"], keep_through=state["epoch"] if state else 0)
         if not cfg.train.mlflow:
             history = train(task, data, loop_cfg, runtime, Chain(probe, grids), state)
-            return finish(task, history, cfg, kind, runtime, out)
+            return finish(task, history, cfg, kind, runtime, out, data)
         from imagegen import tracking
 
         tags = tracking.lineage_tags(root, params, str(runtime.device))
@@ -103,7 +105,7 @@ def run_train(cfg: Config, kind: str, root: Path = Path(".")) -> TrainResult:
             tracking.log_dataset(root, cfg.data.dataset, "training")
             loop_cfg = replace(loop_cfg, run_info={"mlflow_run_id": run.info.run_id})
             history = train(task, data, loop_cfg, runtime, Chain(probe, grids, MlflowLogger(grids)), state)
-            result = finish(task, history, cfg, kind, runtime, out)
+            result = finish(task, history, cfg, kind, runtime, out, data)
             log_outputs(result, out)
         return result
     finally:
@@ -199,15 +201,17 @@ class MlflowLogger(TrainingLogger):
         mlflow.log_artifact(str(self.grids.last), artifact_path="samples")
 
 
-def finish(task: Task, history: History, cfg: Config, kind: str, runtime: Runtime, out: dict) -> TrainResult:
+def finish(task: Task, history: History, cfg: Config, kind: str, runtime: Runtime, out: dict,
+           data: DeviceBatches) -> TrainResult:
     section = getattr(cfg, kind)
+    fitted = task.finalize(data)
     module = task.export()
     meta = {
         "kind": kind,
         "dataset": cfg.data.dataset,
         "classes": list(DATASETS[cfg.data.dataset].classes),
         "num_classes": task.num_classes,
-        "arch": {k: getattr(section, k) for k in ("latent_dim", "width", "kernel_size") if hasattr(section, k)},
+        "arch": {k: getattr(section, k) for k in ARCH_KEYS if hasattr(section, k)},
         "output_range": [0, 1],
         "parameters": sum(p.numel() for p in module.parameters()),
     }
@@ -226,6 +230,7 @@ def finish(task: Task, history: History, cfg: Config, kind: str, runtime: Runtim
         "world_size": runtime.world_size,
         "parameters": meta["parameters"],
     }
+    metrics.update(fitted)
     if getattr(task, "best", None):
         metrics.update(best_epoch=task.best["epoch"], best_fid_probe=task.best["score"])
     write_json(out["metrics"], metrics)

@@ -95,6 +95,11 @@ class Task:
     def as_input(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def finalize(self, data) -> dict:
+        """After the last epoch, on the main process, before export: any fit on the finished model
+        (the VAE's prior). Returns metrics for metrics/train-<kind>.json."""
+        return {}
+
 
 class GANTask(Task):
     kind = "gan"
@@ -264,6 +269,27 @@ class VAETask(Task):
         out = torch.sigmoid(self.vae.decode(z, labels if self.num_classes else None).float())
         self.vae.train()
         return out
+
+    @torch.no_grad()
+    def finalize(self, data) -> dict:
+        """Fit the configured prior to the codes of the training images (vae.prior). The first stage was
+        trained with N(0, I) and is left as it is; only where samples start from changes."""
+        import time
+
+        from imagegen.models.priors import build_prior, posterior_codes
+
+        cfg = self.cfg
+        if cfg.prior == "standard":
+            return {}
+        started = time.perf_counter()
+        seed = data.seed
+        labels = data.labels if self.num_classes else None
+        codes = posterior_codes(self.vae, data.images, labels, torch.Generator().manual_seed(seed))
+        prior = build_prior(cfg.prior, cfg.latent_dim, cfg.prior_components, cfg.prior_width).to(self.device)
+        torch.manual_seed(seed)  # the second stage's initial weights
+        metrics = prior.fit(codes, seed=seed, epochs=cfg.prior_epochs)
+        self.vae.prior = prior.eval()
+        return {**metrics, "prior_fit_seconds": round(time.perf_counter() - started, 2)}
 
     def export(self) -> nn.Module:
         return self.vae

@@ -1,0 +1,108 @@
+"""Each VAE prior on one trained first stage, scored as the evaluate stage scores it.
+
+The first stage (encoder + decoder) does not depend on `vae.prior`: train it once (`imagegen train-vae`,
+any prior), then this fits every prior the way train-vae does (VAETask.finalize, same seed), draws
+`--n` samples through the shared sampling path and scores them against the test split (FID, KID,
+precision/recall, class coverage in the domain feature space), with the IWAE bounds on the first
+`--iwae-images` test images. Needs models/features (train-features) and data/prepared.
+
+  python bench/vae_priors.py --model models/vae \\
+      --option standard --option mixture --option mixture:prior_components=16 --option two_stage
+
+An option is a prior name, optionally followed by `:key=value,...` overrides of the vae section.
+Prints a markdown table and writes it as JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from imagegen.config import load_config, with_overrides
+from imagegen.data.prepare import PREPARED_DIR
+from imagegen.evaluation.sampling import generate
+from imagegen.evaluation.stage import Scorer, rounded
+from imagegen.evaluation.vae_metrics import vae_test_metrics
+from imagegen.models.io import load_model
+from imagegen.training.data import DeviceBatches, load_split
+from imagegen.training.tasks import VAETask
+
+COLUMNS = ("fid", "recall", "precision", "min_class_ratio", "class_entropy", "kid_mean", "nelbo", "nll_iwae",
+           "nll_iwae_prior", "recon_mse", "fit_seconds", "fit_cpu_seconds")
+
+
+def parse_option(text: str) -> tuple[str, dict]:
+    name, _, rest = text.partition(":")
+    overrides = {"vae.prior": name}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        overrides[f"vae.{key}"] = int(value) if value.isdigit() else value
+    return text, overrides
+
+
+def from_checkpoint(path: Path, cfg):
+    """The VAE of a train-vae checkpoint (checkpoints/vae/last.pt): a first stage part-way through."""
+    from imagegen.models.vae import VAE
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    vae = VAE(cfg.vae.latent_dim, cfg.vae.width)
+    vae.load_state_dict(state["task"]["modules"]["vae"])
+    print(f"{path}: first stage after {state['epoch']} epochs")
+    meta = {"kind": "vae", "num_classes": 0, "classes": [str(i) for i in range(10)],
+            "arch": {"latent_dim": cfg.vae.latent_dim, "width": cfg.vae.width}}
+    return vae.eval(), meta
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=Path("models/vae"),
+                        help="a trained VAE folder, or a train-vae checkpoint file (checkpoints/vae/last.pt)")
+    parser.add_argument("--root", type=Path, default=Path("."))
+    parser.add_argument("--option", action="append", default=[])
+    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--iwae-images", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=Path("vae-priors.json"))
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.root / "params.yaml")
+    device = torch.device("cpu")
+    first, meta = load_model(args.model, device) if args.model.is_dir() else from_checkpoint(args.model, cfg)
+    images, labels = load_split(args.root / PREPARED_DIR / "train.npz")
+    test_images, test_labels = load_split(args.root / PREPARED_DIR / "test.npz")
+    data = DeviceBatches(images, labels, cfg.vae.batch_size, device, cfg.train.seed)
+    scorer = Scorer.load(cfg, args.root, device)
+    results = {}
+    for label, overrides in map(parse_option, args.option or ["standard", "mixture", "two_stage"]):
+        overrides.update({"vae.latent_dim": meta["arch"]["latent_dim"], "vae.width": meta["arch"]["width"]})
+        run_cfg = with_overrides(cfg, overrides)
+        task = VAETask(run_cfg.vae, len(meta["classes"]), device)
+        state = {k: v for k, v in first.state_dict().items() if not k.startswith("prior.")}
+        task.vae.load_state_dict(state)
+        task.vae.eval()
+        started, cpu = time.perf_counter(), time.process_time()
+        fitted = task.finalize(data)
+        fit_seconds, fit_cpu = time.perf_counter() - started, time.process_time() - cpu
+        model = task.export()
+        samples = generate(model, {**meta, "arch": {**meta["arch"], "prior": run_cfg.vae.prior}}, args.n,
+                           cfg.eval.seed, device=device)
+        scores = scorer.score(samples)
+        scores.update(vae_test_metrics(model, test_images[:args.iwae_images], test_labels[:args.iwae_images],
+                                       cfg.eval.iwae_k, cfg.eval.seed, device=device))
+        results[label] = rounded({**scores, **fitted, "fit_seconds": fit_seconds, "fit_cpu_seconds": fit_cpu,
+                                  "threads": torch.get_num_threads()})
+        print(label, json.dumps(results[label]), flush=True)
+    print("\n| option | " + " | ".join(COLUMNS) + " |")
+    print("| --- |" + " --- |" * len(COLUMNS))
+    for label, row in results.items():
+        print(f"| {label} | " + " | ".join(f"{row[c]:.4g}" if c in row else "" for c in COLUMNS) + " |")
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

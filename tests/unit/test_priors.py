@@ -1,0 +1,129 @@
+"""The VAE's priors: densities against closed forms, fits that find known structure, shapes, and
+model folders written before priors existed."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
+
+from imagegen.evaluation.sampling import generate
+from imagegen.models.io import load_model, save_model
+from imagegen.models.priors import MixturePrior, StandardPrior, TwoStagePrior, build_prior, fit_mixture
+from imagegen.models.vae import VAE
+
+
+def two_clusters(n: int = 3000, d: int = 3, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(3 * n // 4, d, generator=gen) * 0.3 + 2
+    b = torch.randn(n // 4, d, generator=gen) * 0.5 - 1
+    return torch.cat([a, b])
+
+
+def random_mixture(d: int = 3, k: int = 4, seed: int = 0) -> MixturePrior:
+    gen = torch.Generator().manual_seed(seed)
+    prior = MixturePrior(d, k)
+    prior.log_weights.copy_(torch.randn(k, generator=gen).log_softmax(0))
+    prior.means.copy_(torch.randn(k, d, generator=gen) * 2)
+    tril = torch.randn(k, d, d, generator=gen).tril(-1) * 0.5
+    prior.scale_tril.copy_(tril + torch.diag_embed(torch.rand(k, d, generator=gen) + 0.3))
+    return prior
+
+
+def test_standard_prior_is_the_unit_gaussian_and_draws_as_before():
+    prior = StandardPrior(4)
+    z = torch.randn(10, 4)
+    expected = MultivariateNormal(torch.zeros(4), torch.eye(4)).log_prob(z)
+    assert torch.allclose(prior.log_prob(z), expected, atol=1e-5)
+    # Old models' images for a seed must not change: the same draws as torch.randn with that generator.
+    assert torch.equal(prior.sample(5, torch.Generator().manual_seed(3)),
+                       torch.randn(5, 4, generator=torch.Generator().manual_seed(3)))
+
+
+def test_mixture_log_prob_matches_the_closed_form():
+    prior = random_mixture()
+    z = torch.randn(50, 3) * 3
+    w, m, tril = prior.log_weights.exp(), prior.means, prior.scale_tril
+    reference = MixtureSameFamily(Categorical(probs=w), MultivariateNormal(m, scale_tril=tril))
+    assert torch.allclose(prior.log_prob(z), reference.log_prob(z), atol=1e-4)
+    assert prior.log_prob(z.reshape(5, 10, 3)).shape == (5, 10)
+
+
+def test_one_dimensional_mixture_density_integrates_to_one():
+    prior = random_mixture(d=1, k=3, seed=1)
+    grid = torch.linspace(-20, 20, 40_001)[:, None]
+    mass = torch.trapezoid(prior.log_prob(grid).exp(), grid[:, 0])
+    assert float(mass) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_mixture_fit_recovers_two_clusters_and_samples_like_them():
+    codes = two_clusters()
+    weights, means, _, log_lik, steps = fit_mixture(codes, 2, seed=0)
+    order = means[:, 0].argsort(descending=True)
+    assert torch.allclose(weights[order], torch.tensor([0.75, 0.25]), atol=0.02)
+    assert torch.allclose(means[order], torch.tensor([[2.0] * 3, [-1.0] * 3]), atol=0.1)
+    assert 1 < steps <= 100 and math.isfinite(log_lik)
+    prior = MixturePrior(3, 2)
+    prior.fit(codes)
+    draws = prior.sample(20_000, torch.Generator().manual_seed(0))
+    assert draws.shape == (20_000, 3)
+    assert float((draws[:, 0] > 0.5).float().mean()) == pytest.approx(0.75, abs=0.02)
+    # The fitted density prefers the codes to points of the holes between the clusters.
+    assert float(prior.log_prob(codes).mean()) > float(prior.log_prob(torch.full((10, 3), 0.5)).mean()) + 5
+
+
+def test_two_stage_maps_noise_to_codes_of_the_first_stage_shape():
+    torch.manual_seed(0)
+    codes = two_clusters(n=1200, d=4)
+    prior = TwoStagePrior(4, width=32)
+    with torch.no_grad():
+        gap_before = (prior.sample(4000, torch.Generator().manual_seed(0)).mean(0) - codes.mean(0)).norm()
+        before = float(prior.losses(codes, torch.Generator().manual_seed(1)).mean())
+    metrics = prior.fit(codes, epochs=10, batch_size=128)
+    with torch.no_grad():
+        after = float(prior.losses(codes, torch.Generator().manual_seed(1)).mean())
+    assert after < before and 0 < metrics["prior_gamma_min"] <= metrics["prior_gamma_max"]
+    with torch.no_grad():
+        draws = prior.sample(4000, torch.Generator().manual_seed(0))
+    assert draws.shape == (4000, 4)  # u ~ N(0, I) decoded to the first stage's latent shape
+    assert (draws.mean(0) - codes.mean(0)).norm() < 0.75 * gap_before  # it moved its mass to the codes
+    # Its log_prob is a bound: finite, per code.
+    assert prior.log_prob(codes[:7], torch.Generator().manual_seed(0)).shape == (7,)
+
+
+@pytest.mark.parametrize("kind", ["standard", "mixture", "two_stage"])
+def test_vae_with_each_prior_saves_loads_and_samples_the_same_images(tmp_path, kind):
+    torch.manual_seed(0)
+    vae = VAE(latent_dim=3, width=4, prior=kind, prior_components=2, prior_width=16).eval()
+    if kind != "standard":
+        vae.prior.fit(two_clusters(n=400, d=3), epochs=1)
+    arch = {"latent_dim": 3, "width": 4, "prior": kind, "prior_components": 2, "prior_width": 16}
+    meta = {"kind": "vae", "num_classes": 0, "arch": arch, "classes": [str(i) for i in range(10)]}
+    save_model(tmp_path, vae, meta)
+    loaded, loaded_meta = load_model(tmp_path)
+    assert type(loaded.prior).__name__ == type(vae.prior).__name__
+    assert (generate(loaded, loaded_meta, 6, seed=2) == generate(vae, meta, 6, seed=2)).all()
+    assert (generate(loaded, loaded_meta, 6, seed=2) != generate(loaded, loaded_meta, 6, seed=3)).any()
+
+
+def test_vae_folder_from_before_priors_loads_and_samples_as_it_did(tmp_path):
+    """A model.json without prior keys (VAEs trained before) is an N(0, I) VAE with the same images."""
+    torch.manual_seed(0)
+    vae = VAE(latent_dim=3, width=4).eval()
+    arch = {"latent_dim": 3, "width": 4}
+    save_model(tmp_path, vae, {"kind": "vae", "num_classes": 0, "arch": arch})
+    assert "prior" not in json.loads((tmp_path / "model.json").read_text())["arch"]
+    assert not any(k.startswith("prior") for k in torch.load(tmp_path / "weights.pt", weights_only=True))
+    loaded, meta = load_model(tmp_path)
+    assert loaded.prior.kind == "standard"
+    z = torch.randn(5, 3, generator=torch.Generator().manual_seed(9))  # what sampling drew before priors
+    old = (torch.sigmoid(vae.decode(z)).squeeze(1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    assert (generate(loaded, meta, 5, seed=9) == old).all()
+
+
+def test_unknown_prior_is_refused():
+    with pytest.raises(ValueError, match="unknown prior 'vamp'"):
+        build_prior("vamp", 4)
