@@ -77,11 +77,11 @@ def test_cuda_graph_step_matches_the_eager_step(task_class, cfg):
 
 
 def system_metric_keys(root):
-    import mlflow
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlruns.db'}")
-    client = MlflowClient()
+    from imagegen.tracking import embedded_uri
+
+    client = MlflowClient(embedded_uri(root))
     (run,) = client.search_runs([client.get_experiment_by_name("imagegen-fashion-mnist").experiment_id])
     return {k for k in run.data.metrics if k.startswith("system/")}
 
