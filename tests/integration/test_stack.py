@@ -26,7 +26,7 @@ from tests.integration.test_dvc_pipeline import TINY_TRAINING
 
 MIRROR = Path("/usr/share/datasets/fashion-mnist")
 GAN, VAE = "fashion-mnist-gan", "fashion-mnist-vae"
-STAGES = ["fetch", "prepare", "validate", "train-features", "train-gan", "train-vae", "evaluate", "register"]
+STAGES = ["fetch", "prepare", "validate", "train-features", "train-gan", "train-vae", "evaluate", "register", "report"]
 GIT_ID = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 PORT_NAMES = ("postgres", "s3", "mlflow", "prefect", "weed_master", "weed_volume", "weed_filer")
 
