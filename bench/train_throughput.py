@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from imagegen.config import GPU_PROFILE, Config, with_overrides
+from imagegen.data.prepared import load_split
 from imagegen.models.gan import Discriminator, Generator
 from imagegen.models.vae import VAE, negative_elbo
-from imagegen.training.data import DeviceBatches, load_split
+from imagegen.training.data import DeviceBatches
 from imagegen.training.runtime import tune_cuda
 from imagegen.training.tasks import GANTask, VAETask
 
@@ -150,7 +151,7 @@ def plain(cfg: Config, kind, device, images, labels, steps, warmup) -> float:
     section = getattr(cfg, kind)
     torch.manual_seed(0)
     model = (PlainGAN if kind == "gan" else PlainVAE)(section, device)
-    dataset = TensorDataset(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long())
+    dataset = TensorDataset(torch.from_numpy(images), torch.from_numpy(labels).long())
     loader = DataLoader(dataset, batch_size=section.batch_size, shuffle=True, drop_last=True,
                         num_workers=2 if device.type == "cuda" else 0, pin_memory=device.type == "cuda",
                         persistent_workers=device.type == "cuda")
