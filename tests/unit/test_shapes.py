@@ -18,12 +18,12 @@ from imagegen.evaluation.sampling import generate, png_grid, save_images
 from imagegen.models.description import ModelDescription
 from imagegen.models.features import FeatureNet
 from imagegen.models.gan import Discriminator, Generator
-from imagegen.models.io import load_model, read_description, save_model
+from imagegen.models.io import load_model, read_description
 from imagegen.models.kinds import GENERATORS, KINDS, build
 from imagegen.models.vae import VAE
 from imagegen.training.data import DeviceBatches
 from imagegen.training.tasks import GANTask, VAETask
-from tests.helpers import TINY_ARCH, make_model
+from tests.helpers import make_model
 
 PINNED = json.loads((Path(__file__).parent / "data" / "state_dicts_28.json").read_text())
 SHAPES = [(3, 32, 32), (3, 64, 64), (1, 32, 32), (1, 64, 64), (3, 28, 28)]
