@@ -18,7 +18,7 @@ import torch
 from imagegen.config import load_config
 from imagegen.evaluation import metrics as m
 from imagegen.evaluation.features import embed, load_features
-from imagegen.training.data import load_split
+from imagegen.data.prepared import load_split
 from imagegen.training.runtime import select_device
 
 

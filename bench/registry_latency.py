@@ -33,18 +33,19 @@ os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get(
 def make_models(root: Path, cfg, seed: int) -> None:
     import torch
 
-    from imagegen.models.io import build, save_model
+    from imagegen.models.description import ModelDescription
+    from imagegen.models.io import save_model
+    from imagegen.models.kinds import build
 
     for kind in ("gan", "vae"):
         section = getattr(cfg, kind)
         arch = {k: getattr(section, k) for k in ("latent_dim", "width", "kernel_size") if hasattr(section, k)}
         torch.manual_seed(seed)
-        module = build(kind, arch, 0)
+        module = build(ModelDescription(kind, arch))
         folder = root / "models" / kind
         folder.mkdir(parents=True, exist_ok=True)
-        save_model(folder, module, {"kind": kind, "dataset": cfg.data.dataset, "classes": [], "num_classes": 0,
-                                    "arch": arch, "output_range": [0, 1],
-                                    "parameters": sum(p.numel() for p in module.parameters())})
+        save_model(folder, module, ModelDescription(kind, arch, dataset=cfg.data.dataset,
+                                                    parameters=sum(p.numel() for p in module.parameters())))
     (root / "metrics").mkdir(exist_ok=True)
     fid = 100.0 - seed  # each new version is better: it is promoted, so the alias moves every time
     (root / "metrics" / "evaluate.json").write_text(json.dumps({k: {"fid": fid} for k in ("gan", "vae")}))

@@ -21,14 +21,16 @@ import json
 import math
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from imagegen.config import GPU_PROFILE, Config, with_overrides
+from imagegen.data.prepared import load_split
 from imagegen.models.gan import Discriminator, Generator
 from imagegen.models.vae import VAE, negative_elbo
-from imagegen.training.data import DeviceBatches, load_split
+from imagegen.training.data import DeviceBatches
 from imagegen.training.runtime import tune_cuda
 from imagegen.training.tasks import GANTask, VAETask
 
@@ -59,7 +61,7 @@ def ours(cfg: Config, kind, device, images, labels, steps, warmup) -> tuple[floa
     """(images/s, warm-up seconds, mean losses) of the project's step as the training loop drives it."""
     section = getattr(cfg, kind)
     torch.manual_seed(0)
-    task = TASKS[kind](section, 10, device, cfg.train.amp, cfg.train.channels_last)
+    task = TASKS[kind](section, 10, device, cfg.train.amp, cfg.train.channels_last, tuple(images.shape[1:]))
     task.prepare_models(cfg.train.compile and device.type == "cuda", ddp=False, cuda_graphs=cfg.train.cuda_graphs)
     batches = batches_forever(DeviceBatches(images, labels, section.batch_size, device, seed=0))
     noise = torch.Generator(device=device)
@@ -99,11 +101,11 @@ def pytorch_defaults():
 class PlainGAN:
     """The GAN step as a plain PyTorch loop writes it: fp32, default Adam, a Python EMA loop."""
 
-    def __init__(self, cfg, device):
+    def __init__(self, cfg, device, shape):
         self.cfg, self.device = cfg, device
-        self.g = Generator(cfg.latent_dim, cfg.width, 0, cfg.kernel_size).to(device)
-        self.d = Discriminator(cfg.width, 0, cfg.spectral_norm, cfg.kernel_size).to(device)
-        self.ema = Generator(cfg.latent_dim, cfg.width, 0, cfg.kernel_size).to(device).requires_grad_(False)
+        self.g = Generator(cfg.latent_dim, cfg.width, 0, cfg.kernel_size, shape).to(device)
+        self.d = Discriminator(cfg.width, 0, cfg.spectral_norm, cfg.kernel_size, shape).to(device)
+        self.ema = Generator(cfg.latent_dim, cfg.width, 0, cfg.kernel_size, shape).to(device).requires_grad_(False)
         self.ema.load_state_dict(self.g.state_dict())
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=cfg.lr_g, betas=tuple(cfg.betas))
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg.lr_d, betas=tuple(cfg.betas))
@@ -131,9 +133,9 @@ class PlainGAN:
 
 
 class PlainVAE:
-    def __init__(self, cfg, device):
+    def __init__(self, cfg, device, shape):
         self.cfg = cfg
-        self.vae = VAE(cfg.latent_dim, cfg.width, 0).to(device)
+        self.vae = VAE(cfg.latent_dim, cfg.width, 0, image_shape=shape).to(device)
         self.opt = torch.optim.Adam(self.vae.parameters(), lr=cfg.lr)
 
     def step(self, images, labels, noise):
@@ -149,8 +151,8 @@ class PlainVAE:
 def plain(cfg: Config, kind, device, images, labels, steps, warmup) -> float:
     section = getattr(cfg, kind)
     torch.manual_seed(0)
-    model = (PlainGAN if kind == "gan" else PlainVAE)(section, device)
-    dataset = TensorDataset(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long())
+    model = {"gan": PlainGAN, "vae": PlainVAE}[kind](section, device, tuple(images.shape[1:]))
+    dataset = TensorDataset(torch.from_numpy(images), torch.from_numpy(labels).long())
     loader = DataLoader(dataset, batch_size=section.batch_size, shuffle=True, drop_last=True,
                         num_workers=2 if device.type == "cuda" else 0, pin_memory=device.type == "cuda",
                         persistent_workers=device.type == "cuda")
@@ -167,15 +169,15 @@ def plain(cfg: Config, kind, device, images, labels, steps, warmup) -> float:
     return steps * section.batch_size / (time.perf_counter() - start)
 
 
-def flops_per_image(cfg: Config, kind: str) -> float:
+def flops_per_image(cfg: Config, kind: str, shape=(1, 28, 28)) -> float:
     """Matrix and convolution FLOPs of one training step per image (forward and backward)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     n = 4
     torch.manual_seed(0)
-    task = TASKS[kind](getattr(cfg, kind), 10, torch.device("cpu"), amp=False, channels_last=False)
+    task = TASKS[kind](getattr(cfg, kind), 10, torch.device("cpu"), amp=False, channels_last=False, image_shape=shape)
     task.prepare_models(False, ddp=False)
-    images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8)
+    images = torch.randint(0, 256, (n, *shape), dtype=torch.uint8)
     with FlopCounterMode(display=False) as counter:
         task.step(images, torch.arange(n) % 10, torch.Generator().manual_seed(0))
     return counter.get_total_flops() / n
@@ -216,13 +218,20 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 300 on CUDA, 60 on CPU)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--data", default="data/prepared/train.npz")
+    parser.add_argument("--shape", help="C,H,W: time on 10,000 random images of this shape instead of --data "
+                                        "(e.g. 3,32,32)")
     parser.add_argument("--devices", default=None, help="comma-separated, default: cpu and cuda when present")
     parser.add_argument("--profiles", default="default,gpu")
     parser.add_argument("--sweep", action="store_true", help="also time the CUDA variants of ours")
     parser.add_argument("--compile", action="store_true", help="with --sweep: also time train.compile (slow warm-up)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
-    images, labels = load_split(args.data)
+    if args.shape:
+        shape = tuple(int(v) for v in args.shape.split(","))
+        rng = np.random.default_rng(0)
+        images, labels = rng.integers(0, 256, (10_000, *shape), dtype=np.uint8), np.arange(10_000) % 10
+    else:
+        images, labels = load_split(args.data)
     devices = [torch.device(d) for d in (args.devices.split(",") if args.devices else
                                          ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))]
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA"
@@ -235,7 +244,7 @@ def main(argv=None) -> list[dict]:
             base_cfg = with_overrides(Config(), {**profiles[profile], "train.compile": False})
             for kind in ("gan", "vae"):
                 steps = args.steps or (300 if device.type == "cuda" else 60 if profile == "default" else 15)
-                flops = flops_per_image(base_cfg, kind)
+                flops = flops_per_image(base_cfg, kind, tuple(images.shape[1:]))
                 if device.type == "cuda":
                     tune_cuda()
                 rate, warm, _ = ours(base_cfg, kind, device, images, labels, steps, args.warmup)

@@ -18,17 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from imagegen.config import load_config, with_overrides
 from imagegen.data.prepare import PREPARED_DIR
+from imagegen.data.prepared import load_split
 from imagegen.evaluation.sampling import generate
 from imagegen.evaluation.stage import Scorer, rounded
 from imagegen.evaluation.vae_metrics import vae_test_metrics
 from imagegen.models.io import load_model
-from imagegen.training.data import DeviceBatches, load_split
+from imagegen.training.data import DeviceBatches
 from imagegen.training.tasks import VAETask
 
 COLUMNS = ("fid", "recall", "precision", "min_class_ratio", "class_entropy", "kid_mean", "nelbo", "nll_iwae",
@@ -49,11 +51,15 @@ def from_checkpoint(path: Path, cfg):
     from imagegen.models.vae import VAE
 
     state = torch.load(path, map_location="cpu", weights_only=True)
-    vae = VAE(cfg.vae.latent_dim, cfg.vae.width)
+    from imagegen.data.prepared import read_info
+    from imagegen.models.description import ModelDescription
+
+    info = read_info(PREPARED_DIR, cfg.data.dataset)
+    vae = VAE(cfg.vae.latent_dim, cfg.vae.width, image_shape=info.shape)
     vae.load_state_dict(state["task"]["modules"]["vae"])
     print(f"{path}: first stage after {state['epoch']} epochs")
-    meta = {"kind": "vae", "num_classes": 0, "classes": [str(i) for i in range(10)],
-            "arch": {"latent_dim": cfg.vae.latent_dim, "width": cfg.vae.width}}
+    meta = ModelDescription("vae", {"latent_dim": cfg.vae.latent_dim, "width": cfg.vae.width}, 0, info.classes,
+                            info.shape)
     return vae.eval(), meta
 
 
@@ -79,9 +85,9 @@ def main() -> None:
     scorer = Scorer.load(cfg, args.root, device)
     results = {}
     for label, overrides in map(parse_option, args.option or ["standard", "mixture", "two_stage"]):
-        overrides.update({"vae.latent_dim": meta["arch"]["latent_dim"], "vae.width": meta["arch"]["width"]})
+        overrides.update({"vae.latent_dim": meta.arch["latent_dim"], "vae.width": meta.arch["width"]})
         run_cfg = with_overrides(cfg, overrides)
-        task = VAETask(run_cfg.vae, len(meta["classes"]), device)
+        task = VAETask(run_cfg.vae, len(meta.classes), device, image_shape=meta.image_shape)
         state = {k: v for k, v in first.state_dict().items() if not k.startswith("prior.")}
         task.vae.load_state_dict(state)
         task.vae.eval()
@@ -89,7 +95,7 @@ def main() -> None:
         fitted = task.finalize(data)
         fit_seconds, fit_cpu = time.perf_counter() - started, time.process_time() - cpu
         model = task.export()
-        samples = generate(model, {**meta, "arch": {**meta["arch"], "prior": run_cfg.vae.prior}}, args.n,
+        samples = generate(model, replace(meta, arch={**meta.arch, "prior": run_cfg.vae.prior}), args.n,
                            cfg.eval.seed, device=device)
         scores = scorer.score(samples)
         scores.update(vae_test_metrics(model, test_images[:args.iwae_images], test_labels[:args.iwae_images],

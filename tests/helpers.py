@@ -16,23 +16,31 @@ import torch
 import yaml
 
 from imagegen.fsutil import write_json
-from imagegen.models.io import build, save_model
+from imagegen.models.description import LEGACY_SHAPE, ModelDescription
+from imagegen.models.io import save_model
+from imagegen.models.kinds import build
 
 ARCH = {"latent_dim": 8, "width": 4, "kernel_size": 4}
 CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 
 
-def make_model(folder: Path, kind: str, seed: int, conditional: bool = False, dataset: str = "fashion-mnist") -> None:
-    """A models/<kind> folder as the training stage writes it, with random weights from `seed`."""
+TINY_ARCH = {"gan": ARCH, "vae": {"latent_dim": 8, "width": 4}, "features": {"width": 4, "feature_dim": 8}}
+
+
+def make_model(folder: Path, kind: str, seed: int, conditional: bool = False, dataset: str = "fashion-mnist",
+               image_shape: tuple[int, int, int] = LEGACY_SHAPE, classes: list[str] = CLASSES) -> ModelDescription:
+    """A models/<kind> folder as the training stage writes it, with random weights from `seed`
+    (a feature net always predicts the classes)."""
     torch.manual_seed(seed)
-    num_classes = 10 if conditional else 0
-    arch = ARCH if kind == "gan" else {"latent_dim": 8, "width": 4}
-    module = build(kind, arch, num_classes)
+    num_classes = len(classes) if conditional or kind == "features" else 0
+    description = ModelDescription(kind, TINY_ARCH[kind], num_classes, tuple(classes), tuple(image_shape),
+                                   dataset=dataset)
+    module = build(description)
+    description = ModelDescription(kind, TINY_ARCH[kind], num_classes, tuple(classes), tuple(image_shape),
+                                   dataset=dataset, parameters=sum(p.numel() for p in module.parameters()))
     folder.mkdir(parents=True, exist_ok=True)
-    save_model(folder, module, {
-        "kind": kind, "dataset": dataset, "classes": CLASSES, "num_classes": num_classes, "arch": arch,
-        "output_range": [0, 1], "parameters": sum(p.numel() for p in module.parameters()),
-    })
+    save_model(folder, module, description)
+    return description
 
 
 def make_project(root: Path, seed: int, fid: dict[str, float], dataset: str = "fashion-mnist",

@@ -11,6 +11,7 @@ import numpy as np
 
 from imagegen.data.datasets import DATASETS, DatasetSpec, FileSpec
 from imagegen.data.idx import write_idx
+from imagegen.data.prepared import DatasetInfo, write_info
 
 PER_CLASS = {"train": 12, "test": 4}
 
@@ -45,3 +46,19 @@ def write_mirror(folder: Path, arrays: dict[str, np.ndarray], compress: bool = T
         files[key] = FileSpec(name, hashlib.sha256(content).hexdigest(), gz_md5)
     sizes = {split: len(arrays[f"{split}-labels"]) for split in PER_CLASS}
     return replace(base, files=files, split_sizes=sizes, urls=())
+
+
+def write_prepared(root: Path, shape: tuple[int, int, int], classes: tuple[str, ...] = ("circle", "square", "star"),
+                   sizes: dict[str, int] | None = None, seed: int = 0) -> DatasetInfo:
+    """data/prepared as the prepare stage leaves it for a dataset of `shape` (C, H, W): random uint8
+    N x C x H x W arrays with balanced labels, and dataset.json. (No manifest: readers do not need it.)"""
+    sizes = sizes or {"train": 96, "test": 48}
+    rng = np.random.default_rng(seed)
+    folder = root / "data" / "prepared"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in sizes.items():
+        np.savez(folder / f"{split}.npz", images=rng.integers(0, 256, (n, *shape), dtype=np.uint8),
+                 labels=np.arange(n, dtype=np.int64) % len(classes))
+    info = DatasetInfo("shapes", tuple(classes), shape[0], shape[1])
+    write_info(folder, info)
+    return info

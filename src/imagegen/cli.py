@@ -63,19 +63,20 @@ def _train_features(cfg, root, args):
 
 
 def _evaluate(cfg, root, args):
-    from imagegen.evaluation.stage import run_evaluate, score_samples_file
+    from imagegen.evaluation.stage import KINDS, run_evaluate, score_samples_file
 
     if args.samples is not None:
         metrics = score_samples_file(cfg, root, args.samples)
         print(json.dumps(metrics, indent=2, sort_keys=True))
         return f"scored {metrics['n_samples']} samples from {args.samples}"
     result = run_evaluate(cfg, root)
-    return "; ".join(f"{kind} FID {result.metrics[kind]['fid']:.3f}" for kind in ("gan", "vae"))
+    return "; ".join(f"{kind} FID {result.metrics[kind]['fid']:.3f}" for kind in KINDS)
 
 
 def _evaluate_args(parser):
     parser.add_argument("--samples", type=Path, metavar="FILE.npy",
-                        help="score these samples (N x 28 x 28, uint8 or float in [0, 1]) instead of the "
+                        help="score these samples (uint8, or float in [0, 1]; N x H x W grey or N x H x W x 3 RGB "
+                             "at the feature net's size, e.g. N x 28 x 28 for Fashion-MNIST) instead of the "
                              "trained models; prints the metrics as JSON and writes nothing")
 
 
@@ -101,14 +102,14 @@ def _sample(cfg, root, args):
     if args.model is not None:
         from imagegen.registry import load_registered
 
-        module, meta = load_registered(args.model)
+        module, description = load_registered(args.model)
     else:
         from imagegen.models.io import load_model
 
-        module, meta = load_model(args.source)
-    images = generate(module, meta, args.n, args.seed, args.label, device)
+        module, description = load_model(args.source)
+    images = generate(module, description, args.n, args.seed, args.label, device)
     save_images(args.out, images)
-    return f"{len(images)} {meta['kind']} images in {args.out}"
+    return f"{len(images)} {description.kind} images ({description.shape_text}) in {args.out}"
 
 
 def _sample_args(parser):
@@ -122,7 +123,8 @@ def _sample_args(parser):
     parser.add_argument("--seed", type=int, default=0, help="latent seed (default 0)")
     parser.add_argument("--label", type=int, help="class index for a conditional model (default: classes in turn)")
     parser.add_argument("--out", type=Path, required=True,
-                        help="FILE.npy (N x 28 x 28 uint8) or FILE.png (a grid)")
+                        help="FILE.npy (uint8 N x H x W for a grey model, N x H x W x 3 for RGB) or FILE.png "
+                             "(a grid)")
 
 
 @dataclass(frozen=True)

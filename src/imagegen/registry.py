@@ -34,7 +34,7 @@ from imagegen import tracking
 from imagegen.config import Config, model_params
 from imagegen.errors import ImagegenError
 from imagegen.fsutil import sha256_file, write_json
-from imagegen.models.io import META, WEIGHTS
+from imagegen.models.io import META, WEIGHTS, read_description
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +151,14 @@ def create_version(client, cfg: Config, root: Path, kind: str, folder: Path, met
 
     from imagegen import serving
 
+    description = read_description(folder)
     with tempfile.TemporaryDirectory() as staging, quiet_mlflow():
         code = Path(staging) / "imagegen"  # the package travels with the model: serving needs no install
         shutil.copytree(Path(__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         info = mlflow.pyfunc.log_model(
             name=kind, python_model=serving.ImageSampler(), artifacts={serving.MODEL_ARTIFACT: str(folder)},
             code_paths=[str(code)], pip_requirements=requirements(), signature=serving.signature(),
-            input_example=serving.INPUT_EXAMPLE)
+            input_example=serving.input_example(description), metadata=serving.metadata(description))
     training_run, source = training_run_id(client, run, sha)
     params = model_params(cfg, kind)
     tags = {
@@ -202,8 +203,8 @@ INTENDED_USE = """\
 comparing generator variants by the project's metrics. **Not for** anything where a generated image
 could be taken for a real one, nor for judging quality against published (Inception) FIDs.
 
-**Known limits.** Trained on {dataset} only (28 x 28 grey images of its classes): it cannot draw
-anything else. FID, KID and precision/recall are measured in the project's own domain feature space
+**Known limits.** Trained on {dataset} only ({shape} images of its classes: {classes}); it cannot draw
+anything else, nor at another size. FID, KID and precision/recall are measured in the project's own domain feature space
 (a small classifier, see `metrics/features.json`), so they compare runs of this project, not papers.
 A GAN can miss rare modes (see recall and `class_entropy`); a VAE's samples are blurrier than its
 likelihood suggests."""
@@ -216,6 +217,7 @@ class ModelCard:
 
     def __init__(self, client, root: Path, kind: str, metrics: dict[str, float], run):
         self.client, self.root, self.kind, self.metrics, self.run = client, root, kind, metrics, run
+        self.description = read_description(model_folder(root, kind))
 
     def write(self, name: str, version, champion, decision: Decision, summary: str) -> str:
         import mlflow
@@ -248,6 +250,9 @@ class ModelCard:
             f"| metric | this version | {head} |", "| --- | --- | --- |", *rows, "",
             "## Data", "",
             f"- dataset `{name.rsplit('-', 1)[0]}`, prepared data DVC md5 `{tags.get('dvc_data_md5', '?')}`",
+            f"- images {self.description.shape_text} (C x H x W = "
+            f"{' x '.join(map(str, self.description.image_shape))}), {len(self.description.classes)} classes, "
+            + ("conditional (a request may pick a class)" if self.description.num_classes else "unconditional"),
             f"- git commit `{tags.get('git_commit', '?')}`, params hash `{tags.get('params_hash', '?')}`, "
             f"pipeline run `{tags.get('pipeline_run', '?')}`", "",
             "## Runs", "",
@@ -256,7 +261,8 @@ class ModelCard:
             f"- registration: [{self.run.info.run_id}](#/experiments/{exp}/runs/{self.run.info.run_id}) "
             f"(artifact `{folder}/model_card.md`)", "",
             "## Samples (8 x 8 of the evaluation samples)", "", grid, "",
-            INTENDED_USE.format(dataset=name.rsplit("-", 1)[0]), "",
+            INTENDED_USE.format(dataset=name.rsplit("-", 1)[0], shape=self.description.shape_text,
+                                classes=", ".join(self.description.classes) or "unnamed"), "",
         ]
         return "\n".join(lines)
 
@@ -378,7 +384,7 @@ def registry_lock(uri: str) -> Iterator[None]:
 
 
 def load_registered(uri: str, device: str = "cpu"):
-    """The torch module and meta of a registered version (models:/NAME@ALIAS or models:/NAME/VERSION)."""
+    """The torch module and ModelDescription of a registered version (models:/NAME@ALIAS or models:/NAME/VERSION)."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException

@@ -12,7 +12,8 @@ Values must be JSON integers (4.0 passes; "4", 2.5, true do not); a row may omit
 
 Response: a DataFrame with one row per image: request (input row index), index (image index
 within that request), label (class index, -1 for an unconditional model) and png (a
-base64-encoded 28 x 28 8-bit grayscale PNG). Over HTTP: {"predictions": [{"request": 0,
+base64-encoded 8-bit PNG of the model's image size and mode, as its model.json describes it:
+e.g. 28 x 28 grayscale for Fashion-MNIST, 32 x 32 RGB for a colour folder). Over HTTP: {"predictions": [{"request": 0,
 "index": 0, "label": -1, "png": "iVBORw0..."}, ...]}.
 
 A bad request raises MlflowException(INVALID_PARAMETER_VALUE), which the scoring server
@@ -54,16 +55,16 @@ with warnings.catch_warnings():
 
             cap_scoring_server_errors()
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.module, self.meta = load_model(Path(context.artifacts[MODEL_ARTIFACT]), self.device)
+            self.module, self.description = load_model(Path(context.artifacts[MODEL_ARTIFACT]), self.device)
 
         def predict(self, context, model_input, params=None):
             from imagegen.evaluation.sampling import generate
 
-            requests = parse_requests(model_input, self.meta)
+            requests = parse_requests(model_input, self.description)
             rows = []
             for i, (n, seed, label) in enumerate(requests):
-                images = generate(self.module, self.meta, n, seed, label, self.device)
-                labels = image_labels(self.meta, n, label)
+                images = generate(self.module, self.description, n, seed, label, self.device)
+                labels = image_labels(self.description, n, label)
                 rows += [(i, j, labels[j], png_base64(image)) for j, image in enumerate(images)]
             return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
 
@@ -116,7 +117,7 @@ def cap_scoring_server_errors() -> None:
     scoring_server._async_catch_mlflow_exception = capped_catch
 
 
-def parse_requests(model_input, meta: dict) -> list[tuple[int, int, int | None]]:
+def parse_requests(model_input, description) -> list[tuple[int, int, int | None]]:
     """(n, seed, label) per request row, validated; raises bad_request on anything else."""
     if isinstance(model_input, dict):
         model_input = [model_input]
@@ -139,7 +140,7 @@ def parse_requests(model_input, meta: dict) -> list[tuple[int, int, int | None]]
         n = integer(row.get("n"), f"row {i}: n", 1, MAX_IMAGES, required=True)
         seed = integer(row.get("seed"), f"row {i}: seed", 0, MAX_SEED) or 0
         label = integer(row.get("label"), f"row {i}: label", 0, None)
-        check_label(meta, label, i)
+        check_label(description, label, i)
         requests.append((n, seed, label))
     total = sum(n for n, _, _ in requests)
     if total > MAX_IMAGES:
@@ -164,19 +165,20 @@ def integer(value, what: str, low: int, high: int | None, required: bool = False
     return value
 
 
-def check_label(meta: dict, label: int | None, row: int) -> None:
-    num_classes = meta.get("num_classes", 0)
+def check_label(description, label: int | None, row: int) -> None:
+    """`description`: the model's ModelDescription (anything with kind and num_classes)."""
+    num_classes = description.num_classes
     if label is None:
         return
     if not num_classes:
-        raise bad_request(f"row {row}: label={label}: this {meta['kind']} model is unconditional; omit label")
+        raise bad_request(f"row {row}: label={label}: this {description.kind} model is unconditional; omit label")
     if label >= num_classes:
         raise bad_request(f"row {row}: label={label}: expected a class index 0..{num_classes - 1}")
 
 
-def image_labels(meta: dict, n: int, label: int | None) -> list[int]:
+def image_labels(description, n: int, label: int | None) -> list[int]:
     """The class of each image, as sampling.class_labels picks it; -1 for an unconditional model."""
-    num_classes = meta.get("num_classes", 0)
+    num_classes = description.num_classes
     if not num_classes:
         return [-1] * n
     return [label] * n if label is not None else [i % num_classes for i in range(n)]
@@ -187,29 +189,36 @@ def png_base64(image: np.ndarray) -> str:
 
 
 def png_bytes(image: np.ndarray) -> bytes:
-    """An H x W uint8 array as an 8-bit grayscale PNG (stdlib only: no imaging library in the model's env)."""
-    height, width = image.shape
+    """A uint8 image as an 8-bit PNG: H x W or 1 x H x W grayscale, 3 x H x W RGB (stdlib only: no imaging
+    library in the model's env)."""
+    image = np.asarray(image, dtype=np.uint8)
+    if image.ndim == 3:  # C x H x W -> H x W x C
+        image = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+    height, width = image.shape[:2]
+    colour_type = 2 if image.ndim == 3 else 0  # truecolour | greyscale
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    rows = b"".join(b"\x00" + image[y].astype(np.uint8).tobytes() for y in range(height))
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    rows = b"".join(b"\x00" + np.ascontiguousarray(image[y]).tobytes() for y in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
 def decode_png(data: str | bytes) -> np.ndarray:
-    """The inverse of png_base64 for the PNGs it writes (clients and tests)."""
+    """The inverse of png_base64 for the PNGs it writes (clients and tests): H x W grey or H x W x 3 RGB."""
     raw = base64.b64decode(data) if isinstance(data, str) else data
     width, height = struct.unpack(">II", raw[16:24])
+    channels = 3 if raw[25] == 2 else 1
     pos, idat = 8, b""
     while pos < len(raw):
         (length,), kind = struct.unpack(">I", raw[pos:pos + 4]), raw[pos + 4:pos + 8]
         if kind == b"IDAT":
             idat += raw[pos + 8:pos + 8 + length]
         pos += 12 + length
-    rows = np.frombuffer(zlib.decompress(idat), dtype=np.uint8).reshape(height, width + 1)
-    return rows[:, 1:].copy()
+    rows = np.frombuffer(zlib.decompress(idat), dtype=np.uint8).reshape(height, width * channels + 1)
+    pixels = rows[:, 1:]
+    return (pixels.reshape(height, width, 3) if channels == 3 else pixels).copy()
 
 
 def signature():
@@ -226,3 +235,18 @@ def signature():
 
 
 INPUT_EXAMPLE = pd.DataFrame({"n": [2], "seed": [0]})
+
+
+def input_example(description) -> pd.DataFrame:
+    """A request the model answers: two images, seed 0, and class 0 for a conditional model."""
+    if description.num_classes:
+        return pd.DataFrame({"n": [2], "seed": [0], "label": [0]})
+    return INPUT_EXAMPLE
+
+
+def metadata(description) -> dict:
+    """What the MLmodel file says about the images (from the model's description): a client can size and
+    decode the PNGs without loading the model."""
+    return {"imagegen_kind": description.kind, "image_shape": list(description.image_shape),
+            "png_mode": "grayscale" if description.channels == 1 else "RGB",
+            "classes": list(description.classes), "conditional": bool(description.num_classes)}

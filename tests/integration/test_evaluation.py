@@ -20,7 +20,8 @@ from imagegen.evaluation import metrics as m
 from imagegen.evaluation.features import embed, load_features, run_train_features
 from imagegen.evaluation.vae_metrics import vae_test_metrics
 from imagegen.models.vae import VAE, negative_elbo
-from imagegen.training.data import load_split
+from imagegen.data.prepared import load_split
+from imagegen.models.description import ModelDescription
 from tests.helpers import CLASSES, make_model, mark_validated
 
 MIRROR = Path("/usr/share/datasets/fashion-mnist")
@@ -50,7 +51,7 @@ def test_feature_net_learns_the_classes(root):
     accuracy = json.loads((root / "metrics/features.json").read_text())["test_accuracy"]
     assert accuracy > 0.75
     _, meta, reference = load_features(root)
-    assert reference["features"].shape == (10000, meta["arch"]["feature_dim"])
+    assert reference["features"].shape == (10000, meta.arch["feature_dim"])
 
 
 def test_fid_is_small_for_test_halves_and_grows_with_noise(root, test_split):
@@ -119,14 +120,14 @@ def test_a_fitted_prior_leaves_the_first_stage_numbers_and_bounds_its_own_likeli
     images, labels = test_split[0][:300], test_split[1][:300]
     plain = vae_test_metrics(vae, images, labels, 16, seed=1)
     train_images, _ = load_split(root / "data/prepared/train.npz", 6000)
-    codes = posterior_codes(vae, torch.from_numpy(train_images).unsqueeze(1), None, torch.Generator().manual_seed(0))
+    codes = posterior_codes(vae, torch.from_numpy(train_images), None, torch.Generator().manual_seed(0))
     fitted = copy.deepcopy(vae)
     fitted.prior = build_prior("mixture", 8, components=16)
     fitted.prior.fit(codes)
     with_prior = vae_test_metrics(fitted, images, labels, 16, seed=1)
     assert {k: with_prior[k] for k in plain} == plain
     assert with_prior["nll_iwae_prior"] < plain["nll_iwae"]
-    meta = {"kind": "vae", "num_classes": 0, "arch": {"latent_dim": 8}}
+    meta = ModelDescription("vae", {"latent_dim": 8})
     assert (generate(fitted, meta, 50, seed=0) != generate(vae, meta, 50, seed=0)).any()
 
 

@@ -59,8 +59,8 @@ def without(mapping: dict, keys) -> dict:
 
 def gan_project(root: Path) -> Path:
     """The project's own dvc.yaml and code, with tiny params, random validated data and a tiny feature net."""
-    from imagegen.evaluation.features import FEATURES_DIR, FeatureNet
-    from imagegen.models.io import save_model
+    from imagegen.evaluation.features import FEATURES_DIR
+    from tests.helpers import make_model
 
     set_params(root, train={"mlflow": False, "threads": 1, "seed": 3, "checkpoint_every": 5},
                gan={"epochs": 5, "batch_size": 16, "latent_dim": 8, "width": 4})
@@ -70,10 +70,7 @@ def gan_project(root: Path) -> Path:
     with (folder / "train.npz").open("wb") as f:
         np.savez(f, images=rng.integers(0, 256, (1024, 28, 28), dtype=np.uint8), labels=np.arange(1024) % 10)
     mark_validated(root)
-    (root / FEATURES_DIR).mkdir(parents=True)
-    torch.manual_seed(0)
-    save_model(root / FEATURES_DIR, FeatureNet(width=4, feature_dim=8),
-               {"kind": "features", "arch": {"width": 4, "feature_dim": 8}, "num_classes": 10})
+    make_model(root / FEATURES_DIR, "features", seed=0)
     return root
 
 

@@ -80,7 +80,7 @@ def test_conditional_gan_trains_and_exports_a_conditional_model(tmp_path):
     from imagegen.models.io import load_model
 
     model, meta = load_model(paths(root, "gan")["model"])
-    assert meta["num_classes"] == 10 and meta["kind"] == "gan"
+    assert meta.num_classes == 10 and meta.kind == "gan"
     assert model(torch.randn(3, 8), torch.tensor([1, 2, 3])).shape == (3, 1, 28, 28)
 
 
@@ -95,9 +95,9 @@ def test_vae_prior_is_fitted_after_training_and_leaves_the_first_stage_alone(tmp
         result = run_train(cfg, "vae", root)
         folders[prior] = paths(root, "vae")["model"]
         model, meta = load_model(folders[prior])
-        assert meta["arch"]["prior"] == prior and model.prior.kind == prior
+        assert meta.arch["prior"] == prior and model.prior.kind == prior
         assert ("prior_fit_seconds" in result.metrics) == (prior != "standard")
-        assert generate(model, meta, 5, seed=1).shape == (5, 28, 28)
+        assert generate(model, meta, 5, seed=1).shape == (5, 1, 28, 28)
     first_stage = {k: v for k, v in torch.load(folders["standard"] / "weights.pt", weights_only=True).items()}
     for prior in ("mixture", "two_stage"):
         state = torch.load(folders[prior] / "weights.pt", weights_only=True)
@@ -252,14 +252,11 @@ def test_stage_runs_of_one_pipeline_nest_under_one_parent(tmp_path, monkeypatch)
 
 
 def test_gan_ships_the_epoch_with_the_best_fid_probe(tmp_path):
-    from imagegen.evaluation.features import FEATURES_DIR, FeatureNet
-    from imagegen.models.io import save_model
+    from imagegen.evaluation.features import FEATURES_DIR
+    from tests.helpers import make_model
 
     root, cfg = make_root(tmp_path, gan={"epochs": 3})
-    (root / FEATURES_DIR).mkdir(parents=True)
-    torch.manual_seed(0)
-    save_model(root / FEATURES_DIR, FeatureNet(width=4, feature_dim=8), {
-        "kind": "features", "arch": {"width": 4, "feature_dim": 8}, "num_classes": 10})
+    make_model(root / FEATURES_DIR, "features", seed=0)
     metrics = run_train(cfg, "gan", root).metrics
     rows = list(csv.DictReader(paths(root, "gan")["plot"].open()))
     scores = [float(row["fid_probe"]) for row in rows]

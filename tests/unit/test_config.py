@@ -107,6 +107,21 @@ def test_gpu_profile_is_valid_and_documented():
         assert f"-S {key}={spelled}" in readme
 
 
+def test_gpu_profiles_per_image_size_are_valid_and_documented():
+    from imagegen.config import GPU_PROFILE, GPU_PROFILES, with_overrides
+
+    assert sorted(GPU_PROFILES) == [28, 32, 64] and GPU_PROFILES[28] is GPU_PROFILE
+    readme = (REPO_PARAMS.parent / "README.md").read_text()
+    section = readme[readme.index("GPU profiles per image size"):]
+    for size, profile in GPU_PROFILES.items():
+        with_overrides(Config(), profile)
+        lines = [text.strip() for text in section.splitlines()]
+        line = lines[next(i for i, text in enumerate(lines) if text.startswith(f"# {size} x {size}")) + 1]
+        assert line.startswith("dvc exp run ")
+        for key, value in profile.items():
+            assert f"-S {key}={value:g}" in line, (size, key)
+
+
 def test_overrides_are_validated():
     from imagegen.config import with_overrides
 

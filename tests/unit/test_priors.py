@@ -11,6 +11,7 @@ import torch
 from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
 
 from imagegen.evaluation.sampling import generate
+from imagegen.models.description import ModelDescription
 from imagegen.models.io import load_model, save_model
 from imagegen.models.priors import MixturePrior, StandardPrior, TwoStagePrior, build_prior, fit_mixture
 from imagegen.models.vae import VAE
@@ -101,7 +102,7 @@ def test_vae_with_each_prior_saves_loads_and_samples_the_same_images(tmp_path, k
     if kind != "standard":
         vae.prior.fit(two_clusters(n=400, d=3), epochs=1)
     arch = {"latent_dim": 3, "width": 4, "prior": kind, "prior_components": 2, "prior_width": 16}
-    meta = {"kind": "vae", "num_classes": 0, "arch": arch, "classes": [str(i) for i in range(10)]}
+    meta = ModelDescription("vae", arch, 0, tuple(str(i) for i in range(10)))
     save_model(tmp_path, vae, meta)
     loaded, loaded_meta = load_model(tmp_path)
     assert type(loaded.prior).__name__ == type(vae.prior).__name__
@@ -114,13 +115,13 @@ def test_vae_folder_from_before_priors_loads_and_samples_as_it_did(tmp_path):
     torch.manual_seed(0)
     vae = VAE(latent_dim=3, width=4).eval()
     arch = {"latent_dim": 3, "width": 4}
-    save_model(tmp_path, vae, {"kind": "vae", "num_classes": 0, "arch": arch})
+    save_model(tmp_path, vae, ModelDescription("vae", arch))
     assert "prior" not in json.loads((tmp_path / "model.json").read_text())["arch"]
     assert not any(k.startswith("prior") for k in torch.load(tmp_path / "weights.pt", weights_only=True))
     loaded, meta = load_model(tmp_path)
     assert loaded.prior.kind == "standard"
     z = torch.randn(5, 3, generator=torch.Generator().manual_seed(9))  # what sampling drew before priors
-    old = (torch.sigmoid(vae.decode(z)).squeeze(1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    old = (torch.sigmoid(vae.decode(z)).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     assert (generate(loaded, meta, 5, seed=9) == old).all()
 
 

@@ -1,26 +1,28 @@
 """Exporting samples and reading a user's samples file: formats, determinism, one-line errors."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from imagegen.errors import ImagegenError
 from imagegen.evaluation.sampling import generate, save_images
 from imagegen.evaluation.stage import load_samples
-from imagegen.models.io import build
+from imagegen.models.description import ModelDescription
+from imagegen.models.kinds import build
 
-GAN_META = {"kind": "gan", "arch": {"latent_dim": 8, "width": 4, "kernel_size": 4}, "num_classes": 0}
+ARCH = {"latent_dim": 8, "width": 4, "kernel_size": 4}
 
 
 def tiny(kind="gan", num_classes=0):
-    meta = {**GAN_META, "kind": kind, "num_classes": num_classes}
-    meta["arch"] = {**GAN_META["arch"]}
-    return build(kind, meta["arch"], num_classes).eval(), meta
+    meta = ModelDescription(kind, dict(ARCH), num_classes)
+    return build(meta).eval(), meta
 
 
 def test_generate_is_uint8_and_deterministic_per_seed():
     module, meta = tiny()
     a, b = generate(module, meta, 37, seed=3, batch_size=10), generate(module, meta, 37, seed=3)
-    assert a.shape == (37, 28, 28) and a.dtype == np.uint8
+    assert a.shape == (37, 1, 28, 28) and a.dtype == np.uint8
     assert np.array_equal(a, b)
     assert not np.array_equal(a, generate(module, meta, 37, seed=4))
 
@@ -28,7 +30,7 @@ def test_generate_is_uint8_and_deterministic_per_seed():
 @pytest.mark.parametrize("kind", ["gan", "vae"])
 def test_conditional_labels_are_checked(kind):
     module, meta = tiny(kind, num_classes=10)
-    assert generate(module, meta, 5, label=9).shape == (5, 28, 28)
+    assert generate(module, meta, 5, label=9).shape == (5, 1, 28, 28)
     with pytest.raises(ImagegenError, match=r"label 10: expected a class index in 0\.\.9"):
         generate(module, meta, 5, label=10)
     plain, plain_meta = tiny(kind)
@@ -37,9 +39,9 @@ def test_conditional_labels_are_checked(kind):
 
 
 def test_save_images_writes_npy_and_png_atomically(tmp_path):
-    images = np.random.default_rng(0).integers(0, 256, (10, 28, 28), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(0, 256, (10, 1, 28, 28), dtype=np.uint8)
     save_images(tmp_path / "s.npy", images)
-    assert np.array_equal(np.load(tmp_path / "s.npy"), images)
+    assert np.array_equal(np.load(tmp_path / "s.npy"), images[:, 0])
     save_images(tmp_path / "s.png", images)
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ImagegenError, match=r"s\.jpg: unknown output type"):
@@ -55,9 +57,9 @@ def write(tmp_path, array):
 
 def test_load_samples_accepts_uint8_and_unit_floats(tmp_path):
     images = np.random.default_rng(1).integers(0, 256, (1000, 1, 28, 28), dtype=np.uint8)
-    assert np.array_equal(load_samples(write(tmp_path, images)), images[:, 0])
+    assert np.array_equal(load_samples(write(tmp_path, images)), images)
     floats = load_samples(write(tmp_path, images[:, 0] / 255.0))
-    assert np.array_equal(floats, images[:, 0])
+    assert np.array_equal(floats, images)
 
 
 @pytest.mark.parametrize("array, message", [
@@ -90,7 +92,7 @@ def test_unsupported_sample_files_get_the_same_one_line_refusal(tmp_path):
         with pytest.raises(ImagegenError) as err:
             load_samples(tmp_path / name)
         assert str(err.value) == (f"{tmp_path / name}: not a .npy array file; expected one written by "
-                                  "numpy.save (N x 28 x 28 images)")
+                                  "numpy.save (N x H x W grey or N x H x W x 3 RGB images)")
 
 
 def test_evaluate_samples_npz_is_refused_by_the_cli(tmp_path, capsys):
@@ -101,7 +103,8 @@ def test_evaluate_samples_npz_is_refused_by_the_cli(tmp_path, capsys):
     code = main(["--params", str(tmp_path / "params.yaml"), "evaluate", "--samples", str(tmp_path / "x.npz")])
     assert code == 1
     assert capsys.readouterr().err == (f"imagegen evaluate: error: {tmp_path}/x.npz: not a .npy array file; "
-                                       "expected one written by numpy.save (N x 28 x 28 images)\n")
+                                       "expected one written by numpy.save (N x H x W grey or N x H x W x 3 RGB "
+                                       "images)\n")
 
 
 def load_error(folder) -> str:
@@ -144,7 +147,7 @@ def test_corrupt_or_mismatched_model_folders_are_one_line_errors(tmp_path):
                                     "refused (only weights are loaded)")
     assert not (tmp_path / "pwned").exists()
     weights.write_bytes(good)
-    save_model(tmp_path, module, {**meta, "arch": {**meta["arch"], "width": 8}})  # weights of width 4
+    save_model(tmp_path, module, replace(meta, arch={**meta.arch, "width": 8}))  # weights of width 4
     weights.write_bytes(good)
     assert load_error(tmp_path) == (
         f"{weights}: does not fit the gan architecture in model.json: 16 shape mismatches (file vs model: "

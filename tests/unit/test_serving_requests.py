@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
+from imagegen.models.description import ModelDescription
 from imagegen.serving import MAX_IMAGES, decode_png, image_labels, parse_requests, png_base64
 
-CONDITIONAL = {"kind": "gan", "num_classes": 10}
-UNCONDITIONAL = {"kind": "vae", "num_classes": 0}
+CONDITIONAL = ModelDescription("gan", {}, 10)
+UNCONDITIONAL = ModelDescription("vae", {}, 0)
 
 
 def test_rows_dicts_and_frames_parse_alike():

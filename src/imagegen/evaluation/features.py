@@ -1,8 +1,8 @@
-"""The domain feature network: a small classifier trained on the train split (train-features stage).
+"""The train-features stage: the domain feature network (models/features.py) trained on the train split.
 
-Its penultimate layer (`features`) is the space FID, KID and precision/recall are computed in;
-its class predictions give the mode-coverage metrics. The stage also stores the test split's
-features (models/features/reference.npz) so evaluation never recomputes them.
+Its penultimate layer is the space FID, KID and precision/recall are computed in (`embed`); its class
+predictions give the mode-coverage metrics. The stage also stores the test split's features
+(models/features/reference.npz) so evaluation never recomputes them.
 """
 
 from __future__ import annotations
@@ -18,16 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from imagegen.config import Config
-from imagegen.data.datasets import DATASETS
 from imagegen.data.prepare import PREPARED_DIR
+from imagegen.data.prepared import DatasetInfo, as_nchw, load_split, read_info
 from imagegen.data.validated import require_validated
 from imagegen.errors import ImagegenError
 from imagegen.fsutil import atomic_dir, atomic_file, write_json
+from imagegen.models.description import ModelDescription
+from imagegen.models.features import FeatureNet
 from imagegen.models.io import load_model, save_model
-from imagegen.training.data import load_split
 from imagegen.training.runtime import select_device
 
 log = logging.getLogger(__name__)
@@ -36,37 +36,19 @@ FEATURES_DIR = Path("models/features")
 REFERENCE = "reference.npz"
 
 
-class FeatureNet(nn.Module):
-    def __init__(self, width: int = 32, feature_dim: int = 128, num_classes: int = 10):
-        super().__init__()
-        c = width
-        self.body = nn.Sequential(
-            nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),  # 14x14
-            nn.Conv2d(c, 2 * c, 3, padding=1), nn.BatchNorm2d(2 * c), nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),  # 7x7
-            nn.Conv2d(2 * c, 2 * c, 3, padding=1), nn.BatchNorm2d(2 * c), nn.ReLU(inplace=True),
-            nn.Flatten(),
-            nn.Dropout(0.3),
-            nn.Linear(2 * c * 7 * 7, feature_dim), nn.BatchNorm1d(feature_dim), nn.ReLU(inplace=True),
-        )
-        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(feature_dim, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
-
-
 @torch.no_grad()
 def embed(net: FeatureNet, images: np.ndarray, device: torch.device | str = "cpu",
           batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(features float64 N x D, class probabilities float64 N x C) of uint8 N x 28 x 28 images."""
+    """(features float64 N x D, class probabilities float64 N x K) of uint8 N x C x H x W images
+    (N x H x W: grey)."""
     from imagegen.evaluation.sampling import batch_size_for
 
     batch_size = batch_size or batch_size_for(device)
     net.eval()
+    images = as_nchw(images)
     feats, probs = [], []
     for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[start:start + batch_size]).to(device).float().div(255).unsqueeze(1)
+        x = torch.from_numpy(images[start:start + batch_size]).to(device).float().div(255)
         h = net.body(x)
         feats.append(h.double().cpu())
         probs.append(torch.softmax(net.head(h), dim=1).double().cpu())
@@ -83,14 +65,14 @@ def run_train_features(cfg: Config, root: Path = Path(".")) -> FeaturesResult:
     fc = cfg.features
     require_validated(root, "train-features")
     device = select_device(cfg.train.device)
-    classes = DATASETS[cfg.data.dataset].classes
+    info = read_info(root / PREPARED_DIR, cfg.data.dataset)
     train_images, train_labels = load_split(root / PREPARED_DIR / "train.npz", cfg.train.limit)
     test_images, test_labels = load_split(root / PREPARED_DIR / "test.npz")
     with tracked_run(cfg, root, device) as on_epoch:
         torch.manual_seed(cfg.train.seed)
-        net = FeatureNet(fc.width, fc.feature_dim, len(classes)).to(device)
+        net = FeatureNet(fc.width, fc.feature_dim, info.num_classes, info.shape).to(device)
         history = fit(net, train_images, train_labels, test_images, test_labels, fc, cfg.train.seed, device, on_epoch)
-        result = save_outputs(cfg, root, net, history, test_images, test_labels, device)
+        result = save_outputs(cfg, root, net, history, test_images, test_labels, device, info)
         on_epoch(None, result.metrics)
     return result
 
@@ -125,20 +107,20 @@ def tracked_run(cfg: Config, root: Path, device) -> Iterator[Callable[[dict | No
 
 
 def save_outputs(cfg: Config, root: Path, net: FeatureNet, history: list[dict], test_images, test_labels,
-                 device) -> FeaturesResult:
-    fc, classes = cfg.features, DATASETS[cfg.data.dataset].classes
+                 device, info: DatasetInfo) -> FeaturesResult:
+    fc = cfg.features
 
     test_features, test_probs = embed(net, test_images, device)
     accuracy = float((test_probs.argmax(1) == test_labels).mean())
-    meta = {"kind": "features", "dataset": cfg.data.dataset, "classes": list(classes),
-            "num_classes": len(classes), "arch": {"width": fc.width, "feature_dim": fc.feature_dim},
-            "parameters": sum(p.numel() for p in net.parameters())}
+    description = ModelDescription(
+        "features", {"width": fc.width, "feature_dim": fc.feature_dim}, info.num_classes, info.classes,
+        info.shape, dataset=cfg.data.dataset, parameters=sum(p.numel() for p in net.parameters()))
     with atomic_dir(root / FEATURES_DIR) as tmp:
-        save_model(tmp, net, meta)
+        save_model(tmp, net, description)
         np.savez(tmp / REFERENCE, features=test_features.astype(np.float32), labels=test_labels)
     metrics = {"test_accuracy": round(accuracy, 5), "epochs": fc.epochs,
                "train_minutes": round(sum(r["seconds"] for r in history) / 60, 2),
-               "parameters": meta["parameters"], "device": str(device)}
+               "parameters": description.parameters, "device": str(device)}
     write_json(root / "metrics" / "features.json", metrics)
     write_rows(root / "plots" / "train-features.csv", history)
     log.info("train-features: test accuracy %.4f", accuracy)
@@ -147,7 +129,7 @@ def save_outputs(cfg: Config, root: Path, net: FeatureNet, history: list[dict], 
 
 def fit(net, images, labels, test_images, test_labels, fc, seed, device, on_epoch=None) -> list[dict]:
     """Adam with a cosine schedule; random horizontal flips (clothes are left-right symmetric)."""
-    x_all = torch.from_numpy(images).to(device).unsqueeze(1)
+    x_all = torch.from_numpy(as_nchw(images)).to(device)
     y_all = torch.from_numpy(labels.astype(np.int64)).to(device)
     steps = len(x_all) // fc.batch_size
     optimizer = torch.optim.Adam(net.parameters(), lr=fc.lr, fused=device.type == "cuda")
@@ -190,13 +172,14 @@ def write_rows(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def load_features(root: Path = Path("."), device: torch.device | str = "cpu") -> tuple[FeatureNet, dict, dict]:
-    """The trained feature net, its meta, and the stored test-split reference (features, labels)."""
-    net, meta = load_model(root / FEATURES_DIR, device)
+def load_features(root: Path = Path("."), device: torch.device | str = "cpu"
+                  ) -> tuple[FeatureNet, ModelDescription, dict]:
+    """The trained feature net, its description, and the stored test-split reference (features, labels)."""
+    net, description = load_model(root / FEATURES_DIR, device)
     path = root / FEATURES_DIR / REFERENCE
     try:
         with np.load(path, allow_pickle=False) as ref:
             reference = {"features": ref["features"].astype(np.float64), "labels": ref["labels"]}
     except (OSError, ValueError, KeyError) as exc:
         raise ImagegenError(f"{path}: unreadable test-split features ({exc}); re-run the train-features stage") from None
-    return net, meta, reference
+    return net, description, reference

@@ -2,7 +2,7 @@
 
 It differs from torchvision's Inception3 only in some pooling branches: average pools that
 exclude padding (blocks 5b-5d, 6b-6e, 7b) and a max pool in block 7c. Images are upsampled
-to 299 x 299 (bilinear), repeated to 3 channels and scaled to [-1, 1]; the features are the
+to 299 x 299 (bilinear), grey ones repeated to 3 channels, and scaled to [-1, 1]; the features are the
 2048-d pool output. Weights come only from the file the user configures: nothing is downloaded.
 On a CPU this is slow (about 6 GFLOPs an image); it is meant for GPU runs.
 """
@@ -65,11 +65,16 @@ def fid_inception(weights: Path) -> nn.Module:
 
 @torch.no_grad()
 def inception_features(net: nn.Module, images: np.ndarray, device, batch_size: int = 100) -> np.ndarray:
+    """2048-d features of uint8 N x C x H x W images (C = 1 or 3; N x H x W: grey)."""
+    from imagegen.data.prepared import as_nchw
+
+    images = as_nchw(images)
     net = net.to(device)
     out = []
     for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[start:start + batch_size]).to(device).float().div(255).unsqueeze(1)
-        x = F.interpolate(x.repeat(1, 3, 1, 1), size=(299, 299), mode="bilinear", align_corners=False)
+        x = torch.from_numpy(images[start:start + batch_size]).to(device).float().div(255)
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         out.append(net(2 * x - 1).double().cpu())
     return torch.cat(out).numpy()
 

@@ -20,13 +20,16 @@ from imagegen.data.prepare import PREPARED_DIR
 from imagegen.data.validated import require_validated
 from imagegen.errors import ImagegenError
 from imagegen.evaluation import metrics as m
-from imagegen.evaluation.features import FeatureNet, embed, load_features
+from imagegen.data.prepared import load_split
+from imagegen.evaluation.features import FEATURES_DIR, embed, load_features
 from imagegen.evaluation.pictures import SIDE_BY_SIDE, draw_pictures, side_by_side
 from imagegen.evaluation.sampling import generate
 from imagegen.evaluation.vae_metrics import vae_test_metrics
 from imagegen.fsutil import atomic_dir, sha256_file, write_json
-from imagegen.models.io import WEIGHTS, load_model
-from imagegen.training.data import load_split
+from imagegen.models.description import ModelDescription
+from imagegen.models.features import FeatureNet
+from imagegen.models.io import WEIGHTS, load_model, read_description
+from imagegen.models.kinds import GENERATORS, kind_of
 from imagegen.training.runtime import select_device
 
 if TYPE_CHECKING:
@@ -34,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KINDS = ("gan", "vae")
+KINDS = GENERATORS  # gan, vae
 REPORTS = Path("reports/evaluate")
 METRICS = Path("metrics/evaluate.json")
 HEADLINE = ("fid", "kid_mean", "precision", "recall", "nll_iwae")  # also logged on the pipeline's parent run
@@ -66,19 +69,20 @@ def evaluate_models(cfg: Config, root: Path) -> dict:
     grids = {}
     with atomic_dir(root / REPORTS) as pictures_dir:
         for kind in KINDS:
-            module, meta = load_model(root / "models" / kind, scorer.device)
-            samples = generate(module, meta, cfg.eval.n_samples, cfg.eval.seed, device=scorer.device)
+            module, description = load_model(root / "models" / kind, scorer.device)
+            scorer.check_shape(description, root / "models" / kind)
+            samples = generate(module, description, cfg.eval.n_samples, cfg.eval.seed, device=scorer.device)
             scores = scorer.score(samples)
-            if meta["num_classes"]:
-                scores["class_accuracy"] = conditional_accuracy(module, meta, scorer, cfg)
-            if kind == "vae":
+            if description.num_classes:
+                scores["class_accuracy"] = conditional_accuracy(module, description, scorer, cfg)
+            if kind_of(description).reconstructs:
                 n = cfg.eval.iwae_images or len(test_images)
                 scores.update(vae_test_metrics(module, test_images[:n], test_labels[:n], cfg.eval.iwae_k,
                                                cfg.eval.seed, device=scorer.device))
                 scores["iwae_k"] = cfg.eval.iwae_k
             results[kind] = rounded(scores)
             log.info("evaluate %s: %s", kind, results[kind])
-            draw_pictures(pictures_dir, kind, module, meta, samples, (test_images, test_labels), cfg.eval.seed,
+            draw_pictures(pictures_dir, module, description, samples, (test_images, test_labels), cfg.eval.seed,
                           scorer.device)
             grids[kind.upper()] = samples[:64]
         side_by_side(pictures_dir / SIDE_BY_SIDE, grids)
@@ -93,14 +97,20 @@ class Scorer:
 
     cfg: Config
     net: FeatureNet
+    description: ModelDescription  # the feature net's: the image shape every scored sample must have
     reference: np.ndarray  # the test split's domain features
     device: torch.device | str
     inception: InceptionFID | None = None
 
     @classmethod
     def load(cls, cfg: Config, root: Path, device: torch.device | str) -> Scorer:
-        net, _, reference = load_features(root, device)
-        return cls(cfg, net, reference["features"], device, load_inception(cfg, root, device))
+        net, description, reference = load_features(root, device)
+        return cls(cfg, net, description, reference["features"], device, load_inception(cfg, root, device))
+
+    def check_shape(self, model: ModelDescription, folder: Path) -> None:
+        if model.image_shape != self.description.image_shape:
+            raise ImagegenError(f"{folder}: makes {model.shape_text} images, but the feature net in {FEATURES_DIR} "
+                                f"scores {self.description.shape_text} ones; retrain one of them on today's data")
 
     def embed(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return embed(self.net, images, self.device)
@@ -126,12 +136,12 @@ def reference_metrics(cfg: Config, root: Path, scorer: Scorer) -> dict:
     return {"fid_train_vs_test": round(m.fid(features, scorer.reference), 4), "n_samples": len(subset)}
 
 
-def conditional_accuracy(module, meta: dict, scorer: Scorer, cfg: Config) -> dict[str, float]:
+def conditional_accuracy(module, description: ModelDescription, scorer: Scorer, cfg: Config) -> dict[str, float]:
     """Per class: the share of samples conditioned on it that the feature net assigns to it."""
-    per_class = max(cfg.eval.n_samples // meta["num_classes"], 1)
+    per_class = max(cfg.eval.n_samples // description.num_classes, 1)
     accuracy = {}
-    for label, name in enumerate(meta["classes"]):
-        samples = generate(module, meta, per_class, cfg.eval.seed + 1 + label, label, scorer.device)
+    for label, name in enumerate(description.classes):
+        samples = generate(module, description, per_class, cfg.eval.seed + 1 + label, label, scorer.device)
         _, probs = scorer.embed(samples)
         accuracy[name] = float((probs.argmax(1) == label).mean())
     accuracy["mean"] = float(np.mean(list(accuracy.values())))
@@ -158,9 +168,10 @@ def rounded(scores: dict) -> dict:
             for k, v in scores.items()}
 
 
-def load_samples(path: Path) -> np.ndarray:
-    """A user's samples file as uint8 N x 28 x 28, or a one-line error naming what is wrong."""
-    not_npy = f"{path}: not a .npy array file; expected one written by numpy.save (N x 28 x 28 images)"
+def read_samples(path: Path) -> np.ndarray:
+    """The array in a user's .npy samples file, or a one-line error when it is not one."""
+    not_npy = (f"{path}: not a .npy array file; expected one written by numpy.save "
+               "(N x H x W grey or N x H x W x 3 RGB images)")
     try:
         array = np.load(path, allow_pickle=False)
     except FileNotFoundError:
@@ -170,14 +181,31 @@ def load_samples(path: Path) -> np.ndarray:
     if not isinstance(array, np.ndarray):  # an .npz archive
         array.close()
         raise ImagegenError(not_npy)
-    if array.ndim == 4 and array.shape[1] == 1:
-        array = array[:, 0]
-    if array.ndim != 3 or array.shape[1:] != (28, 28):
-        raise ImagegenError(f"{path}: shape {array.shape}, expected N x 28 x 28 (or N x 1 x 28 x 28)")
+    return array
+
+
+def load_samples(path: Path, shape: tuple[int, int, int] = (1, 28, 28)) -> np.ndarray:
+    """A user's samples file as uint8 N x C x H x W for images of `shape` (C, H, W; the feature net's),
+    or a one-line error naming what is wrong. Grey: N x H x W or N x 1 x H x W; RGB: N x H x W x 3 or
+    N x 3 x H x W; uint8 (0..255) or float (0..1)."""
+    return conform_samples(path, read_samples(path), shape)
+
+
+def conform_samples(path: Path, array: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    c, h, w = shape
+    if c == 1 and array.ndim == 3 and array.shape[1:] == (h, w):
+        array = array[:, None]
+    elif c == 3 and array.ndim == 4 and array.shape[1:] == (h, w, 3):
+        array = array.transpose(0, 3, 1, 2)
+    if array.ndim != 4 or array.shape[1:] != shape:
+        expected = (f"N x {h} x {w} (or N x 1 x {h} x {w})" if c == 1
+                    else f"N x {h} x {w} x 3 (or N x 3 x {h} x {w})")
+        raise ImagegenError(f"{path}: shape {array.shape}, expected {expected}: the feature net scores "
+                            f"{h} x {w} {'grey' if c == 1 else 'RGB'} images")
     if len(array) < MIN_EVAL_SAMPLES:
         raise ImagegenError(f"{path}: {len(array)} samples, expected at least {MIN_EVAL_SAMPLES}")
     if array.dtype == np.uint8:
-        return array
+        return np.ascontiguousarray(array)
     if not np.issubdtype(array.dtype, np.floating):
         raise ImagegenError(f"{path}: dtype {array.dtype}, expected uint8 (0..255) or float (0..1)")
     if not np.isfinite(array).all():
@@ -188,8 +216,10 @@ def load_samples(path: Path) -> np.ndarray:
 
 
 def score_samples_file(cfg: Config, root: Path, path: Path) -> dict:
-    """`imagegen evaluate --samples FILE.npy`: any generator's samples, scored like ours."""
-    samples = load_samples(path)
+    """`imagegen evaluate --samples FILE.npy`: any generator's samples, scored like ours, if they have the
+    feature net's image shape (checked before anything slow is loaded)."""
+    array = read_samples(path)
+    samples = conform_samples(path, array, read_description(root / FEATURES_DIR).image_shape)
     return rounded(Scorer.load(cfg, root, select_device(cfg.train.device)).score(samples))
 
 

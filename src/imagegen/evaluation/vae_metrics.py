@@ -1,6 +1,8 @@
-"""The VAE's likelihood-side numbers on the test split, all in nats per image.
+"""The VAE's likelihood-side numbers on the test split, in nats per image and (`*_per_dim`) per
+dimension, a dimension being one pixel of one channel (C x H x W of them), so that models of
+different image sizes compare.
 
-The decoder is a Bernoulli likelihood over grey levels in [0, 1] (as trained), so these are
+The decoder is a Bernoulli likelihood over intensities in [0, 1] (as trained), so these are
 comparable between our runs, not with discretised-likelihood NLLs from papers.
 """
 
@@ -11,7 +13,10 @@ import math
 import numpy as np
 import torch
 
+from imagegen.data.prepared import as_nchw
 from imagegen.models.vae import VAE, negative_elbo
+
+PER_DIM = ("recon_bce", "nelbo", "nll_iwae", "nll_iwae_prior")  # also reported per dimension
 
 
 @torch.no_grad()
@@ -31,7 +36,7 @@ def vae_test_metrics(vae: VAE, images: np.ndarray, labels: np.ndarray, k: int, s
     if fitted is not None:
         sums["nll_iwae_prior"] = 0.0
     for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[start:start + batch_size]).float().div(255).unsqueeze(1).to(device)
+        x = torch.from_numpy(as_nchw(images[start:start + batch_size])).float().div(255).to(device)
         y = torch.from_numpy(labels[start:start + batch_size]).to(device) if vae.num_classes else None
         mu, logvar = vae.encode(x, y)
         logits = vae.decode(mu, y)
@@ -45,7 +50,10 @@ def vae_test_metrics(vae: VAE, images: np.ndarray, labels: np.ndarray, k: int, s
         sums["nll_iwae"] -= float(bounds[0].sum())
         if fitted is not None:
             sums["nll_iwae_prior"] -= float(bounds[1].sum())
-    return {name: total / len(images) for name, total in sums.items()}
+    means = {name: total / len(images) for name, total in sums.items()}
+    dims = math.prod(as_nchw(images).shape[1:])
+    per_dim = {f"{name}_per_dim": means[name] / dims for name in PER_DIM if name in means}
+    return {**means, **per_dim, "dims": dims}
 
 
 def iwae_bound(vae: VAE, x, y, mu, logvar, k: int, noise: torch.Generator, prior=None,

@@ -1,4 +1,5 @@
-"""Trained weights on disk: models/<kind>/weights.pt (a state_dict) + model.json (how to rebuild it)."""
+"""Trained weights on disk: models/<kind>/weights.pt (a state_dict) + model.json (its ModelDescription:
+how to rebuild it, what images it makes)."""
 
 from __future__ import annotations
 
@@ -9,37 +10,21 @@ import torch
 from torch import nn
 
 from imagegen.errors import ImagegenError
+from imagegen.models.description import ModelDescription
+from imagegen.models.kinds import build
 
 WEIGHTS, META = "weights.pt", "model.json"
 
 
-def build(kind: str, arch: dict, num_classes: int) -> nn.Module:
-    if kind == "gan":
-        from imagegen.models.gan import Generator
-
-        return Generator(arch["latent_dim"], arch["width"], num_classes, arch["kernel_size"])
-    if kind == "vae":
-        from imagegen.models.vae import VAE
-
-        # VAEs saved before priors existed have no "prior" key: N(0, I).
-        return VAE(arch["latent_dim"], arch["width"], num_classes, arch.get("prior", "standard"),
-                   arch.get("prior_components", 32), arch.get("prior_width", 128))
-    if kind == "features":
-        from imagegen.evaluation.features import FeatureNet
-
-        return FeatureNet(arch["width"], arch["feature_dim"], num_classes)
-    raise ImagegenError(f"unknown model kind {kind!r}; expected gan, vae or features")
-
-
-def save_model(folder: Path, module: nn.Module, meta: dict) -> None:
+def save_model(folder: Path, module: nn.Module, description: ModelDescription) -> None:
     """Write into `folder` (the caller makes it atomic)."""
     torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, folder / WEIGHTS)
-    (folder / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    (folder / META).write_text(json.dumps(description.to_json(), indent=2, sort_keys=True) + "\n")
 
 
-def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """The model in `folder`, or a one-line error saying which file is wrong and how."""
-    meta = read_meta(folder)
+def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelDescription]:
+    """The model in `folder` and its description, or a one-line error saying which file is wrong and how."""
+    description = read_description(folder)
     path = folder / WEIGHTS
     try:
         state = torch.load(path, map_location=device, weights_only=True)
@@ -50,34 +35,30 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[nn.Mod
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ImagegenError(f"{path}: holds a {type(state).__name__} of other values, expected a state_dict of tensors")
     try:
-        module = build(meta["kind"], meta["arch"], meta["num_classes"])
+        module = build(description)
     except ImagegenError:
         raise
     except (KeyError, TypeError, ValueError) as exc:
-        raise ImagegenError(f"{folder / META}: arch {meta['arch']!r} does not describe a {meta['kind']} model "
+        raise ImagegenError(f"{folder / META}: arch {description.arch!r} does not describe a {description.kind} model "
                             f"({type(exc).__name__}: {exc})") from None
     problem = mismatch(module, state)
     if problem:
-        raise ImagegenError(f"{path}: does not fit the {meta['kind']} architecture in {META}: {problem}")
+        raise ImagegenError(f"{path}: does not fit the {description.kind} architecture in {META}: {problem}")
     module.load_state_dict(state)
-    return module.to(device).eval(), meta
+    return module.to(device).eval(), description
 
 
-def read_meta(folder: Path) -> dict:
+def read_description(folder: Path) -> ModelDescription:
+    """The description in folder/model.json (no weights read), or a one-line error."""
     path = folder / META
     try:
-        meta = json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise ImagegenError(f"{folder}: no trained model there ({META} missing)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         where = f" at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
         raise ImagegenError(f"{path}: not valid JSON{where}; expected the model description train wrote") from None
-    if not isinstance(meta, dict):
-        raise ImagegenError(f"{path}: expected a JSON object with kind, arch and num_classes")
-    missing = [key for key in ("kind", "arch", "num_classes") if key not in meta]
-    if missing:
-        raise ImagegenError(f"{path}: missing {', '.join(missing)}; expected kind, arch and num_classes")
-    return meta
+    return ModelDescription.from_json(raw, path)
 
 
 def describe_load_error(exc: Exception) -> str:

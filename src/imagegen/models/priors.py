@@ -220,7 +220,7 @@ class TwoStagePrior(nn.Module):
 @torch.no_grad()
 def posterior_codes(vae, images: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator,
                     batch_size: int = 1000) -> torch.Tensor:
-    """One z ~ q(z | x) per image (uint8 N x 1 x H x W): a sample of the aggregate posterior."""
+    """One z ~ q(z | x) per image (uint8 N x C x H x W): a sample of the aggregate posterior."""
     was_training = vae.training
     vae.eval()
     out = []

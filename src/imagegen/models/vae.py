@@ -1,6 +1,10 @@
-"""Convolutional VAE for 28x28 single-channel images with a Bernoulli (logits) likelihood.
+"""Convolutional VAE for C x H x W images (C = 1 or 3; H = W = 28, 32 or 64) with a Bernoulli (logits)
+likelihood per pixel and channel.
 
-Encoder: 28 -> 14 -> 7 convolutions -> (mu, log sigma^2). Decoder mirrors it and returns logits.
+Encoder: strided 4 x 4 convolutions down to a seed (28 -> 14 -> 7; 32 -> 16 -> 8 -> 4; 64 adds a block:
+64 -> .. -> 4), channels width, 2 x width, 4 x width (at most), then a linear layer -> (mu, log sigma^2).
+The decoder mirrors it and returns logits. At 1 x 28 x 28 this is exactly the model trained before
+other sizes existed (same parameter names and shapes).
 A conditional model feeds a class embedding to both encoder head and decoder.
 Samples start from `prior` (models/priors.py): N(0, I) as trained, or a prior fitted to the
 trained encoder's codes afterwards; the first stage (encoder, decoder) is the same either way.
@@ -13,31 +17,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imagegen.models.description import LEGACY_SHAPE, check_shape
 from imagegen.models.priors import build_prior
+
+SEEDS = {28: 7, 32: 4, 64: 4}  # side of the encoder's last / the decoder's first feature map
+HALVINGS = {28: 2, 32: 3, 64: 4}  # image side -> seed
 
 
 class VAE(nn.Module):
     def __init__(self, latent_dim: int = 16, width: int = 32, num_classes: int = 0, prior: str = "standard",
-                 prior_components: int = 32, prior_width: int = 128):
+                 prior_components: int = 32, prior_width: int = 128,
+                 image_shape: tuple[int, int, int] = LEGACY_SHAPE):
         super().__init__()
-        self.latent_dim, self.num_classes = latent_dim, num_classes
+        channels, size, _ = check_shape(image_shape)
+        self.latent_dim, self.num_classes, self.image_shape = latent_dim, num_classes, (channels, size, size)
         c = width
         cond = c if num_classes else 0
         self.embed = nn.Embedding(num_classes, c) if num_classes else None
+        seed = SEEDS[size]
+        chans = [c * min(2 ** i, 4) for i in range(HALVINGS[size])]  # 28: c, 2c; 32: c, 2c, 4c; 64: c, 2c, 4c, 4c
+        down = []
+        for a, b in zip([channels, *chans[:-1]], chans):
+            down += [nn.Conv2d(a, b, 4, 2, 1), nn.SiLU()]  # halves the side
         self.encoder = nn.Sequential(
-            nn.Conv2d(1, c, 4, 2, 1), nn.SiLU(),  # 14x14
-            nn.Conv2d(c, 2 * c, 4, 2, 1), nn.SiLU(),  # 7x7
+            *down,
             nn.Flatten(),
-            nn.Linear(2 * c * 7 * 7, 8 * c), nn.SiLU(),
+            nn.Linear(chans[-1] * seed * seed, 8 * c), nn.SiLU(),
         )
         self.posterior = nn.Linear(8 * c + cond, 2 * latent_dim)
-        self.decoder = nn.Sequential(
+        decoder = [  # (built in this order: the same seed gives the same initial weights as before)
             nn.Linear(latent_dim + cond, 8 * c), nn.SiLU(),
-            nn.Linear(8 * c, 2 * c * 7 * 7), nn.SiLU(),
-            nn.Unflatten(1, (2 * c, 7, 7)),
-            nn.ConvTranspose2d(2 * c, c, 4, 2, 1), nn.SiLU(),  # 14x14
-            nn.ConvTranspose2d(c, 1, 4, 2, 1),  # 28x28 logits
-        )
+            nn.Linear(8 * c, chans[-1] * seed * seed), nn.SiLU(),
+            nn.Unflatten(1, (chans[-1], seed, seed)),
+        ]
+        for a, b in zip(chans[::-1], [*chans[-2::-1], channels]):
+            decoder += [nn.ConvTranspose2d(a, b, 4, 2, 1), nn.SiLU()]  # doubles the side
+        self.decoder = nn.Sequential(*decoder[:-1])  # the last layer gives the logits: no activation
         # Registered last: a standard prior has no state, so old state_dicts still load.
         self.prior = build_prior(prior, latent_dim, prior_components, prior_width)
 

@@ -1,6 +1,7 @@
-"""The whole uint8 training set lives on the device; batches are index slices of it.
+"""The whole uint8 training set (N x C x H x W, as prepared.load_split reads it) lives on the device;
+batches are index slices of it.
 
-60k x 28 x 28 bytes is 47 MB: a DataLoader would only add worker overhead. Each epoch's order
+60k x 28 x 28 bytes is 47 MB (10k x 3 x 64 x 64, 123 MB): a DataLoader would only add worker overhead. Each epoch's order
 is a permutation drawn from (seed, epoch), so a resumed run sees exactly the batches an
 uninterrupted one would. Under DDP each rank takes its own slice of every global batch.
 """
@@ -8,29 +9,17 @@ uninterrupted one would. Under DDP each rank takes its own slice of every global
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
-
 import numpy as np
 import torch
 
+from imagegen.data.prepared import as_nchw
 from imagegen.errors import ImagegenError
-
-
-def load_split(path: Path, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as arrays:
-            images, labels = arrays["images"], arrays["labels"]
-    except FileNotFoundError:
-        raise ImagegenError(f"{path}: file not found (run the prepare stage first)") from None
-    if images.dtype != np.uint8 or images.ndim != 3:
-        raise ImagegenError(f"{path}: images are {images.dtype} {images.shape}, expected uint8 N x H x W")
-    return (images[:limit], labels[:limit]) if limit else (images, labels)
 
 
 class DeviceBatches:
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device,
                  seed: int, rank: int = 0, world_size: int = 1):
-        self.images = torch.from_numpy(images).to(device).unsqueeze(1)  # N x 1 x H x W, uint8
+        self.images = torch.from_numpy(as_nchw(images)).to(device)  # N x C x H x W, uint8
         self.labels = torch.from_numpy(labels.astype(np.int64)).to(device)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.steps_per_epoch = len(self.images) // (batch_size * world_size)

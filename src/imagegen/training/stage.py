@@ -22,12 +22,14 @@ import numpy as np
 import torch
 
 from imagegen.config import Config, model_params
-from imagegen.data.datasets import DATASETS
 from imagegen.data.prepare import PREPARED_DIR
+from imagegen.data.prepared import DatasetInfo, load_split, read_info
 from imagegen.data.validated import require_validated
+from imagegen.errors import ImagegenError
 from imagegen.fsutil import atomic_dir, atomic_file, remove_partials, sha256_file, write_json
+from imagegen.models.description import ModelDescription
 from imagegen.models.io import WEIGHTS, save_model
-from imagegen.training.data import DeviceBatches, load_split
+from imagegen.training.data import DeviceBatches
 from imagegen.training.loop import History, LoopConfig, TrainingLogger, load_checkpoint, train
 from imagegen.training.runtime import Runtime, setup_runtime, teardown_runtime
 from imagegen.training.tasks import GANTask, Task, VAETask
@@ -70,17 +72,22 @@ def run_train(cfg: Config, kind: str, root: Path = Path(".")) -> TrainResult:
     runtime = setup_runtime(cfg.train.device)
     try:
         require_validated(root, f"train-{kind}", ("train",))
-        spec = DATASETS[cfg.data.dataset]
+        info = read_info(root / PREPARED_DIR, cfg.data.dataset)
         train_file = root / PREPARED_DIR / "train.npz"
         images, labels = load_split(train_file, cfg.train.limit)
+        if images.shape[1:] != info.shape:
+            raise ImagegenError(f"{train_file}: images are {' x '.join(map(str, images.shape[1:]))}, but "
+                                f"{PREPARED_DIR}/dataset.json says {' x '.join(map(str, info.shape))}; "
+                                "run the prepare stage again")
         torch.manual_seed(cfg.train.seed)
-        task = TASKS[kind](section, len(spec.classes), runtime.device, cfg.train.amp, cfg.train.channels_last)
+        task = TASKS[kind](section, info.num_classes, runtime.device, cfg.train.amp, cfg.train.channels_last,
+                           info.shape)
         task.prepare_models(cfg.train.compile, runtime.distributed, cfg.train.cuda_graphs)
         data = DeviceBatches(images, labels, section.batch_size, runtime.device, cfg.train.seed,
                              runtime.rank, runtime.world_size)
         out = paths(root, kind)
         params = model_params(cfg, kind)
-        probe = BestByFid.create(task, root, images, cfg.train.seed) if runtime.is_main and kind == "gan" else None
+        probe = BestByFid.create(task, root, images, cfg.train.seed) if runtime.is_main and task.keeps_best else None
         loop_cfg = LoopConfig(
             epochs=section.epochs, seed=cfg.train.seed, checkpoint_path=out["checkpoint"],
             checkpoint_every=cfg.train.checkpoint_every, resume=cfg.train.resume,
@@ -95,7 +102,7 @@ def run_train(cfg: Config, kind: str, root: Path = Path(".")) -> TrainResult:
         grids = GridWriter(out["staged_samples"], keep_through=state["epoch"] if state else 0)
         if not cfg.train.mlflow:
             history = train(task, data, loop_cfg, runtime, Chain(probe, grids), state)
-            return finish(task, history, cfg, kind, runtime, out, data)
+            return finish(task, history, cfg, kind, runtime, out, data, info)
         from imagegen import tracking
 
         tags = tracking.lineage_tags(root, params, str(runtime.device))
@@ -105,7 +112,7 @@ def run_train(cfg: Config, kind: str, root: Path = Path(".")) -> TrainResult:
             tracking.log_dataset(root, cfg.data.dataset, "training")
             loop_cfg = replace(loop_cfg, run_info={"mlflow_run_id": run.info.run_id})
             history = train(task, data, loop_cfg, runtime, Chain(probe, grids, MlflowLogger(grids)), state)
-            result = finish(task, history, cfg, kind, runtime, out, data)
+            result = finish(task, history, cfg, kind, runtime, out, data, info)
             log_outputs(result, out)
         return result
     finally:
@@ -174,7 +181,11 @@ class BestByFid(TrainingLogger):
             return None
         from imagegen.models.io import load_model
 
-        net, _ = load_model(folder, task.device)
+        net, description = load_model(folder, task.device)
+        if description.image_shape != task.image_shape:
+            log.warning("train-gan: %s scores %s images, not this data's: keeping the last epoch, not the best "
+                        "(run the train-features stage)", folder, description.shape_text)
+            return None
         picked = np.random.default_rng(seed).permutation(len(images))[:10_000]
         reference = embed(net, images[picked], task.device)[0]
         return cls(task, net, reference, sha256_file(folder / WEIGHTS))
@@ -184,8 +195,9 @@ class BestByFid(TrainingLogger):
         from imagegen.evaluation.metrics import fid
         from imagegen.evaluation.sampling import generate
 
-        meta = {"kind": "gan", "arch": {"latent_dim": self.task.cfg.latent_dim}, "num_classes": self.task.num_classes}
-        images = generate(self.task.ema, meta, self.n, seed=epoch, device=self.task.device)
+        description = ModelDescription("gan", {"latent_dim": self.task.cfg.latent_dim}, self.task.num_classes,
+                                       image_shape=self.task.image_shape)
+        images = generate(self.task.ema, description, self.n, seed=epoch, device=self.task.device)
         metrics["fid_probe"] = round(fid(embed(self.net, images, self.task.device)[0], self.reference), 4)
         self.task.keep_if_best(epoch, metrics["fid_probe"])
 
@@ -202,21 +214,15 @@ class MlflowLogger(TrainingLogger):
 
 
 def finish(task: Task, history: History, cfg: Config, kind: str, runtime: Runtime, out: dict,
-           data: DeviceBatches) -> TrainResult:
+           data: DeviceBatches, info: DatasetInfo) -> TrainResult:
     section = getattr(cfg, kind)
     fitted = task.finalize(data)
     module = task.export()
-    meta = {
-        "kind": kind,
-        "dataset": cfg.data.dataset,
-        "classes": list(DATASETS[cfg.data.dataset].classes),
-        "num_classes": task.num_classes,
-        "arch": {k: getattr(section, k) for k in ARCH_KEYS if hasattr(section, k)},
-        "output_range": [0, 1],
-        "parameters": sum(p.numel() for p in module.parameters()),
-    }
+    description = ModelDescription(
+        kind, {k: getattr(section, k) for k in ARCH_KEYS if hasattr(section, k)}, task.num_classes, info.classes,
+        info.shape, dataset=cfg.data.dataset, parameters=sum(p.numel() for p in module.parameters()))
     with atomic_dir(out["model"]) as tmp:
-        save_model(tmp, module, meta)
+        save_model(tmp, module, description)
     publish_grids(out["staged_samples"], out["samples"], len(history.epochs))
     last = history.epochs[-1] if history.epochs else {}
     metrics = {
@@ -228,7 +234,7 @@ def finish(task: Task, history: History, cfg: Config, kind: str, runtime: Runtim
         "resumed_from_step": history.resumed_from,
         "device": str(runtime.device),
         "world_size": runtime.world_size,
-        "parameters": meta["parameters"],
+        "parameters": description.parameters,
     }
     metrics.update(fitted)
     if getattr(task, "best", None):

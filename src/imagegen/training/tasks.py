@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imagegen.models.description import LEGACY_SHAPE
 from imagegen.models.gan import Discriminator, Generator
 from imagegen.models.vae import VAE, negative_elbo
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 class Task:
     kind: str
+    keeps_best = False
     trained: tuple[str, ...]
     modules: dict[str, nn.Module]
     optimizers: dict[str, torch.optim.Optimizer]
@@ -103,14 +105,18 @@ class Task:
 
 class GANTask(Task):
     kind = "gan"
+    keeps_best = True  # the stage scores each epoch (BestByFid) and export() ships the best one
     trained = ("generator", "discriminator")  # the EMA copy is updated by hand, never wrapped
 
-    def __init__(self, cfg, num_classes: int, device, amp=True, channels_last=True):
+    def __init__(self, cfg, num_classes: int, device, amp=True, channels_last=True,
+                 image_shape: tuple[int, int, int] = LEGACY_SHAPE):
         super().__init__(device, amp, channels_last)
-        self.cfg = cfg
+        self.cfg, self.image_shape = cfg, tuple(image_shape)
         self.num_classes = num_classes if cfg.conditional else 0
-        self.generator = self.place(Generator(cfg.latent_dim, cfg.width, self.num_classes, cfg.kernel_size))
-        self.discriminator = self.place(Discriminator(cfg.width, self.num_classes, cfg.spectral_norm, cfg.kernel_size))
+        self.generator = self.place(Generator(cfg.latent_dim, cfg.width, self.num_classes, cfg.kernel_size,
+                                              self.image_shape))
+        self.discriminator = self.place(Discriminator(cfg.width, self.num_classes, cfg.spectral_norm, cfg.kernel_size,
+                                                      self.image_shape))
         self.ema = copy.deepcopy(self.generator).requires_grad_(False)
         # On CUDA the count lives on the device, so the EMA's warm-up needs no host value (see update_ema).
         self.ema_updates: int | torch.Tensor = torch.zeros((), device=device) if device.type == "cuda" else 0
@@ -240,11 +246,12 @@ class VAETask(Task):
     kind = "vae"
     trained = ("vae",)
 
-    def __init__(self, cfg, num_classes: int, device, amp=True, channels_last=True):
+    def __init__(self, cfg, num_classes: int, device, amp=True, channels_last=True,
+                 image_shape: tuple[int, int, int] = LEGACY_SHAPE):
         super().__init__(device, amp, channels_last)
-        self.cfg = cfg
+        self.cfg, self.image_shape = cfg, tuple(image_shape)
         self.num_classes = num_classes if cfg.conditional else 0
-        self.vae = self.place(VAE(cfg.latent_dim, cfg.width, self.num_classes))
+        self.vae = self.place(VAE(cfg.latent_dim, cfg.width, self.num_classes, image_shape=self.image_shape))
         self.modules = {"vae": self.vae}
         self.optimizers = {"vae": self.adam(self.vae.parameters(), lr=cfg.lr)}
 
