@@ -406,8 +406,8 @@ def log_dataset(root: Path, dataset: str, context: str) -> None:
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.pandas_dataset import PandasDataset
 
-    from imagegen.data.datasets import DATASETS
     from imagegen.data.prepare import MANIFEST, PREPARED_DIR
+    from imagegen.data.prepared import read_info
 
     folder = (root / PREPARED_DIR).resolve()
     try:
@@ -420,7 +420,10 @@ def log_dataset(root: Path, dataset: str, context: str) -> None:
             with contextlib.suppress(OSError, KeyError, ValueError), np.load(folder / f"{split}.npz") as f:
                 frames.append(pd.DataFrame({"split": split, "label": f["labels"]}))
         manifest = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"split": [], "label": []})
-    classes = DATASETS[dataset].classes if dataset in DATASETS else ()
+    try:
+        classes = read_info(folder, dataset).classes
+    except ImagegenError:
+        classes = ()
     per_class = {split: {(classes[int(label)] if int(label) < len(classes) else str(label)): int(n)
                          for label, n in group["label"].value_counts().sort_index().items()}
                  for split, group in manifest.groupby("split", sort=False)}
