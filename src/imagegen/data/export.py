@@ -61,7 +61,7 @@ def write_png(path: Path, image: np.ndarray) -> bool:
     if path.exists():
         return False
     with atomic_file(path) as tmp:
-        Image.fromarray(image, mode="L").save(tmp, format="PNG")
+        Image.fromarray(image).save(tmp, format="PNG")
     return True
 
 

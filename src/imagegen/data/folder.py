@@ -143,9 +143,9 @@ def to_rgb_or_grey(image, channels: int, background: str):
 
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit grey: scale 0..65535 to 0..255
         wide = np.asarray(image).astype(np.float64)
-        image = Image.fromarray(np.round(np.clip(wide, 0, 65535) / 257).astype(np.uint8), "L")
+        image = Image.fromarray(np.round(np.clip(wide, 0, 65535) / 257).astype(np.uint8))
     elif image.mode == "F":
-        image = Image.fromarray(np.round(np.clip(np.asarray(image), 0, 255)).astype(np.uint8), "L")
+        image = Image.fromarray(np.round(np.clip(np.asarray(image), 0, 255)).astype(np.uint8))
     transparent = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if transparent:
         rgba = image.convert("RGBA")
