@@ -181,3 +181,16 @@ def test_folder_params_load(tmp_path):
     data = load_config(path).data
     assert (data.builtin, data.folder, data.image_size, data.channels) == (False, "/data/shoes", 64, 3)
     assert Config().data.builtin and Config().data.folder == "data/raw"
+
+
+def test_fetch_only_checks_the_folder(tmp_path):
+    import json
+
+    from imagegen.data.fetch import RAW_DIR, run_fetch
+
+    root = make_folder(tmp_path / "images", {"a": 1, "b": 1})
+    assert run_fetch(folder_config(root), tmp_path).sources == {}
+    assert json.loads((tmp_path / RAW_DIR / "folder.json").read_text())["folder"] == str(root)
+    with pytest.raises(ImagegenError, match=f"^data.folder: {tmp_path}/gone: no such folder"):
+        run_fetch(folder_config(tmp_path / "gone"), tmp_path)
+    assert json.loads((tmp_path / RAW_DIR / "folder.json").read_text())["folder"] == str(root)  # left as it was
