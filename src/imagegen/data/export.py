@@ -60,8 +60,11 @@ def write_png(path: Path, image: np.ndarray) -> bool:
 
     if path.exists():
         return False
-    with atomic_file(path) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG")
+    try:
+        with atomic_file(path) as tmp:
+            Image.fromarray(image).save(tmp, format="PNG")
+    except OSError as exc:
+        raise ImagegenError(f"{path}: cannot write ({exc.strerror or exc}); expected a writable folder") from None
     return True
 
 
