@@ -125,3 +125,57 @@ def mark_validated(root: Path) -> None:
 
     hashes = {path.stem: split_hash(path) for path in sorted((root / "data" / "prepared").glob("*.npz"))}
     write_json(root / RECORD, {"success": True, "failed_expectations": 0, HASH_KEY: hashes})
+
+
+def make_image_folder(root: Path, per_class: int = 16, seed: int = 0, start: int = 0) -> dict[str, Path]:
+    """A labelled image folder root/<circle|square|triangle>/: coloured shapes 20-100 px wide and high, as PNG
+    (RGB, RGBA, palette with transparency, 16-bit grey) and JPEG (RGB, CMYK, one with EXIF orientation),
+    plus one corrupt PNG, one hidden file and one non-image file (returned by name). `start` numbers the
+    files, so a second call adds new images to the folder."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    for label, shape in enumerate(("circle", "square", "triangle")):
+        folder = root / shape
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(start, start + per_class):
+            w, h = (int(v) for v in rng.integers(20, 101, size=2))
+            background, colour = (tuple(int(c) for c in rng.integers(0, 256, size=3)) for _ in range(2))
+            image = Image.new("RGBA", (w, h), (*background, 255 if i % 7 != 2 else 0))
+            draw = ImageDraw.Draw(image)
+            box = (w * 0.2, h * 0.2, w * 0.8, h * 0.8)
+            if shape == "circle":
+                draw.ellipse(box, fill=(*colour, 255))
+            elif shape == "square":
+                draw.rectangle(box, fill=(*colour, 255))
+            else:
+                draw.polygon([(w / 2, h * 0.2), (w * 0.8, h * 0.8), (w * 0.2, h * 0.8)], fill=(*colour, 255))
+            kind, name = i % 7, folder / f"{shape}-{i:03d}"
+            if kind == 0:
+                image.convert("RGB").save(f"{name}.png")
+            elif kind == 1:
+                image.convert("RGB").save(f"{name}.jpg", quality=90)
+            elif kind == 2:  # transparent background
+                image.save(f"{name}.png")
+            elif kind == 3:  # palette, background colour transparent
+                palette = image.convert("RGB").quantize(16)
+                palette.info["transparency"] = palette.getpixel((0, 0))
+                palette.save(f"{name}.png", transparency=palette.getpixel((0, 0)))
+            elif kind == 4:  # 16-bit grey
+                grey = np.asarray(image.convert("L"), dtype=np.uint16) * 257
+                Image.fromarray(grey).save(f"{name}.png")
+            elif kind == 5:
+                image.convert("CMYK").save(f"{name}.jpeg", quality=90)
+            else:  # stored sideways, EXIF says rotate
+                exif = Image.Exif()
+                exif[0x0112] = 6
+                image.convert("RGB").transpose(Image.Transpose.ROTATE_90).save(f"{name}.JPG", exif=exif)
+    extras = {"corrupt": root / "square" / "broken.png", "hidden": root / "circle" / ".hidden.png",
+              "other": root / "triangle" / "notes.txt"}
+    if start == 0:
+        good = (root / "square" / "square-000.png").read_bytes()
+        extras["corrupt"].write_bytes(good[: len(good) // 2])  # truncated
+        extras["hidden"].write_bytes(good)
+        extras["other"].write_text("not an image\n")
+    return extras

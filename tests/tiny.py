@@ -15,6 +15,16 @@ from imagegen.data.prepared import DatasetInfo, write_info
 
 PER_CLASS = {"train": 12, "test": 4}
 
+# Training and evaluation params small enough for a whole `dvc repro` on a CPU in minutes (merged into
+# params.yaml by tests.conftest.set_params).
+TINY_TRAINING = {
+    "train": {"limit": 256, "mlflow": False},
+    "features": {"epochs": 1, "width": 4, "feature_dim": 16},
+    "gan": {"epochs": 1, "width": 4, "latent_dim": 8, "batch_size": 32},
+    "vae": {"epochs": 1, "width": 4, "latent_dim": 4, "batch_size": 32},
+    "eval": {"n_samples": 1000, "kid_subsets": 5, "iwae_k": 4, "iwae_images": 200},
+}
+
 
 def tiny_arrays(seed: int = 0) -> dict[str, np.ndarray]:
     """Arrays keyed like DatasetSpec.files: balanced labels, distinct random images."""

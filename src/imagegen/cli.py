@@ -24,6 +24,8 @@ def _fetch(cfg, root, args):
     from imagegen.data.fetch import run_fetch
 
     result = run_fetch(cfg, root)
+    if not result.sources:  # a folder dataset: prepare reads the folder itself
+        return f"{result.dataset}: nothing to fetch, prepare reads {cfg.data.folder}"
     return (f"{result.dataset}: {len(result.sources)} files in {result.raw_dir} "
             f"(from {', '.join(sorted(set(result.sources.values())))})")
 
@@ -32,7 +34,9 @@ def _prepare(cfg, root, args):
     from imagegen.data.prepare import run_prepare
 
     result = run_prepare(cfg, root)
-    return ", ".join(f"{split} {n}" for split, n in result.counts.items()) + f" images in {result.prepared_dir}"
+    left_out = f" ({result.unreadable} unreadable file(s) left out, listed in scan.json)" if result.unreadable else ""
+    return (", ".join(f"{split} {n}" for split, n in result.counts.items()) + f" images in {result.prepared_dir}"
+            + left_out)
 
 
 def _validate(cfg, root, args):
@@ -127,6 +131,52 @@ def _sample_args(parser):
                              "(a grid)")
 
 
+def _data_config(args):
+    """params.yaml's data section when there is one (its sources), else the defaults."""
+    from imagegen.config import DataConfig
+
+    return load_config(args.params).data if args.params.exists() else DataConfig()
+
+
+def _export(cfg, root, args):
+    from imagegen.data.export import export
+
+    splits = (args.split,) if args.split else ("train", "test")
+    result = export(args.dataset, args.out, _data_config(args), splits, args.limit)
+    return f"{result.written} PNG images written to {args.out}/<class>/ ({result.skipped} already there)"
+
+
+def _export_args(parser):
+    parser.add_argument("--dataset", required=True, help="a built-in dataset: fashion-mnist or mnist")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="the folder to write DIR/<class>/*.png")
+    parser.add_argument("--split", choices=("train", "test"), help="one split only (default: both)")
+    parser.add_argument("--limit", type=_positive, metavar="N", help="the first N images of each split only")
+
+
+def _drop(cfg, root, args):
+    from imagegen.data.export import drop
+
+    result = drop(args.source, args.folder, args.batch, _data_config(args))
+    return f"{result.written} new PNG images added to {args.folder} ({result.skipped} were there)"
+
+
+def _drop_args(parser):
+    parser.add_argument("--from", dest="source", required=True, metavar="DATASET",
+                        help="a built-in dataset: fashion-mnist or mnist")
+    parser.add_argument("--batch", type=_positive, required=True, metavar="N", help="how many images to add")
+    parser.add_argument("folder", type=Path, metavar="FOLDER", help="the image folder to grow (FOLDER/<class>/*.png)")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Command:
     run: Callable
@@ -137,7 +187,7 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "fetch": Command(_fetch, "download or copy the dataset's IDX files, verified by checksum"),
-    "prepare": Command(_prepare, "parse IDX files into .npz arrays and a per-image manifest"),
+    "prepare": Command(_prepare, "IDX files or an image folder -> .npz arrays, dataset.json and a per-image manifest"),
     "validate": Command(_validate, "run the Great Expectations suite over the prepared data"),
     "train-gan": Command(_train("gan"), "train the DCGAN (GPU when present); resumable"),
     "train-vae": Command(_train("vae"), "train the convolutional VAE (GPU when present); resumable"),
@@ -149,6 +199,10 @@ COMMANDS: dict[str, Command] = {
                                "register decision on one offline page"),
     "sample": Command(_sample, "write images from a trained model folder or a registered model",
                       _sample_args, needs_params=False),
+    "export": Command(_export, "write a built-in dataset as a labelled PNG folder (DIR/<class>/*.png)",
+                      _export_args, needs_params=False),
+    "drop": Command(_drop, "add the next N images of a built-in dataset to a PNG folder (a growing dataset)",
+                    _drop_args, needs_params=False),
 }
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from imagegen.errors import ImagegenError
 
@@ -19,8 +19,24 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+RAW_FOLDER = "data/raw"  # where fetch puts a built-in dataset's IDX files (data.folder of the built-ins)
+DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
 class DataConfig(Section):
-    dataset: Literal["fashion-mnist", "mnist"] = "fashion-mnist"
+    # A built-in (fashion-mnist, mnist: IDX files that fetch puts in data/raw) or a name of the user's
+    # choosing for the labelled image folder `folder` (registry names <dataset>-gan, <dataset>-vae).
+    dataset: str = "fashion-mnist"
+    # Where prepare reads the images (a DVC dependency of prepare): data/raw for the built-ins; for a
+    # folder dataset ROOT holding one sub-folder of images per class (relative to the project or absolute).
+    folder: str = Field(RAW_FOLDER, validate_default=True)
+    image_size: Literal[28, 32, 64] = Field(28, validate_default=True)  # H = W; built-ins: 28 only
+    channels: Literal[1, 3] = Field(1, validate_default=True)  # 1 grey, 3 RGB; built-ins: 1 only
+    # Folder datasets: the share of images in the test split, decided by each file's sha256.
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.15
+    background: Literal["white", "black"] = "white"  # what transparent pixels are composited on
+    # Folder datasets: prepare stops when more than this fraction of the image files cannot be read.
+    max_unreadable_fraction: Annotated[float, Field(ge=0, le=1)] = 0.01
     # Tried in order. A folder (mirror holding the IDX files, .gz or not), an http(s)
     # base URL, or "official" for the dataset's own URLs. "{dataset}" is substituted.
     sources: list[str] = Field(
@@ -37,6 +53,43 @@ class DataConfig(Section):
             raise ValueError("sources must not contain empty strings")
         return sources
 
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_name(cls, name: str) -> str:
+        if not DATASET_NAME.match(name):
+            raise ValueError(f"{name!r} is not a usable name; expected letters, digits, '.', '_' or '-' "
+                             "(at most 64, starting with a letter or digit)")
+        return name
+
+    @field_validator("folder")
+    @classmethod
+    def _folder_fits_dataset(cls, folder: str, info: ValidationInfo) -> str:
+        dataset = info.data.get("dataset")
+        if not folder.strip():
+            raise ValueError("empty; expected the folder of your images (ROOT/<class>/<image files>)")
+        builtin, is_raw = dataset in DATASETS, Path(folder) == Path(RAW_FOLDER)
+        if builtin and not is_raw:
+            raise ValueError(f"{dataset} is a built-in dataset, read from {RAW_FOLDER} (fetch fills it); "
+                             "name a folder dataset otherwise (data.dataset), e.g. my-images")
+        if dataset is not None and not builtin and is_raw:
+            raise ValueError(f"{dataset} is not a built-in dataset ({', '.join(DATASETS)}); expected the folder "
+                             "of its images, ROOT/<class>/<image files>")
+        return folder
+
+    @field_validator("image_size", "channels")
+    @classmethod
+    def _builtin_shape(cls, value: int, info: ValidationInfo) -> int:
+        dataset, builtin = info.data.get("dataset"), {"image_size": 28, "channels": 1}[info.field_name]
+        if dataset in DATASETS and value != builtin:
+            raise ValueError(f"{dataset} images are 28 x 28 grey, so {builtin} is the only value; for another "
+                             f"size or colour export it as a folder (imagegen export) and train on that")
+        return value
+
+    @property
+    def builtin(self) -> bool:
+        """True for fashion-mnist / mnist (IDX files via fetch), False for a labelled image folder."""
+        return self.dataset in DATASETS
+
 
 class ValidateConfig(Section):
     # Rows expected per split; null means the dataset's published sizes (60000 / 10000).
@@ -50,6 +103,20 @@ class ValidateConfig(Section):
     near_duplicate_rms: Annotated[float, Field(gt=0, le=255)] = 5.0
     # Largest allowed fraction of a split's images with a (near-)duplicate in the other split.
     max_cross_split_duplicate_fraction: Annotated[float, Field(ge=0, le=1)] = 0.01
+    # Folder datasets only (the built-ins use class_balance_tolerance and their published sizes):
+    min_images_per_class: Annotated[int, Field(ge=1)] = 50  # readable images of each class, both splits
+    # A class's share of the images relative to an even share (1 = images / classes): below
+    # class_share_warn validate warns, below class_share_fail it fails.
+    class_share_warn: Annotated[float, Field(ge=0, le=1)] = 0.5
+    class_share_fail: Annotated[float, Field(ge=0, le=1)] = 0.1
+
+    @field_validator("class_share_fail")
+    @classmethod
+    def _fail_below_warn(cls, fail: float, info: ValidationInfo) -> float:
+        warn = info.data.get("class_share_warn")
+        if warn is not None and fail > warn:
+            raise ValueError(f"{fail} is above class_share_warn {warn}; expected a failure level at or below the warning level")
+        return fail
 
 
 class TrainConfig(Section):
@@ -259,6 +326,8 @@ def _describe(exc: ValidationError) -> str:
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
             parts.append(f"{key}: unknown key")
+        elif err["type"] == "value_error":  # our own validators: the message says what was expected
+            parts.append(f"{key}: {err['msg'].removeprefix('Value error, ')}")
         else:
             parts.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
     return "; ".join(parts)

@@ -10,17 +10,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import set_params
+from tests.tiny import TINY_TRAINING
 
 MIRROR = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.skipif(not MIRROR.is_dir(), reason="needs the dataset-fashion-mnist package (make test installs it)")
 STAGES = ("fetch", "prepare", "validate", "train-features", "train-gan", "train-vae", "evaluate", "register")
-TINY_TRAINING = {
-    "train": {"limit": 256, "mlflow": False},
-    "features": {"epochs": 1, "width": 4, "feature_dim": 16},
-    "gan": {"epochs": 1, "width": 4, "latent_dim": 8, "batch_size": 32},
-    "vae": {"epochs": 1, "width": 4, "latent_dim": 4, "batch_size": 32},
-    "eval": {"n_samples": 1000, "kid_subsets": 5, "iwae_k": 4, "iwae_images": 200},
-}
 
 
 def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

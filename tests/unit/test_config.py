@@ -70,7 +70,7 @@ def test_numbers_read_as_dvc_reads_them(tmp_path):
     [
         ("data:\n  datset: mnist\n", "data.datset: unknown key"),
         ("trainer: {}\n", "trainer: unknown key"),
-        ("data:\n  dataset: cifar\n", "data.dataset: Input should be 'fashion-mnist' or 'mnist'"),
+        ("data:\n  dataset: cifar\n", "data.folder: cifar is not a built-in dataset (fashion-mnist, mnist); expected the folder"),
         ("data:\n  retries: many\n", "data.retries: Input should be a valid integer (got 'many')"),
         ("data:\n  retries: -1\n", "data.retries: Input should be greater than or equal to 0"),
         ("data:\n  sources: []\n", "data.sources: List should have at least 1 item"),

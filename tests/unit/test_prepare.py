@@ -9,7 +9,9 @@ import pytest
 from imagegen.config import Config
 from imagegen.data.fetch import RAW_DIR
 from imagegen.data.idx import write_idx
+from imagegen.data.datasets import DATASETS
 from imagegen.data.prepare import MANIFEST, MANIFEST_COLUMNS, PREPARED_DIR, run_prepare
+from imagegen.data.prepared import DatasetInfo, read_info
 from imagegen.errors import ImagegenError
 from tests.tiny import tiny_arrays, write_mirror
 
@@ -28,9 +30,9 @@ def test_arrays_and_manifest(tmp_path, raw):
     out = tmp_path / PREPARED_DIR
     for split in ("train", "test"):
         with np.load(out / f"{split}.npz", allow_pickle=False) as arrays:
-            assert arrays["images"].dtype == np.uint8 and arrays["images"].shape == (len(raw[f"{split}-labels"]), 28, 28)
+            assert arrays["images"].dtype == np.uint8 and arrays["images"].shape == (len(raw[f"{split}-labels"]), 1, 28, 28)
             assert arrays["labels"].dtype == np.int64
-            np.testing.assert_array_equal(arrays["images"], raw[f"{split}-images"])
+            np.testing.assert_array_equal(arrays["images"][:, 0], raw[f"{split}-images"])
             np.testing.assert_array_equal(arrays["labels"], raw[f"{split}-labels"])
 
     manifest = pd.read_parquet(out / MANIFEST)
@@ -43,6 +45,14 @@ def test_arrays_and_manifest(tmp_path, raw):
     assert row["mean"] == pytest.approx(image.mean()) and row["std"] == pytest.approx(image.std())
     assert row["hash"] == hashlib.blake2b(image.tobytes(), digest_size=16).hexdigest()
     assert manifest["hash"].is_unique
+    assert (row["source"], row["width"], row["height"], row["mode"]) == ("t10k-images-idx3-ubyte[7]", 28, 28, "L")
+    assert row["file_sha256"] == hashlib.sha256(image.tobytes()).hexdigest()
+    assert read_info(out, "mnist") == DatasetInfo("fashion-mnist", DATASETS["fashion-mnist"].classes, 1, 28)
+
+    # the same input gives the same bytes (fixed .npz member times), so DVC sees an unchanged output
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    run_prepare(Config(), tmp_path)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def bad_input(tmp_path, key, array):

@@ -47,6 +47,8 @@ class FetchResult:
 
 
 def run_fetch(cfg: Config, root: Path = Path(".")) -> FetchResult:
+    if not cfg.data.builtin:
+        return check_folder(cfg, root)
     spec = DATASETS[cfg.data.dataset]
     sources = expand_sources(cfg.data)
     raw_dir = root / RAW_DIR
@@ -55,6 +57,22 @@ def run_fetch(cfg: Config, root: Path = Path(".")) -> FetchResult:
         for file_spec in spec.files.values():
             used[file_spec.name] = fetch_file(file_spec, sources, tmp_dir, cfg.data, spec.name)
     return FetchResult(spec.name, raw_dir, used)
+
+
+def check_folder(cfg: Config, root: Path) -> FetchResult:
+    """A folder dataset has nothing to download: check that the folder can be one (prepare depends on the
+    folder itself) and leave a note in data/raw, the stage's output."""
+    import json
+
+    from imagegen.data.folder import scan_folder
+
+    scan = scan_folder(root / cfg.data.folder)
+    with atomic_dir(root / RAW_DIR) as tmp_dir:
+        (tmp_dir / "folder.json").write_text(json.dumps({"dataset": cfg.data.dataset, "folder": cfg.data.folder,
+                                                         "note": "prepare reads the images from the folder"}) + "\n")
+    log.info("fetch: %s: %d classes, %d image files in %s; nothing to fetch",
+             cfg.data.dataset, len(scan.classes), len(scan.files), scan.root)
+    return FetchResult(cfg.data.dataset, root / RAW_DIR, {})
 
 
 def expand_sources(data: DataConfig) -> list[str]:

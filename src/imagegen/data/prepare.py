@@ -1,9 +1,17 @@
-"""prepare: IDX files -> data/prepared/{train,test}.npz and a per-image manifest (parquet)."""
+"""prepare: the dataset's images -> data/prepared/: {train,test}.npz (uint8 N x C x H x W, int64 labels),
+dataset.json (DatasetInfo) and a per-image manifest (parquet).
+
+Built-ins (fashion-mnist, mnist): the IDX files fetch left in data/raw, their published split, N x 1 x 28 x 28.
+Folder datasets: the labelled image folder data.folder (imagegen.data.folder), split by each file's sha256,
+decoded on every core and streamed to disk; scan.json lists the unreadable files that were left out.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,23 +21,29 @@ from imagegen.config import Config
 from imagegen.data.datasets import DATASETS, SPLITS, DatasetSpec
 from imagegen.data.fetch import RAW_DIR
 from imagegen.data.idx import read_idx
+from imagegen.data.prepared import PREPARED_DIR, DatasetInfo, write_info
 from imagegen.errors import ImagegenError
 from imagegen.fsutil import atomic_dir
 
 log = logging.getLogger(__name__)
 
-PREPARED_DIR = Path("data/prepared")
+__all__ = ["PREPARED_DIR", "MANIFEST", "MANIFEST_COLUMNS", "run_prepare"]
 MANIFEST = "manifest.parquet"
-MANIFEST_COLUMNS = ("index", "split", "label", "min", "max", "mean", "std", "hash")
+MANIFEST_COLUMNS = ("index", "split", "label", "min", "max", "mean", "std", "hash",
+                    "source", "file_sha256", "width", "height", "mode")
+ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member times: the same arrays give the same .npz bytes
 
 
 @dataclass(frozen=True)
 class PrepareResult:
     prepared_dir: Path
     counts: dict[str, int]
+    unreadable: int = 0
 
 
-def run_prepare(cfg: Config, root: Path = Path(".")) -> PrepareResult:
+def run_prepare(cfg: Config, root: Path = Path("."), processes: int | None = None) -> PrepareResult:
+    if not cfg.data.builtin:
+        return prepare_folder(cfg, root, processes)
     spec = DATASETS[cfg.data.dataset]
     manifests = []
     out_dir = root / PREPARED_DIR
@@ -37,15 +51,121 @@ def run_prepare(cfg: Config, root: Path = Path(".")) -> PrepareResult:
         counts = {}
         for split in SPLITS:
             images, labels = load_split(root / RAW_DIR, spec, split)
-            with (tmp / f"{split}.npz").open("wb") as f:
-                np.savez(f, images=images, labels=labels)
-            manifests.append(manifest_rows(images, labels, split))
+            images = images[:, None]  # N x 1 x 28 x 28
+            write_npz(tmp / f"{split}.npz", images, labels)
+            manifests.append(manifest_rows(images, labels, split, builtin_sources(spec, split, images)))
             counts[split] = len(images)
             log.info("prepare: %s: %d images", split, len(images))
+        write_info(tmp, DatasetInfo(spec.name, spec.classes, 1, spec.height))
         import pandas as pd
 
         pd.concat(manifests, ignore_index=True).to_parquet(tmp / MANIFEST, index=False)
     return PrepareResult(out_dir, counts)
+
+
+def builtin_sources(spec: DatasetSpec, split: str, images: np.ndarray) -> dict[str, object]:
+    """The manifest's source columns for IDX images: '<IDX file>[<index>]', the sha256 of the image's
+    bytes (an IDX image has no file of its own), 28 x 28, mode L."""
+    name = spec.files[f"{split}-images"].name
+    flat = images.reshape(len(images), -1)
+    return {"source": [f"{name}[{i}]" for i in range(len(images))],
+            "file_sha256": [hashlib.sha256(row.tobytes()).hexdigest() for row in flat],
+            "width": spec.width, "height": spec.height, "mode": "L"}
+
+
+class RawImages:
+    """Images appended one by one to a file (never all in memory), later copied into an .npz."""
+
+    def __init__(self, path: Path, shape: tuple[int, int, int]):
+        self.path, self.shape, self.count = path, shape, 0
+        self.file = path.open("wb")
+
+    def append(self, pixels: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes())
+        self.count += 1
+
+    def write_npy(self, out) -> None:
+        self.file.close()
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                  "shape": (self.count, *self.shape)}
+        np.lib.format.write_array_header_1_0(out, header)
+        with self.path.open("rb") as f:
+            while block := f.read(1 << 24):
+                out.write(block)
+        self.path.unlink()
+
+
+def write_npz(path: Path, images: np.ndarray | RawImages, labels: np.ndarray) -> None:
+    """What np.savez writes (uncompressed images.npy and labels.npy), with fixed member times."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in (("images", images), ("labels", labels)):
+            with archive.open(zipfile.ZipInfo(f"{name}.npy", date_time=ZIP_TIME), "w", force_zip64=True) as out:
+                if isinstance(array, RawImages):
+                    array.write_npy(out)
+                else:
+                    np.lib.format.write_array(out, np.asanyarray(array), allow_pickle=False)
+
+
+def prepare_folder(cfg: Config, root: Path, processes: int | None = None) -> PrepareResult:
+    """A labelled image folder -> the prepared arrays, streamed (one decoded image in memory at a time)."""
+    import pandas as pd
+
+    from imagegen.data.folder import SCAN, decode_all, in_test, scan_folder
+
+    data = cfg.data
+    folder = root / data.folder
+    scan = scan_folder(folder)
+    shape = (data.channels, data.image_size, data.image_size)
+    out_dir = root / PREPARED_DIR
+    with atomic_dir(out_dir) as tmp:
+        images = {split: RawImages(tmp / f".{split}.images", shape) for split in SPLITS}
+        rows: dict[str, list[tuple]] = {split: [] for split in SPLITS}
+        unreadable = []
+        for label, rel, decoded in decode_all(scan, data.image_size, data.channels, data.background, processes):
+            if decoded.error is not None:
+                log.warning("prepare: %s: unreadable, left out (%s)", folder / rel, decoded.error)
+                unreadable.append({"path": rel, "error": decoded.error})
+                continue
+            split = "test" if in_test(decoded.sha256, data.test_fraction) else "train"
+            pixels = decoded.pixels
+            images[split].append(pixels)
+            flat = pixels.reshape(-1)
+            as_float = flat.astype(np.float64)
+            rows[split].append((len(rows[split]), split, label, int(flat.min()), int(flat.max()), as_float.mean(),
+                                as_float.std(), hashlib.blake2b(flat.tobytes(), digest_size=16).hexdigest(),
+                                rel, decoded.sha256, decoded.width, decoded.height, decoded.mode))
+        check_readable(folder, scan, unreadable, data.max_unreadable_fraction, rows)
+        for split in SPLITS:
+            labels = np.array([row[2] for row in rows[split]], dtype=np.int64)
+            write_npz(tmp / f"{split}.npz", images[split], labels)
+            log.info("prepare: %s: %d images", split, len(labels))
+        write_info(tmp, DatasetInfo(data.dataset, scan.classes, data.channels, data.image_size))
+        frames = [pd.DataFrame(rows[split], columns=list(MANIFEST_COLUMNS)) for split in SPLITS]
+        manifest = pd.concat(frames, ignore_index=True).astype({"index": "int64", "label": "int64", "min": "int64",
+                                                                "max": "int64", "width": "int64", "height": "int64"})
+        manifest.to_parquet(tmp / MANIFEST, index=False)
+        (tmp / SCAN).write_text(json.dumps({"folder": str(folder), "files": len(scan.files), "ignored": scan.ignored,
+                                            "unreadable": unreadable}, indent=2) + "\n")
+    return PrepareResult(out_dir, {split: len(rows[split]) for split in SPLITS}, len(unreadable))
+
+
+def check_readable(folder: Path, scan, unreadable: list[dict], max_fraction: float, rows: dict) -> None:
+    """One-line errors: too many unreadable files, a class without a readable image, an empty split."""
+    if len(unreadable) > max_fraction * len(scan.files):
+        first = "; ".join(f"{folder / u['path']} ({u['error']})" for u in unreadable[:3])
+        raise ImagegenError(
+            f"prepare: {len(unreadable)} of {len(scan.files)} image files under {folder} are unreadable "
+            f"({len(unreadable) / len(scan.files):.1%}, above data.max_unreadable_fraction {max_fraction}): {first}"
+            + (f"; and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""))
+    readable = {row[2] for split_rows in rows.values() for row in split_rows}
+    for label, name in enumerate(scan.classes):
+        if label not in readable:
+            raise ImagegenError(f"data.folder: {folder / name}: none of its images could be read; "
+                                "expected at least one readable image per class")
+    for split in SPLITS:
+        if not rows[split]:
+            raise ImagegenError(f"prepare: no image of {folder} falls in the {split} split; expected both splits "
+                                "to hold images (add images or change data.test_fraction)")
 
 
 def load_split(raw_dir: Path, spec: DatasetSpec, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -72,7 +192,8 @@ def load_split(raw_dir: Path, spec: DatasetSpec, split: str) -> tuple[np.ndarray
     return images, labels.astype(np.int64)
 
 
-def manifest_rows(images: np.ndarray, labels: np.ndarray, split: str):
+def manifest_rows(images: np.ndarray, labels: np.ndarray, split: str, sources: dict[str, object]):
+    """The manifest's rows of one split of a built-in dataset (`sources`: the source columns)."""
     import pandas as pd
 
     flat = images.reshape(len(images), -1)
@@ -86,6 +207,7 @@ def manifest_rows(images: np.ndarray, labels: np.ndarray, split: str):
         "mean": as_float.mean(axis=1),
         "std": as_float.std(axis=1),
         "hash": image_hashes(images),
+        **sources,
     }, columns=list(MANIFEST_COLUMNS))
 
 

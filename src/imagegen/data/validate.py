@@ -4,6 +4,10 @@ Each split is one batch: the manifest's rows for that split plus a few columns d
 here from the arrays training reads (each image's content hash, which must equal the
 manifest's, duplicate flags from those hashes, the label stored in the .npz, class share).
 The suite is the same for both splits; the expected row count comes in as a suite parameter.
+A folder dataset adds a third batch, `files` (one row per image file, unreadable ones included), with
+its own suite: unreadable fraction, images per class, class balance (a failure level, and a warning
+level whose expectations have severity "warning": reported, not failing), and the original sizes and
+modes as observed values in the Data Docs.
 The content hash of each split goes to metrics/validate.json, so that the stages reading the
 data can tell that these very arrays passed (imagegen.data.validated). Results and Data
 Docs go to reports/validation/, a summary to metrics/validate.json. Any failed expectation
@@ -19,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from imagegen.config import Config, ValidateConfig
+from imagegen.config import Config, DataConfig, ValidateConfig
 from imagegen.data.datasets import DATASETS, SPLITS
 from imagegen.data.prepare import MANIFEST, MANIFEST_COLUMNS, PREPARED_DIR, image_hashes
+from imagegen.data.prepared import read_info
 from imagegen.data.validated import HASH_KEY, RECORD, array_hash
 from imagegen.errors import ImagegenError
 from imagegen.fsutil import atomic_dir, write_json
@@ -40,8 +45,12 @@ class ValidateResult:
 
 
 def run_validate(cfg: Config, root: Path = Path(".")) -> ValidateResult:
-    spec = DATASETS[cfg.data.dataset]
-    expected_counts = cfg.validate_.expected_counts or spec.split_sizes
+    """Built-ins: the split suite with the published sizes. Folder datasets: the split suite (sizes only when
+    validate.expected_counts gives them) plus a `files` batch: unreadable files, images per class, class
+    balance (warning and failure levels), original sizes and modes."""
+    folder = not cfg.data.builtin
+    info = read_info(root / PREPARED_DIR, cfg.data.dataset)
+    expected_counts = cfg.validate_.expected_counts or (None if folder else DATASETS[cfg.data.dataset].split_sizes)
     manifest = load_manifest(root / PREPARED_DIR / MANIFEST)
     arrays = {split: load_arrays(root / PREPARED_DIR / f"{split}.npz") for split in SPLITS}
     nearest = nearest_other_split_rms(arrays["train"][0], arrays["test"][0])
@@ -49,20 +58,34 @@ def run_validate(cfg: Config, root: Path = Path(".")) -> ValidateResult:
     batches = {
         split: validation_frame(manifest, split, arrays[split][1], hashes, nearest[split]) for split in SPLITS
     }
+    suites = {"manifest": lambda: build_suite(info.num_classes, cfg.validate_, expected_counts is not None, not folder)}
+    parameters = {split: {"expected_rows": int(expected_counts[split])} for split in SPLITS} if expected_counts else {}
+    if folder:
+        scan = load_scan(root / PREPARED_DIR)
+        batches["files"] = files_frame(manifest, scan, info.num_classes, cfg.data.image_size)
+        suites["files"] = lambda: build_files_suite(cfg.validate_, cfg.data, batches["files"])
     with atomic_dir(root / REPORT_DIR) as report_dir:
-        results = run_suite(batches, expected_counts, len(spec.classes), cfg.validate_, report_dir)
+        results = run_suite(batches, suites, parameters, report_dir)
         (report_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    failures = [f"{split}: {describe(r)}" for split in SPLITS for r in results[split]["results"] if not r["success"]]
+    failed = [(name, r) for name in batches for r in results[name]["results"] if not r["success"]]
+    failures = [f"{name}: {describe(r)}" for name, r in failed if severity(r) != "warning"]
     summary = {
         "success": not failures,
         "failed_expectations": len(failures),
-        "evaluated_expectations": sum(len(results[s]["results"]) for s in SPLITS),
+        "evaluated_expectations": sum(len(results[name]["results"]) for name in batches),
         **{split: split_summary(batches[split], cfg.validate_.near_duplicate_rms) for split in SPLITS},
         HASH_KEY: {split: array_hash(*arrays[split]) for split in SPLITS},
     }
+    if folder:
+        summary["files"] = files_summary(batches["files"], scan, info.classes)
+        summary["warnings"] = [f"{name}: {describe(r)}" for name, r in failed if severity(r) == "warning"]
     write_json(root / METRICS_FILE, summary)
     for split in SPLITS:
         log.info("validate: %s: %s", split, summary[split])
+    for path in summary.get("files", {}).get("unreadable", []):
+        log.warning("validate: unreadable, left out by prepare: %s", path)
+    for warning in summary.get("warnings", []):
+        log.warning("validate: warning: %s", warning)
     if failures:
         raise ImagegenError(
             f"validate: {len(failures)} expectation(s) failed (see {REPORT_DIR}/data_docs/index.html): "
@@ -96,24 +119,31 @@ def load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise ImagegenError(f"{path}: expected an .npz holding 'images' and 'labels' ({exc})") from None
 
 
-def nearest_other_split_rms(train: np.ndarray, test: np.ndarray, chunk: int = 500) -> dict[str, np.ndarray]:
+def nearest_other_split_rms(train: np.ndarray, test: np.ndarray, chunk: int = 500,
+                            block_bytes: int = 1 << 28) -> dict[str, np.ndarray]:
     """For every image, the RMS pixel distance (0..255) to its nearest image in the other split.
 
-    Exact search (about 8 s for 10k x 60k on 2 CPU cores); it finds the near-duplicates that
-    a content hash misses, which matter because the test split is the FID reference set.
+    Exact search (about 8 s for 10k x 60k 28 x 28 images on 2 CPU cores); it finds the near-duplicates
+    that a content hash misses, which matter because the test split is the FID reference set. Images
+    of any shape (N x C x H x W) are compared as flat vectors; the train split is taken in blocks of
+    `block_bytes` of float32 so large colour datasets need no whole float copy.
     """
     import torch
 
-    a = torch.from_numpy(test.reshape(len(test), -1)).float()
-    b = torch.from_numpy(train.reshape(len(train), -1)).float()
-    to_train = torch.full((len(a),), float("inf"))
-    to_test = torch.full((len(b),), float("inf"))
-    for start in range(0, len(a), chunk):
-        d = torch.cdist(a[start:start + chunk], b)
-        if d.numel():
-            to_train[start:start + chunk] = d.min(dim=1).values
-            to_test = torch.minimum(to_test, d.min(dim=0).values)
-    scale = np.sqrt(a.shape[1]) if a.shape[1] else 1.0
+    a_all, b_all = test.reshape(len(test), -1), train.reshape(len(train), -1)
+    dims = a_all.shape[1]
+    to_train = torch.full((len(a_all),), float("inf"))
+    to_test = torch.full((len(b_all),), float("inf"))
+    block = max(1, block_bytes // (4 * max(dims, 1)))
+    for b_start in range(0, len(b_all), block):
+        b = torch.from_numpy(b_all[b_start:b_start + block]).float()
+        for start in range(0, len(a_all), chunk):
+            d = torch.cdist(torch.from_numpy(a_all[start:start + chunk]).float(), b)
+            if d.numel():
+                to_train[start:start + chunk] = torch.minimum(to_train[start:start + chunk], d.min(dim=1).values)
+                end = b_start + len(b)
+                to_test[b_start:end] = torch.minimum(to_test[b_start:end], d.min(dim=0).values)
+    scale = np.sqrt(dims) if dims else 1.0
     return {"train": to_test.numpy() / scale, "test": to_train.numpy() / scale}
 
 
@@ -138,14 +168,17 @@ def validation_frame(manifest, split: str, array_labels: np.ndarray, hashes: dic
     return frame
 
 
-def build_suite(num_classes: int, cfg: ValidateConfig):
+def build_suite(num_classes: int, cfg: ValidateConfig, row_counts: bool = True, class_tolerance: bool = True):
+    """The suite of each split. row_counts: rows must equal the expected_rows parameter; class_tolerance:
+    each class's share within class_balance_tolerance of an even share (built-ins; folder datasets check
+    balance over all their files instead, build_files_suite)."""
     import great_expectations as gx
 
     e = gx.expectations
     labels = list(range(num_classes))
     suite = gx.ExpectationSuite(name="manifest")
     for expectation in [
-        e.ExpectTableRowCountToEqual(value={"$PARAMETER": "expected_rows"}),
+        *([e.ExpectTableRowCountToEqual(value={"$PARAMETER": "expected_rows"})] if row_counts else []),
         *(e.ExpectColumnValuesToNotBeNull(column=c) for c in MANIFEST_COLUMNS),
         e.ExpectColumnValuesToBeUnique(column="index"),
         e.ExpectColumnValuesToBeInSet(column="label", value_set=labels),
@@ -157,11 +190,11 @@ def build_suite(num_classes: int, cfg: ValidateConfig):
         e.ExpectColumnPairValuesAToBeGreaterThanB(column_A="max", column_B="min", or_equal=True),
         e.ExpectColumnValuesToBeBetween(column="mean", min_value=0, max_value=255),
         e.ExpectColumnValuesToBeBetween(column="std", min_value=0, max_value=127.5),
-        e.ExpectColumnValuesToBeBetween(
+        *([e.ExpectColumnValuesToBeBetween(
             column="class_share_ratio",
             min_value=1 - cfg.class_balance_tolerance,
             max_value=1 + cfg.class_balance_tolerance,
-        ),
+        )] if class_tolerance else []),
         e.ExpectColumnValuesToBeInSet(
             column="repeats_earlier", value_set=[False], mostly=1 - cfg.max_duplicate_fraction
         ),
@@ -175,8 +208,10 @@ def build_suite(num_classes: int, cfg: ValidateConfig):
     return suite
 
 
-def run_suite(batches: dict, expected_counts: dict, num_classes: int, cfg: ValidateConfig, report_dir: Path) -> dict:
-    """Validate each split's frame; write Data Docs under report_dir; return results as JSON dicts."""
+def run_suite(batches: dict, suites: dict, parameters: dict, report_dir: Path) -> dict:
+    """Validate each batch (name -> frame; a split's name or "files", checked by the suite of that name, else
+    "manifest"; suites: name -> a function building it once the context exists) with its expectation
+    parameters; write Data Docs under report_dir; return results as JSON dicts."""
     import great_expectations as gx
     from great_expectations.data_context.types import base
 
@@ -193,23 +228,114 @@ def run_suite(batches: dict, expected_counts: dict, num_classes: int, cfg: Valid
         },
     )
     asset = context.data_sources.add_pandas("prepared").add_dataframe_asset("manifest")
-    suite = context.suites.add(build_suite(num_classes, cfg))
+    added = {name: context.suites.add(make()) for name, make in suites.items()}
     results = {}
-    for split, frame in batches.items():
+    for name, frame in batches.items():
+        suite_name = name if name in added else "manifest"
         definition = context.validation_definitions.add(gx.ValidationDefinition(
-            name=f"manifest-{split}", data=asset.add_batch_definition_whole_dataframe(split), suite=suite,
+            name=name if name == suite_name else f"{suite_name}-{name}",
+            data=asset.add_batch_definition_whole_dataframe(name), suite=added[suite_name],
         ))
         checkpoint = context.checkpoints.add(gx.Checkpoint(
-            name=f"validate-{split}",
+            name=f"validate-{name}",
             validation_definitions=[definition],
             actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["validation"])],
             result_format="SUMMARY",
         ))
-        run = checkpoint.run(batch_parameters={"dataframe": frame},
-                             expectation_parameters={"expected_rows": int(expected_counts[split])})
+        run = checkpoint.run(batch_parameters={"dataframe": frame}, expectation_parameters=parameters.get(name, {}))
         (suite_result,) = run.run_results.values()
-        results[split] = suite_result.to_json_dict()
+        results[name] = suite_result.to_json_dict()
     return results
+
+
+def load_scan(prepared_dir: Path) -> dict:
+    from imagegen.data.folder import SCAN
+
+    path = prepared_dir / SCAN
+    try:
+        scan = json.loads(path.read_text())
+        return {"files": int(scan["files"]), "ignored": int(scan["ignored"]),
+                "unreadable": [str(u["path"]) for u in scan["unreadable"]]}
+    except FileNotFoundError:
+        raise ImagegenError(f"{path}: not found; expected prepare's scan of the image folder (re-run prepare)") from None
+    except (ValueError, KeyError, TypeError):
+        raise ImagegenError(f"{path}: expected JSON with files, ignored and unreadable (re-run prepare)") from None
+
+
+def files_frame(manifest, scan: dict, num_classes: int, image_size: int):
+    """One row per image file of the folder: the readable ones (from the manifest) and the unreadable ones."""
+    import pandas as pd
+
+    readable = manifest[["source", "split", "label", "width", "height", "mode"]].copy()
+    counts = readable["label"].value_counts()
+    readable["class_images"] = readable["label"].map(counts).astype("int64")
+    readable["class_share"] = readable["class_images"] / (len(readable) / max(num_classes, 1))
+    readable["short_side"] = readable[["width", "height"]].min(axis=1)
+    readable["unreadable"] = None
+    unreadable = pd.DataFrame({"source": scan["unreadable"], "split": "unreadable", "unreadable": scan["unreadable"]})
+    frame = pd.concat([readable, unreadable], ignore_index=True) if len(unreadable) else readable
+    frame["unreadable"] = frame["unreadable"].astype(object).where(frame["unreadable"].notna(), None)
+    return frame.reset_index(drop=True)
+
+
+def build_files_suite(cfg: ValidateConfig, data: DataConfig, frame):
+    """Folder datasets: checks over all the folder's image files, and the original sizes and modes shown in
+    the Data Docs (observed values, and a table of modes in the notes)."""
+    import great_expectations as gx
+
+    e = gx.expectations
+    modes = frame["mode"].dropna().value_counts()
+    mode_table = "\n".join(["| mode | files |", "| --- | --- |", *(f"| {m} | {n} |" for m, n in modes.items())])
+    suite = gx.ExpectationSuite(name="files")
+    for expectation in [
+        e.ExpectColumnValuesToBeNull(column="unreadable", mostly=1 - data.max_unreadable_fraction,
+                                     notes="Files Pillow could not decode (left out by prepare), by path."),
+        e.ExpectColumnValuesToBeBetween(column="class_images", min_value=cfg.min_images_per_class),
+        e.ExpectColumnValuesToBeBetween(column="class_share", min_value=cfg.class_share_fail),
+        e.ExpectColumnValuesToBeBetween(column="class_share", min_value=cfg.class_share_warn, severity="warning"),
+        e.ExpectColumnValuesToBeBetween(column="short_side", min_value=data.image_size, severity="warning",
+                                        notes=f"Images whose shorter side is under {data.image_size} px are upscaled."),
+        e.ExpectColumnDistinctValuesToBeInSet(column="mode", value_set=sorted(IMAGE_MODES),
+                                              notes=f"Original modes of the readable files:\n\n{mode_table}"),
+        *(e.ExpectColumnMinToBeBetween(column=c, min_value=1) for c in ("width", "height")),
+        *(e.ExpectColumnMedianToBeBetween(column=c, min_value=1) for c in ("width", "height")),
+        *(e.ExpectColumnMaxToBeBetween(column=c, min_value=1) for c in ("width", "height")),
+    ]:
+        suite.add_expectation(expectation)
+    return suite
+
+
+# Pillow modes prepare converts (the Data Docs show which ones the folder holds).
+IMAGE_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV",
+               "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+def severity(result: dict) -> str:
+    """critical (fails the stage) or warning (reported only)."""
+    value = result["expectation_config"].get("severity") or "critical"
+    return str(getattr(value, "value", value))
+
+
+def files_summary(frame, scan: dict, classes: tuple[str, ...]) -> dict:
+    readable = frame[frame["split"] != "unreadable"]
+    counts = readable["label"].value_counts()
+
+    def spread(column: str) -> dict:
+        values = readable[column]
+        return {"min": int(values.min()), "median": float(values.median()), "max": int(values.max())}
+
+    return {
+        "files": scan["files"],
+        "images": int(len(readable)),
+        "ignored": scan["ignored"],
+        "unreadable": scan["unreadable"],
+        "unreadable_fraction": round(len(scan["unreadable"]) / max(scan["files"], 1), 4),
+        "images_per_class": {name: int(counts.get(label, 0)) for label, name in enumerate(classes)},
+        "min_class_share": round(float(readable["class_share"].min()), 4),
+        "width": spread("width"),
+        "height": spread("height"),
+        "modes": {str(m): int(n) for m, n in readable["mode"].value_counts().sort_index().items()},
+    }
 
 
 def describe(result: dict) -> str:
@@ -245,6 +371,8 @@ def expected(kind: str, kwargs: dict) -> str:
                 else f"values >= {low}" if low is not None else f"values <= {high}")
     elif kind == "expect_column_values_to_not_be_null":
         text = "no null values"
+    elif kind == "expect_column_values_to_be_null":
+        text = "null values"
     elif kind == "expect_column_values_to_be_unique":
         text = "unique values"
     elif kind == "expect_column_pair_values_to_be_equal":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imagegen.data.prepare import PREPARED_DIR
+from imagegen.data.prepared import PREPARED_DIR
 from imagegen.errors import ImagegenError
 
 RECORD = Path("metrics/validate.json")
