@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from imagegen.errors import ImagegenError
 
@@ -38,6 +38,26 @@ class DataConfig(Section):
         return sources
 
 
+class DriftConfig(Section):
+    """The drift gate (data/drift.py): each check warns at `*_warn` and fails the stage at `*_fail`."""
+
+    enabled: bool = True  # false: profile and lineage only, no comparison
+    sample: Annotated[int, Field(ge=100)] = 2000  # images embedded for the feature mean/covariance
+    class_shift_warn: Annotated[float, Field(ge=0, le=1)] = 0.03  # total variation distance of class shares
+    class_shift_fail: Annotated[float, Field(ge=0, le=1)] = 0.08
+    intensity_psi_warn: Annotated[float, Field(ge=0)] = 0.1  # PSI of the per-channel intensity histograms
+    intensity_psi_fail: Annotated[float, Field(ge=0)] = 0.25
+    frechet_warn: Annotated[float, Field(ge=0)] = 0.05  # Fréchet distance / total variance of the old sample
+    frechet_fail: Annotated[float, Field(ge=0)] = 0.2
+
+    @model_validator(mode="after")
+    def _warn_below_fail(self):
+        for name in ("class_shift", "intensity_psi", "frechet"):
+            if getattr(self, f"{name}_warn") > getattr(self, f"{name}_fail"):
+                raise ValueError(f"{name}_warn must not exceed {name}_fail")
+        return self
+
+
 class ValidateConfig(Section):
     # Rows expected per split; null means the dataset's published sizes (60000 / 10000).
     expected_counts: dict[Literal["train", "test"], Annotated[int, Field(ge=1)]] | None = None
@@ -50,6 +70,7 @@ class ValidateConfig(Section):
     near_duplicate_rms: Annotated[float, Field(gt=0, le=255)] = 5.0
     # Largest allowed fraction of a split's images with a (near-)duplicate in the other split.
     max_cross_split_duplicate_fraction: Annotated[float, Field(ge=0, le=1)] = 0.01
+    drift: DriftConfig = DriftConfig()  # the gate against the last accepted version (README: Scheduled retraining)
 
 
 class TrainConfig(Section):
@@ -67,6 +88,10 @@ class TrainConfig(Section):
     limit: Annotated[int, Field(ge=1)] | None = None  # train on the first N images only (smoke runs)
     mlflow: bool = True  # log runs to MLflow (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)
     system_metrics: bool = True  # with mlflow: log CPU, memory and GPU utilisation of training runs
+    # Warm start: `champion` starts from the registered champion's weights (<dataset>-<kind>@champion) when
+    # there is one, and runs warm_epochs_fraction of the epochs; `none` always starts from scratch.
+    init_from: Literal["champion", "none"] = "none"
+    warm_epochs_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5
 
 
 class GANConfig(Section):

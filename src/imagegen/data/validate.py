@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from imagegen.config import Config, ValidateConfig
+from imagegen.data import drift
 from imagegen.data.datasets import DATASETS, SPLITS
 from imagegen.data.prepare import MANIFEST, MANIFEST_COLUMNS, PREPARED_DIR, image_hashes
 from imagegen.data.validated import HASH_KEY, RECORD, array_hash
@@ -52,6 +53,7 @@ def run_validate(cfg: Config, root: Path = Path(".")) -> ValidateResult:
     with atomic_dir(root / REPORT_DIR) as report_dir:
         results = run_suite(batches, expected_counts, len(spec.classes), cfg.validate_, report_dir)
         (report_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        gate = drift.run_gate(cfg, root, report_dir)  # drift against the last accepted version: data/drift.py
     failures = [f"{split}: {describe(r)}" for split in SPLITS for r in results[split]["results"] if not r["success"]]
     summary = {
         "success": not failures,
@@ -59,7 +61,9 @@ def run_validate(cfg: Config, root: Path = Path(".")) -> ValidateResult:
         "evaluated_expectations": sum(len(results[s]["results"]) for s in SPLITS),
         **{split: split_summary(batches[split], cfg.validate_.near_duplicate_rms) for split in SPLITS},
         HASH_KEY: {split: array_hash(*arrays[split]) for split in SPLITS},
+        "drift": gate.summary(), "lineage": gate.lineage,
     }
+    summary["success"] = summary["success"] and gate.passed
     write_json(root / METRICS_FILE, summary)
     for split in SPLITS:
         log.info("validate: %s: %s", split, summary[split])
@@ -68,6 +72,8 @@ def run_validate(cfg: Config, root: Path = Path(".")) -> ValidateResult:
             f"validate: {len(failures)} expectation(s) failed (see {REPORT_DIR}/data_docs/index.html): "
             + "; ".join(failures)
         )
+    gate.raise_if_failed()
+    gate.accept(root)  # only a version that passed becomes the reference of the next
     return ValidateResult(summary)
 
 
