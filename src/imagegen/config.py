@@ -47,8 +47,8 @@ class DriftConfig(Section):
     class_shift_fail: Annotated[float, Field(ge=0, le=1)] = 0.08
     intensity_psi_warn: Annotated[float, Field(ge=0)] = 0.1  # PSI of the per-channel intensity histograms
     intensity_psi_fail: Annotated[float, Field(ge=0)] = 0.25
-    frechet_warn: Annotated[float, Field(ge=0)] = 0.05  # Fréchet distance / total variance of the old sample
-    frechet_fail: Annotated[float, Field(ge=0)] = 0.2
+    frechet_warn: Annotated[float, Field(ge=0)] = 0.02  # Fréchet distance / total variance of the old sample
+    frechet_fail: Annotated[float, Field(ge=0)] = 0.1
 
     @model_validator(mode="after")
     def _warn_below_fail(self):

@@ -77,7 +77,7 @@ def run_train(cfg: Config, kind: str, root: Path = Path(".")) -> TrainResult:
         images, labels = load_split(train_file, cfg.train.limit)
         torch.manual_seed(cfg.train.seed)
         task = TASKS[kind](section, len(spec.classes), runtime.device, cfg.train.amp, cfg.train.channels_last)
-        task.init_info = warm_start(cfg, kind, task)  # every rank: they must agree on the epochs
+        task.init_info = warm_start(cfg, kind, task, root)  # every rank: they must agree on the epochs
         task.prepare_models(cfg.train.compile, runtime.distributed, cfg.train.cuda_graphs)
         data = DeviceBatches(images, labels, section.batch_size, runtime.device, cfg.train.seed,
                              runtime.rank, runtime.world_size)

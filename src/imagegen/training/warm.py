@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 from imagegen.config import Config
 from imagegen.errors import ImagegenError
@@ -18,13 +19,14 @@ from imagegen.errors import ImagegenError
 log = logging.getLogger(__name__)
 
 
-def warm_start(cfg: Config, kind: str, task) -> dict:
+def warm_start(cfg: Config, kind: str, task, root: Path) -> dict:
     """Load the champion into `task`'s models when train.init_from says so; returns what happened
     ({"init_from": "champion", "init_version": N, "init_weights_sha256": ...} or {"init_from": "none", ...})."""
     if cfg.train.init_from != "champion":
         return {"init_from": "none"}
-    from imagegen import registered
+    from imagegen import registered, tracking
 
+    tracking.configure(root)  # the project's tracking store (MLFLOW_TRACKING_URI, else its embedded one)
     uri = f"models:/{cfg.data.dataset}-{kind}@champion"
     try:
         module, meta, version = registered.load_registered(uri, "cpu", with_version=True)

@@ -1,0 +1,124 @@
+"""The drift gate for real: the validate stage (Great Expectations suite + drift gate) on Fashion-MNIST
+images, version after version, in a temporary project. The prepared arrays are edited the way a bad
+batch would change them (and their manifest rewritten to match, so the GX suite passes and the drift
+gate is what stops them)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imagegen.config import load_config
+from imagegen.data import drift
+from imagegen.data.prepare import manifest_rows
+from imagegen.data.validate import run_validate
+from imagegen.errors import ImagegenError
+from tests.conftest import REPO_ROOT, set_params
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+pytestmark = pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="needs dataset-fashion-mnist")
+
+
+def idx(name: str, offset: int, shape: tuple) -> np.ndarray:
+    return np.frombuffer(gzip.open(FASHION_MNIST / f"{name}.gz").read(), np.uint8, offset=offset).reshape(shape)
+
+
+@pytest.fixture(scope="module")
+def fashion() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The first images of each split, per class in order (balanced slices are easy to take)."""
+    return {"train": (idx("train-images-idx3-ubyte", 16, (-1, 28, 28)), idx("train-labels-idx1-ubyte", 8, (-1,))),
+            "test": (idx("t10k-images-idx3-ubyte", 16, (-1, 28, 28)), idx("t10k-labels-idx1-ubyte", 8, (-1,)))}
+
+
+def balanced(images, labels, per_class: int, start: int = 0):
+    picked = np.concatenate([np.flatnonzero(labels == c)[start:start + per_class] for c in range(10)])
+    return images[picked], labels[picked].astype(np.int64)
+
+
+def write_version(root: Path, splits: dict) -> None:
+    """data/prepared as prepare writes it: the arrays and a manifest that describes them."""
+    import pandas as pd
+
+    folder = root / "data" / "prepared"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, (images, labels) in splits.items():
+        np.savez(folder / f"{split}.npz", images=images, labels=labels)
+    pd.concat([manifest_rows(images, labels, split) for split, (images, labels) in splits.items()],
+              ignore_index=True).to_parquet(folder / "manifest.parquet", index=False)
+
+
+def version(fashion, train_per_class: int, test_per_class: int, start: int = 0) -> dict:
+    return {"train": balanced(*fashion["train"], train_per_class, start),
+            "test": balanced(*fashion["test"], test_per_class, start // 6)}
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    (tmp_path / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    return tmp_path
+
+
+def validate(root: Path, counts: dict) -> dict:
+    set_params(root, validate={"expected_counts": counts})
+    return run_validate(load_config(root / "params.yaml"), root).summary
+
+
+def test_same_data_and_more_of_it_pass_inverted_images_fail_in_one_line(root, fashion):
+    write_version(root, version(fashion, 150, 40))
+    first = validate(root, {"train": 1500, "test": 400})
+    assert first["drift"]["baseline"].startswith("no accepted version before")
+    assert first["lineage"]["images_added"] == 1900 and first["lineage"]["previous_data_version"] is None
+    profile = root / drift.PROFILE_DIR / drift.PROFILE
+    assert json.loads(profile.read_text())["images"] == {"train": 1500, "test": 400}
+
+    again = validate(root, {"train": 1500, "test": 400})  # the same data: every check ok, nothing added
+    assert again["success"] and again["drift"]["passed"] and again["drift"]["baseline"] is None
+    checks = again["drift"]["checks"]
+    assert {name: c["status"] for name, c in checks.items() if c["status"] != "info"} == {
+        "class_proportion_shift": "ok", "intensity_psi": "ok", "feature_frechet": "ok"}
+    assert checks["class_proportion_shift"]["value"] == 0 and checks["intensity_psi"]["value"] < 1e-9
+    assert again["lineage"]["images_added"] == 0
+
+    write_version(root, version(fashion, 300, 60))  # grown: more images of the same kind
+    grown = validate(root, {"train": 3000, "test": 600})
+    assert grown["drift"]["passed"], grown["drift"]
+    assert grown["lineage"]["images_added"] == 1700
+    assert grown["lineage"]["added_per_class"] == {name: 170 for name in grown["lineage"]["added_per_class"]}
+    accepted = profile.read_bytes()
+
+    inverted = {split: (255 - images, labels) for split, (images, labels) in version(fashion, 300, 60).items()}
+    write_version(root, inverted)
+    set_params(root, validate={"expected_counts": {"train": 3000, "test": 600}})
+    done = subprocess.run(["imagegen", "validate"], cwd=root, capture_output=True, text=True)
+    assert done.returncode != 0
+    error = done.stderr.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("imagegen validate: error: validate: drift gate failed"), done.stderr
+    assert "intensity_psi" in error[0] and "feature_frechet" in error[0] and "drift.html" in error[0]
+    value = float(error[0].split("intensity_psi ")[1].split()[0])
+    assert value > 1  # PSI of the inverted histograms: far beyond the 0.25 failure level
+    assert profile.read_bytes() == accepted  # a rejected version never becomes the reference
+    record = json.loads((root / "metrics" / "validate.json").read_text())
+    assert record["success"] is False and record["drift"]["checks"]["intensity_psi"]["status"] == "fail"
+    page = (root / "reports" / "validation" / drift.PAGE).read_text()
+    assert "FAILED" in page and "<svg" in page and "Images per class" in page
+
+
+def test_a_class_mostly_gone_fails_the_class_shift_check(root, fashion):
+    set_params(root, validate={"class_balance_tolerance": 1.0})  # folder data is unbalanced: GX lets it pass
+    write_version(root, version(fashion, 150, 40))
+    validate(root, {"train": 1500, "test": 400})
+    shifted = {}
+    for split, (images, labels) in version(fashion, 150, 40, start=150).items():  # new images, but
+        keep = (labels != 3) | (np.arange(len(labels)) % 20 == 0)  # 95 % of the dresses left out
+        shifted[split] = (images[keep], labels[keep])
+    write_version(root, shifted)
+    with pytest.raises(ImagegenError) as failed:
+        validate(root, {split: len(labels) for split, (_, labels) in shifted.items()})
+    message = str(failed.value)
+    assert "\n" not in message and "class_proportion_shift" in message
+    assert "validate.drift.class_shift_fail" in message and "intensity_psi" not in message
