@@ -172,13 +172,13 @@ def champion_section(repo: Path) -> str:
 
 
 def data_section(repo: Path, results: list[dict]) -> list[str]:
-    """The data version's lineage and drift results (metrics/validate.json, see imagegen.data.drift);
+    """The data version's lineage and drift results (metrics/drift.json, see imagegen.data.drift);
     "no new data" when validate did not run again (its data did not change)."""
     try:
-        record = json.loads((repo / "metrics" / "validate.json").read_text())
+        drift = json.loads((repo / "metrics" / "drift.json").read_text())
     except (OSError, ValueError):
-        return ["no validation record yet"]
-    lineage, drift = record.get("lineage") or {}, record.get("drift") or {}
+        return ["no drift record yet (validate has not run)"]
+    lineage = drift.get("lineage") or {}
     validate = next((r["status"] for r in results if r["stage"] == "validate"), None)
     if validate in ("skipped", "restored"):
         return [f"no new data: data version `{lineage.get('data_version', '?')}` unchanged since the last run "

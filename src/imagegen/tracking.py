@@ -117,11 +117,11 @@ LINEAGE_TAGS = {"images": "data_images", "images_per_class": "data_images_per_cl
 
 
 def data_lineage_tags(root: Path) -> dict[str, str]:
-    """The data version's lineage as the validate stage recorded it (metrics/validate.json `lineage`,
+    """The data version's lineage as the validate stage recorded it (metrics/drift.json `lineage`,
     see data/drift.py): images in all, per class, and added since the previous accepted version
     (per-class values as JSON); {} before validate has run."""
     try:
-        lineage = json.loads((root / "metrics" / "validate.json").read_text()).get("lineage")
+        lineage = json.loads((root / "metrics" / "drift.json").read_text()).get("lineage")
     except (OSError, ValueError, AttributeError):
         return {}
     if not isinstance(lineage, dict):

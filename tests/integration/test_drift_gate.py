@@ -64,21 +64,24 @@ def root(tmp_path: Path) -> Path:
 
 
 def validate(root: Path, counts: dict) -> dict:
+    """The drift record (metrics/drift.json) of a validate run that passed."""
     set_params(root, validate={"expected_counts": counts})
-    return run_validate(load_config(root / "params.yaml"), root).summary
+    summary = run_validate(load_config(root / "params.yaml"), root).summary
+    assert summary["success"]
+    return json.loads((root / drift.RESULTS).read_text())
 
 
 def test_same_data_and_more_of_it_pass_inverted_images_fail_in_one_line(root, fashion):
     write_version(root, version(fashion, 150, 40))
     first = validate(root, {"train": 1500, "test": 400})
-    assert first["drift"]["baseline"].startswith("no accepted version before")
+    assert first["baseline"].startswith("no accepted version before")
     assert first["lineage"]["images_added"] == 1900 and first["lineage"]["previous_data_version"] is None
     profile = root / drift.PROFILE_DIR / drift.PROFILE
     assert json.loads(profile.read_text())["images"] == {"train": 1500, "test": 400}
 
     again = validate(root, {"train": 1500, "test": 400})  # the same data: every check ok, nothing added
-    assert again["success"] and again["drift"]["passed"] and again["drift"]["baseline"] is None
-    checks = again["drift"]["checks"]
+    assert again["passed"] and again["baseline"] is None
+    checks = again["checks"]
     assert {name: c["status"] for name, c in checks.items() if c["status"] != "info"} == {
         "class_proportion_shift": "ok", "intensity_psi": "ok", "feature_frechet": "ok"}
     assert checks["class_proportion_shift"]["value"] == 0 and checks["intensity_psi"]["value"] < 1e-9
@@ -86,7 +89,7 @@ def test_same_data_and_more_of_it_pass_inverted_images_fail_in_one_line(root, fa
 
     write_version(root, version(fashion, 300, 60))  # grown: more images of the same kind
     grown = validate(root, {"train": 3000, "test": 600})
-    assert grown["drift"]["passed"], grown["drift"]
+    assert grown["passed"], grown
     assert grown["lineage"]["images_added"] == 1700
     assert grown["lineage"]["added_per_class"] == {name: 170 for name in grown["lineage"]["added_per_class"]}
     accepted = profile.read_bytes()
@@ -102,8 +105,8 @@ def test_same_data_and_more_of_it_pass_inverted_images_fail_in_one_line(root, fa
     value = float(error[0].split("intensity_psi ")[1].split()[0])
     assert value > 1  # PSI of the inverted histograms: far beyond the 0.25 failure level
     assert profile.read_bytes() == accepted  # a rejected version never becomes the reference
-    record = json.loads((root / "metrics" / "validate.json").read_text())
-    assert record["success"] is False and record["drift"]["checks"]["intensity_psi"]["status"] == "fail"
+    assert json.loads((root / "metrics" / "validate.json").read_text())["success"] is False
+    assert json.loads((root / drift.RESULTS).read_text())["checks"]["intensity_psi"]["status"] == "fail"
     page = (root / "reports" / "validation" / drift.PAGE).read_text()
     assert "FAILED" in page and "<svg" in page and "Images per class" in page
 

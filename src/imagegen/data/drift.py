@@ -6,7 +6,7 @@ Each accepted version leaves a reference profile in data/profile/ (a DVC output 
 - profile.json: data version (DVC md5 of data/prepared, content sha256), dataset, shape, classes,
   images per split and class, per-channel intensity histograms (32 bins over 0..255), the original
   size / mode mix when the manifest has such columns;
-- features.npz: mean and covariance of the embedding features of a sample of its images;
+- feature_mean.npy, feature_cov.npy: mean and covariance of the embedding features of a sample of its images;
 - embedding.pt: the weights of the network that made those features.
 
 The embedding is a fixed, data-independent network (a small random convolutional net, seed 0)
@@ -21,7 +21,7 @@ A new version is compared with the profile: class-proportion shift (total variat
 intensity distribution (PSI, gated; KS, reported), the Fréchet distance between the two samples'
 features relative to the old sample's total variance, and the size/mode mix (reported). Each gated
 check has a warning and a failure level (validate.drift in params.yaml). Results and lineage (images
-per class, images added since the previous version) go to metrics/validate.json; an HTML page of old
+per class, images added since the previous version) go to metrics/drift.json; an HTML page of old
 vs new to reports/validation/drift.html. The profile is replaced only when the whole stage passed.
 """
 
@@ -45,7 +45,10 @@ from imagegen.fsutil import atomic_dir
 log = logging.getLogger(__name__)
 
 PROFILE_DIR = Path("data/profile")
-PROFILE, FEATURES, EMBEDDING = "profile.json", "features.npz", "embedding.pt"
+PROFILE, MEAN, COV, EMBEDDING = "profile.json", "feature_mean.npy", "feature_cov.npy", "embedding.pt"
+# The checks and lineage of the last validation. Apart from metrics/validate.json, which the training stages
+# depend on: re-validating the same data changes the comparison (now against itself), not the data.
+RESULTS = Path("metrics/drift.json")
 PAGE = "drift.html"
 BINS = 32
 EMBEDDING_SEED = 0
@@ -137,12 +140,11 @@ def load_profile(folder: Path) -> Profile | None:
 
     try:
         info = json.loads((folder / PROFILE).read_text())
-        with np.load(folder / FEATURES, allow_pickle=False) as f:
-            mean, cov = f["mean"], f["cov"]
+        mean, cov = np.load(folder / MEAN, allow_pickle=False), np.load(folder / COV, allow_pickle=False)
         state = torch.load(folder / EMBEDDING, map_location="cpu", weights_only=True)
     except Exception as exc:  # json, numpy and torch raise many kinds for a damaged file
         raise ImagegenError(f"{folder}: damaged drift profile ({type(exc).__name__}: {str(exc)[:120]}); "
-                            f"expected {PROFILE}, {FEATURES} and {EMBEDDING} as validate writes them "
+                            f"expected {PROFILE}, {MEAN}, {COV} and {EMBEDDING} as validate writes them "
                             "(delete the folder to start a new baseline)") from None
     return Profile(info, mean, cov, state)
 
@@ -195,7 +197,8 @@ def save_profile(folder: Path, profile: Profile) -> None:
 
     with atomic_dir(folder) as tmp:
         (tmp / PROFILE).write_text(json.dumps(profile.info, indent=1) + "\n")
-        np.savez(tmp / FEATURES, mean=profile.mean, cov=profile.cov)
+        np.save(tmp / MEAN, profile.mean, allow_pickle=False)  # .npy, not .npz: no zip timestamps, so the
+        np.save(tmp / COV, profile.cov, allow_pickle=False)  # same data gives the same bytes (and DVC hash)
         torch.save(profile.net_state, tmp / EMBEDDING)
 
 
