@@ -296,6 +296,7 @@ def test_schedule_registers_cron_runs_and_a_worker_runs_the_flow(prefect_server,
 
     deployment = api(url, "deployments/name/retrain/weekly-test")
     assert deployment["work_pool_name"] == "test-pool"
+    assert deployment["global_concurrency_limit"]["limit"] == 1  # one run of the deployment at a time
     assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * 1"]
     assert api(url, "work_pools/test-pool")["type"] == "process"
 
