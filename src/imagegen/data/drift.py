@@ -180,9 +180,10 @@ def build_profile(root: Path, dataset: str, sample: int, net_state: dict | None)
 def manifest_mix(folder: Path) -> dict[str, dict[str, int]]:
     """Value counts of the manifest's original-size/mode columns (only those it has)."""
     import pandas as pd
+    import pyarrow.parquet as pq
 
     try:
-        columns = pd.read_parquet(folder / "manifest.parquet").columns
+        columns = pq.read_schema(folder / "manifest.parquet").names
         present = [c for c in MIX_COLUMNS if c in columns]
         if not present:
             return {}
