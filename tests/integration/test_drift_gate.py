@@ -99,7 +99,8 @@ def test_same_data_and_more_of_it_pass_inverted_images_fail_in_one_line(root, fa
     set_params(root, validate={"expected_counts": {"train": 3000, "test": 600}})
     done = subprocess.run(["imagegen", "validate"], cwd=root, capture_output=True, text=True)
     assert done.returncode != 0
-    error = done.stderr.strip().splitlines()
+    assert "Traceback" not in done.stderr
+    error = [line for line in done.stderr.splitlines() if line.startswith("imagegen validate: error: ")]
     assert len(error) == 1 and error[0].startswith("imagegen validate: error: validate: drift gate failed"), done.stderr
     assert "intensity_psi" in error[0] and "feature_frechet" in error[0] and "drift.html" in error[0]
     value = float(error[0].split("intensity_psi ")[1].split()[0])
