@@ -126,3 +126,45 @@ def test_a_class_mostly_gone_fails_the_class_shift_check(root, fashion):
     message = str(failed.value)
     assert "\n" not in message and "class_proportion_shift" in message
     assert "validate.drift.class_shift_fail" in message and "intensity_psi" not in message
+
+
+def test_under_dvc_the_profile_persists_and_a_rejected_version_leaves_dvc_lock_alone(project):
+    """data/profile is a `persist: true` output: DVC keeps it when validate re-runs, so the gate compares
+    with the last accepted version; a failed gate records nothing in dvc.lock and changes no profile."""
+    import yaml
+
+    path = project / "dvc.yaml"
+    pipeline = yaml.safe_load(path.read_text())
+    pipeline["stages"] = {name: pipeline["stages"][name] for name in ("fetch", "prepare", "validate")}
+    path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
+
+    def repro(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["dvc", "repro", *args], cwd=project, capture_output=True, text=True, timeout=900)
+
+    assert repro().returncode == 0
+    first = json.loads((project / drift.RESULTS).read_text())
+    assert first["baseline"] and first["lineage"]["images"] == 70000
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert first["lineage"]["data_version"] == next(o["md5"] for o in lock["prepare"]["outs"])
+    assert "data/profile" in [o["path"] for o in lock["validate"]["outs"]]
+    profile = (project / drift.PROFILE_DIR / drift.PROFILE).read_bytes()
+
+    set_params(project, validate={"drift": {"sample": 1000}})  # validate runs again, on the same data
+    assert repro().returncode == 0
+    again = json.loads((project / drift.RESULTS).read_text())
+    assert again["baseline"] is None and again["passed"]  # compared with the kept profile, not a new baseline
+    assert again["lineage"]["images_added"] == 0
+    assert again["checks"]["class_proportion_shift"]["value"] == 0
+    lock_before = (project / "dvc.lock").read_text()
+
+    splits = {}
+    for split in ("train", "test"):  # a bad batch: every image inverted (manifest rewritten to match)
+        with np.load(project / "data" / "prepared" / f"{split}.npz") as arrays:
+            splits[split] = (255 - arrays["images"], arrays["labels"])
+    write_version(project, splits)
+    failed = repro("--single-item", "validate")
+    assert failed.returncode != 0
+    assert "drift gate failed" in failed.stdout + failed.stderr and "intensity_psi" in failed.stdout + failed.stderr
+    assert (project / "dvc.lock").read_text() == lock_before
+    assert json.loads((project / drift.PROFILE_DIR / drift.PROFILE).read_text())["images"] == json.loads(profile)["images"]
+    assert json.loads((project / "metrics" / "validate.json").read_text())["success"] is False
