@@ -81,7 +81,7 @@ def write_fid(root: Path, fid: dict[str, float]) -> None:
 
 def test_register_rescores_the_champion_on_todays_test_split(root):
     # Week 1: v1 of each kind, champion with a recorded FID so low that no honest score beats it.
-    make_project(root, seed=0, fid={"gan": 0.001, "vae": 0.001})
+    make_project(root, seed=0, fid={"gan": 1e-9, "vae": 1e-9})
     data_version(root, seed=1, md5="week1.dir", n_test=100)
     settings(root)
     first = run_register(load_config(root / "params.yaml"), root).decisions
@@ -101,8 +101,8 @@ def test_register_rescores_the_champion_on_todays_test_split(root):
     decisions = run_register(cfg, root).decisions
     gan, vae = decisions["gan"], decisions["vae"]
     assert gan["champion_rescored"] and vae["champion_rescored"]
-    assert gan["champion_value"] == pytest.approx(today, rel=1e-5)  # re-scored today, not the recorded 0.001
-    assert gan["champion_value_recorded"] == 0.001
+    assert gan["champion_value"] == pytest.approx(today, abs=1e-5)  # re-scored today (rounded as evaluate rounds)
+    assert gan["champion_value_recorded"] == 1e-9 and today > 1e-4
     assert gan["promoted"], gan  # against the recorded 0.001 it would have lost
     assert not vae["promoted"] and vae["champion_after"] == 1
     test_hash = json.loads((root / RECORD).read_text())[HASH_KEY]["test"]
@@ -115,7 +115,7 @@ def test_register_rescores_the_champion_on_todays_test_split(root):
     assert written["gan"]["champion_value"] == gan["champion_value"]
 
     version = MlflowClient().get_model_version(GAN, "2")
-    assert float(version.tags["contest.champion_value"]) == pytest.approx(today, rel=1e-5)
+    assert float(version.tags["contest.champion_value"]) == pytest.approx(today, abs=1e-5)
     assert version.tags["contest.champion_data_version"] == "week1.dir"
     assert version.tags["contest.challenger_data_version"] == "week2.dir"
     assert version.tags["dvc_data_md5"] == "week2.dir"
