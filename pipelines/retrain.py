@@ -9,6 +9,8 @@ Prefect adds retries (fetch only), logs and a summary artifact.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import graphlib
 import json
 import os
@@ -29,11 +31,12 @@ for _key, _value in {
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
-from prefect.states import Completed, Failed  # noqa: E402
+from prefect.states import Cancelled, Completed, Failed  # noqa: E402
 
 from imagegen.tracking import flatten  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+LOCK = Path(".dvc/tmp/retrain.lock")  # held by the running retrain of a checkout (DVC's own tmp folder, git-ignored)
 ARTIFACT_KEY = "retrain-summary"
 RETRIED_STAGES = {"fetch"}  # the only stage that talks to the outside world
 SKIPPED = re.compile(r"Stage '.+' didn't change, skipping")
@@ -168,13 +171,45 @@ def champion_section(repo: Path) -> str:
     return "\n".join(f"- {name}: `{value}`" for name, value in decision.items())
 
 
+def data_section(repo: Path, results: list[dict]) -> list[str]:
+    """The data version's lineage and drift results (metrics/drift.json, see imagegen.data.drift);
+    "no new data" when validate did not run again (its data did not change)."""
+    try:
+        drift = json.loads((repo / "metrics" / "drift.json").read_text())
+    except (OSError, ValueError):
+        return ["no drift record yet (validate has not run)"]
+    lineage = drift.get("lineage") or {}
+    validate = next((r["status"] for r in results if r["stage"] == "validate"), None)
+    if validate in ("skipped", "restored"):
+        return [f"no new data: data version `{lineage.get('data_version', '?')}` unchanged since the last run "
+                f"({lineage.get('images', '?')} images)"]
+    if not lineage:
+        return ["the validation record has no lineage (validated before the drift gate existed)"]
+    lines = [f"Data version `{lineage['data_version']}` ({lineage['images']} images, "
+             f"{lineage['images_added']:+d} since `{lineage.get('previous_data_version')}`)", "",
+             "| class | images | added |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {n} | {lineage['added_per_class'].get(name, 0):+d} |"
+              for name, n in lineage["images_per_class"].items()]
+    lines += ["", "### Drift against the last accepted version", ""]
+    if drift.get("baseline"):
+        lines.append(drift["baseline"])
+    checks = drift.get("checks") or {}
+    if checks:
+        lines += ["| check | value | status |", "| --- | --- | --- |"]
+        lines += [f"| {name} | {c['value']} | {c['status']} |" for name, c in checks.items()]
+    lines += ["", f"Drift gate: {'passed' if drift.get('passed', True) else '**FAILED**'} "
+              "(old vs new: reports/validation/drift.html)"]
+    return lines
+
+
 def summary_markdown(stages: list[str], results: list[dict], before: dict, after: dict,
                      repo: Path, failure: str | None) -> str:
-    """The run summary: stage results, metrics table, what changed, champion decision."""
+    """The run summary: stage results, data (lineage, drift), metrics table, what changed, champion decision."""
     by_stage = {result["stage"]: result for result in results}
     lines = [f"# retrain: {'FAILED' if failure else 'completed'}", ""]
     if failure:
         lines += [f"**{failure}**", ""]
+    lines += ["## Data", "", *data_section(repo, results), ""]
     lines += ["## Stages", "", "| stage | result | seconds |", "| --- | --- | --- |"]
     for stage in stages:
         result = by_stage.get(stage, {"status": "not run", "seconds": None})
@@ -191,18 +226,57 @@ def summary_markdown(stages: list[str], results: list[dict], before: dict, after
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def checkout_lock(root: Path, holder: str):
+    """Yield None while this process holds the checkout's retrain lock (an flock on .dvc/tmp/retrain.lock,
+    released when the process ends, even killed), or the holder's description when another run holds it."""
+    path = root / LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            yield f.read().strip() or "another process"
+            return
+        try:
+            f.truncate(0)
+            f.write(holder)
+            f.flush()
+            yield None
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @flow(name="retrain", description="Run the DVC pipeline stage by stage (fetch retried); publish a summary.")
 def retrain(repo: str | None = None, target: str | None = None, push: bool = False,
             only_if_changed: bool = False, fetch_retries: int = 3, fetch_retry_delay_s: float = 10.0):
-    """One task per DVC stage in dependency order; a failed stage fails the run with its error."""
-    from prefect.artifacts import create_markdown_artifact
+    """One task per DVC stage in dependency order; a failed stage fails the run with its error.
+    One run at a time per checkout: a run that finds another one running ends Cancelled, having done nothing."""
+    from prefect.runtime import flow_run
 
     root = Path(repo or REPO_ROOT).resolve()
+    holder = f"flow run {flow_run.name or '?'} ({flow_run.id or 'no id'}), pid {os.getpid()}"
+    with checkout_lock(root, holder) as other:
+        if other:
+            get_run_logger().warning("another retrain is running in %s (%s): not touching it", root, other)
+            return Cancelled(message=f"another retrain is running in this checkout ({other}); this run did nothing")
+        return run_pipeline(root, target, push, only_if_changed, fetch_retries, fetch_retry_delay_s)
+
+
+def run_pipeline(root: Path, target: str | None, push: bool, only_if_changed: bool, fetch_retries: int,
+                 fetch_retry_delay_s: float):
+    from prefect.artifacts import create_markdown_artifact
+
     logger = get_run_logger()
     try:
         stages = discover_stages(root, target)
         if only_if_changed and not json.loads(dvc(root, "status", "--json", *stages) or "{}"):
-            return Completed(message=f"nothing changed: all {len(stages)} stages up to date, none run")
+            message = f"no new data: nothing changed, all {len(stages)} stages up to date, none run"
+            create_markdown_artifact(key=ARTIFACT_KEY, description="retrain: stages, metrics, champion",
+                                     markdown=f"# retrain: no new data\n\n{message} (`dvc status` is clean).\n")
+            return Completed(message=message)
     except DvcError as exc:  # e.g. an invalid dvc.yaml: one line, no traceback
         return Failed(message=str(exc))
     logger.info("stages in order: %s", ", ".join(stages))

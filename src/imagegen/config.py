@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from imagegen.errors import ImagegenError
 
@@ -91,6 +91,26 @@ class DataConfig(Section):
         return self.dataset in DATASETS
 
 
+class DriftConfig(Section):
+    """The drift gate (data/drift.py): each check warns at `*_warn` and fails the stage at `*_fail`."""
+
+    enabled: bool = True  # false: profile and lineage only, no comparison
+    sample: Annotated[int, Field(ge=100)] = 2000  # images embedded for the feature mean/covariance
+    class_shift_warn: Annotated[float, Field(ge=0, le=1)] = 0.03  # total variation distance of class shares
+    class_shift_fail: Annotated[float, Field(ge=0, le=1)] = 0.08
+    intensity_psi_warn: Annotated[float, Field(ge=0)] = 0.1  # PSI of the per-channel intensity histograms
+    intensity_psi_fail: Annotated[float, Field(ge=0)] = 0.25
+    frechet_warn: Annotated[float, Field(ge=0)] = 0.02  # Fréchet distance / total variance of the old sample
+    frechet_fail: Annotated[float, Field(ge=0)] = 0.1
+
+    @model_validator(mode="after")
+    def _warn_below_fail(self):
+        for name in ("class_shift", "intensity_psi", "frechet"):
+            if getattr(self, f"{name}_warn") > getattr(self, f"{name}_fail"):
+                raise ValueError(f"{name}_warn must not exceed {name}_fail")
+        return self
+
+
 class ValidateConfig(Section):
     # Rows expected per split; null means the dataset's published sizes (60000 / 10000).
     expected_counts: dict[Literal["train", "test"], Annotated[int, Field(ge=1)]] | None = None
@@ -118,6 +138,8 @@ class ValidateConfig(Section):
             raise ValueError(f"{fail} is above class_share_warn {warn}; expected a failure level at or below the warning level")
         return fail
 
+    drift: DriftConfig = DriftConfig()  # the gate against the last accepted version (README: Scheduled retraining)
+
 
 class TrainConfig(Section):
     """Shared by train-gan and train-vae."""
@@ -134,6 +156,10 @@ class TrainConfig(Section):
     limit: Annotated[int, Field(ge=1)] | None = None  # train on the first N images only (smoke runs)
     mlflow: bool = True  # log runs to MLflow (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)
     system_metrics: bool = True  # with mlflow: log CPU, memory and GPU utilisation of training runs
+    # Warm start: `champion` starts from the registered champion's weights (<dataset>-<kind>@champion) when
+    # there is one, and runs warm_epochs_fraction of the epochs; `none` always starts from scratch.
+    init_from: Literal["champion", "none"] = "none"
+    warm_epochs_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5
 
 
 class GANConfig(Section):

@@ -18,14 +18,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import io
 import json
 import logging
 import math
-import re
 import shutil
 import tempfile
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +32,8 @@ from imagegen.config import Config, model_params
 from imagegen.errors import ImagegenError
 from imagegen.fsutil import sha256_file, write_json
 from imagegen.models.io import META, WEIGHTS, read_description
+from imagegen.registered import (MODEL_URI, describe, load_registered, quiet_mlflow,  # noqa: F401 (re-exported)
+                                 tracking_store)
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +44,6 @@ EVALUATION = Path("metrics") / "evaluate.json"
 OUTPUT = Path("metrics") / "register.json"
 METRIC_TAG = "metric."  # prefix of the version tags holding the evaluation metrics
 DECISION_TAG = "decision"  # written last: its absence marks an interrupted registration
-MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
 
 @dataclass(frozen=True)
@@ -82,7 +80,8 @@ def run_register(cfg: Config, root: Path = Path(".")) -> RegisterResult:
     try:
         with registry_lock(uri), tracking.stage_run(root, f"imagegen-{cfg.data.dataset}", "register", params,
                                                     tracking.lineage_tags(root, params, "cpu")) as run:
-            decisions = {kind: register_kind(cfg, root, kind, folder, metrics, run)
+            contest = Contest(cfg, root)  # re-scores each champion on today's test split (fair contest)
+            decisions = {kind: register_kind(cfg, root, kind, folder, metrics, run, contest)
                          for kind, (folder, metrics) in models.items()}
             import mlflow
 
@@ -125,7 +124,8 @@ def challenger_metrics(root: Path, kind: str, metric: str) -> dict[str, float]:
     return numbers
 
 
-def register_kind(cfg: Config, root: Path, kind: str, folder: Path, metrics: dict, run) -> dict:
+def register_kind(cfg: Config, root: Path, kind: str, folder: Path, metrics: dict, run,
+                  contest: Contest | None = None) -> dict:
     from mlflow import MlflowClient
 
     client = MlflowClient()
@@ -143,7 +143,7 @@ def register_kind(cfg: Config, root: Path, kind: str, folder: Path, metrics: dic
     else:
         log.info("register: %s version %s was interrupted before its decision; finishing it", name, version.version)
     card = ModelCard(client, root, kind, metrics, run)
-    return promote(client, name, version, metrics[metric], cfg.register_.margin, metric, new, card)
+    return promote(client, name, version, metrics[metric], cfg.register_.margin, metric, new, card, contest)
 
 
 def create_version(client, cfg: Config, root: Path, kind: str, folder: Path, metrics: dict, sha: str, run):
@@ -176,20 +176,34 @@ def create_version(client, cfg: Config, root: Path, kind: str, folder: Path, met
 
 
 def promote(client, name: str, version, value: float, margin: float, metric: str, new: bool,
-            card: ModelCard | None = None) -> dict:
+            card: ModelCard | None = None, contest: Contest | None = None) -> dict:
     champion = alias_version(client, name, CHAMPION)
+    fairness: dict = {}
     if champion is not None and champion.version == version.version:
         decision = Decision(True, "already champion (promoted by an interrupted run)")
     else:
-        decision = decide(metric, value, tag_float(champion, metric), margin)
+        fairness = contest.champion_score(name, champion) if contest and champion is not None else {}
+        champion_value = fairness.get("champion_value", tag_float(champion, metric))
+        decision = decide(metric, value, champion_value, margin)
+        if fairness.get("champion_rescored"):
+            decision = Decision(decision.promote, decision.reason + f"; both scored on test split "
+                                f"{fairness['scored_on']['test_sha256'][:12]} with feature net "
+                                f"{fairness['scored_on']['features_sha256'][:12]}")
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     if decision.promote:
         client.set_registered_model_alias(name, CHAMPION, version.version)
-    result = record(name, version, new, value, champion, metric, decision)
+    result = record(name, version, new, value, champion, metric, decision, fairness)
     before = result["champion_before"]
     outcome = "champion" if decision.promote else f"challenger (champion stays version {before})"
     summary = (f"{metric} {value:.6g}: {outcome}; {decision.reason}. Weights sha256 "
                f"{version.tags.get('weights_sha256', '?')[:12]}, training run {version.tags.get('training_run_id', '?')}.")
+    if fairness.get("champion_rescored"):
+        summary += (f" Champion v{before} re-scored today: {metric} {fairness['champion_value']:.6g} (recorded "
+                    f"{fairness['champion_value_recorded']} on data {fairness['champion_data_version']}); this "
+                    f"version's data {fairness['challenger_data_version']}.")
+    for key, tag in CONTEST_TAGS.items():
+        if fairness.get(key) is not None:
+            client.set_model_version_tag(name, version.version, tag, str(fairness[key]))
     description = card.write(name, version, champion, decision, summary) if card else summary
     client.update_model_version(name, version.version, description=description)
     client.set_model_version_tag(name, version.version, "decision_reason", decision.reason)
@@ -274,13 +288,70 @@ class ModelCard:
         return found[0].info.run_id if found else None
 
 
-def record(name: str, version, new: bool, value: float, champion, metric: str, decision: Decision) -> dict:
-    """One model's entry in metrics/register.json."""
+def record(name: str, version, new: bool, value: float, champion, metric: str, decision: Decision,
+           fairness: dict | None = None) -> dict:
+    """One model's entry in metrics/register.json (with the fair contest's scores when there was one)."""
     before = to_int(champion.version) if champion else None
     return {"model": name, "version": int(version.version), "new_version": new, "value": value,
             "champion_before": before, "champion_value": tag_float(champion, metric),
             "champion_after": int(version.version) if decision.promote else before,
-            "promoted": decision.promote, "reason": decision.reason}
+            "promoted": decision.promote, "reason": decision.reason, **(fairness or {})}
+
+
+CONTEST_TAGS = {"champion_value": "contest.champion_value", "champion_value_recorded": "contest.champion_value_recorded",
+                "champion_data_version": "contest.champion_data_version",
+                "challenger_data_version": "contest.challenger_data_version",
+                "champion_rescored": "contest.champion_rescored"}
+
+
+class Contest:
+    """The fair contest: the champion, loaded from the registry, is sampled and scored as the evaluate stage
+    scored the challenger (evaluation.stage.Scorer: same samples count and seed, today's test split, today's
+    feature net), so both values are computed on the same data. Without models/features or a test split
+    (nothing to score on) the champion's recorded value is used, and the record says so."""
+
+    def __init__(self, cfg: Config, root: Path):
+        self.cfg, self.root, self.scorer = cfg, root, None
+
+    def scored_on(self) -> dict:
+        from imagegen.data.validated import HASH_KEY, RECORD
+        from imagegen.evaluation.features import FEATURES_DIR
+
+        try:
+            test = json.loads((self.root / RECORD).read_text())[HASH_KEY]["test"]
+        except (OSError, ValueError, KeyError, TypeError):
+            test = "unknown"
+        return {"data_version": tracking.dvc_out_md5(self.root, "prepare", "data/prepared"), "test_sha256": test,
+                "features_sha256": sha256_file(self.root / FEATURES_DIR / WEIGHTS)}
+
+    def champion_score(self, name: str, champion) -> dict:
+        from imagegen.evaluation.features import FEATURES_DIR
+
+        metric = self.cfg.register_.metric
+        recorded = tag_float(champion, metric)
+        info = {"champion_value": recorded, "champion_value_recorded": recorded,
+                "champion_data_version": champion.tags.get("dvc_data_md5", "unknown"),
+                "challenger_data_version": tracking.dvc_out_md5(self.root, "prepare", "data/prepared"),
+                "champion_rescored": False}
+        if not (self.root / FEATURES_DIR / WEIGHTS).is_file() or not (self.root / "data/prepared/test.npz").is_file():
+            log.warning("register: %s champion v%s not re-scored (no feature net or test split here): comparing "
+                        "with its recorded %s", name, champion.version, metric)
+            return info
+        from imagegen.evaluation.sampling import generate
+        from imagegen.evaluation.stage import Scorer, rounded
+        from imagegen.training.runtime import select_device
+
+        device = select_device(self.cfg.train.device)
+        if self.scorer is None:
+            self.scorer = Scorer.load(self.cfg, self.root, device)
+        module, meta = load_registered(f"models:/{name}/{champion.version}", device)
+        samples = generate(module, meta, self.cfg.eval.n_samples, self.cfg.eval.seed, device=device)
+        scores = rounded(self.scorer.score(samples))
+        log.info("register: %s champion v%s re-scored on today's test split: %s %s (recorded %s)", name,
+                 champion.version, metric, scores[metric], recorded)
+        return {**info, "champion_value": float(scores[metric]), "champion_rescored": True,
+                "champion_scores": {k: v for k, v in scores.items() if isinstance(v, (int, float))},
+                "scored_on": self.scored_on()}
 
 
 def find_version(client, name: str, sha: str):
@@ -336,33 +407,6 @@ def summary_line(kind: str, d: dict) -> str:
     return f"{kind}: version {d['version']} is {state} ({d['reason']})"
 
 
-def describe(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
-
-
-@contextlib.contextmanager
-def quiet_mlflow() -> Iterator[None]:
-    """No progress bars, prints or advice from MLflow while logging, registering or downloading a model:
-    the stage's own log says what happened. Errors still raise."""
-    import os
-
-    logger = logging.getLogger("mlflow")
-    level, bar = logger.level, os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    logger.setLevel(logging.ERROR)
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
-        if bar is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
-
-
 def lock_path(uri: str) -> Path:
     return Path(tempfile.gettempdir()) / f"imagegen-registry-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"
 
@@ -381,49 +425,3 @@ def registry_lock(uri: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def load_registered(uri: str, device: str = "cpu"):
-    """The torch module and ModelDescription of a registered version (models:/NAME@ALIAS or models:/NAME/VERSION)."""
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-    from mlflow.models import Model
-
-    from imagegen.models.io import load_model
-
-    match = MODEL_URI.match(uri)
-    if not match:
-        raise ImagegenError(f"--model {uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    tracking_uri = tracking_store(Path("."))
-    client = MlflowClient()
-    name, alias = match["name"], match["alias"]
-    try:
-        version = (client.get_model_version_by_alias(name, alias) if alias
-                   else client.get_model_version(name, match["version"]))
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise ImagegenError(f"{uri}: no such registered model or {'alias' if alias else 'version'} in the "
-                                f"MLflow registry at {tracking_uri}") from None
-        raise ImagegenError(f"MLflow tracking at {tracking_uri} is not usable: {describe(exc)}") from None
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            with quiet_mlflow():
-                local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=tmp))
-        except Exception as exc:  # artifact stores raise many kinds
-            raise ImagegenError(f"{uri}: could not download version {version.version} from MLflow at "
-                                f"{tracking_uri}: {describe(exc)}") from None
-        artifacts = Model.load(local / "MLmodel").flavors["python_function"].get("artifacts", {})
-        if "model" not in artifacts:
-            raise ImagegenError(f"{uri}: version {version.version} is not an imagegen model (no 'model' artifact)")
-        return load_model(local / artifacts["model"]["path"], device)
-
-
-def tracking_store(root: Path) -> str:
-    """The tracking URI for reading the registry; the embedded store must exist already."""
-    uri = tracking.configure(root)
-    if uri == tracking.embedded_uri(root) and not (root / tracking.EMBEDDED_DB).exists():
-        raise ImagegenError(f"no model registry at {uri}: run the pipeline (dvc repro) here first, or set "
-                            "MLFLOW_TRACKING_URI to a tracking server")
-    tracking.check_uri(uri)
-    return uri

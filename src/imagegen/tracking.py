@@ -107,7 +107,28 @@ def lineage_tags(root: Path, params: dict, device: str) -> dict[str, str]:
         "device": device,
         "pipeline_run": pipeline_key(root) or STANDALONE,
         **dvc_exp_tags(),
+        **data_lineage_tags(root),
     }
+
+
+LINEAGE_TAGS = {"images": "data_images", "images_per_class": "data_images_per_class",
+                "images_added": "data_images_added", "added_per_class": "data_added_per_class",
+                "previous_data_version": "data_previous_version"}
+
+
+def data_lineage_tags(root: Path) -> dict[str, str]:
+    """The data version's lineage as the validate stage recorded it (metrics/drift.json `lineage`,
+    see data/drift.py): images in all, per class, and added since the previous accepted version
+    (per-class values as JSON); {} before validate has run."""
+    try:
+        lineage = json.loads((root / "metrics" / "drift.json").read_text()).get("lineage")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(lineage, dict):
+        return {}
+    return {tag: (json.dumps(lineage[key], sort_keys=True) if isinstance(lineage[key], dict)
+                  else str(lineage[key]))[:4000]
+            for key, tag in LINEAGE_TAGS.items() if key in lineage}
 
 
 def dvc_exp_tags() -> dict[str, str]:
@@ -366,6 +387,7 @@ def pipeline_parent(exp_id: str, key: str | None, root: Path) -> str | None:
     name = (os.environ.get(PIPELINE_NAME_ENV) or (f"dvc exp {exp['dvc_exp_name']}" if exp else None)
             or f"dvc repro {time.strftime('%Y-%m-%d %H:%M')}")
     tags = {"pipeline_run": key, "run_kind": "pipeline", "git_commit": git_commit(root), **exp,
+            "dvc_data_md5": dvc_out_md5(root, "prepare", "data/prepared"), **data_lineage_tags(root),
             "mlflow.note.content": "One pipeline run: its stages are the nested runs below."}
     run = client.create_run(exp_id, run_name=name, tags=tags)
     try:

@@ -168,6 +168,8 @@ def test_flow_runs_each_stage_then_skips_up_to_date_stages(prefect_api, data_pro
     assert "| metrics/validate.json | failed_expectations | 0 | — |" in markdown
     assert all(f"| {stage} | ran |" in markdown for stage in STAGES), markdown
     assert "no register stage yet" in markdown
+    assert "## Data" in markdown and "| T-shirt/top | 7000 | +7000 |" in markdown  # lineage: images per class
+    assert "no accepted version before this one: it becomes the baseline" in markdown  # the drift gate's first profile
     assert runs["validate"]["total_run_time"] > 5  # it really ran GX over 70k images
 
     remote = tmp_path / "dvc-remote"
@@ -182,14 +184,16 @@ def test_flow_runs_each_stage_then_skips_up_to_date_stages(prefect_api, data_pro
     assert all(f"| {stage} | skipped |" in markdown for stage in STAGES), markdown
     assert "| metrics/validate.json | train.rows | 60000 | 60000 |" in markdown
     assert "no metric changed" in markdown
+    assert "no new data: data version `" in markdown and "(70000 images)" in markdown
     logged = log_text(prefect_api, runs["validate"]["id"], "Stage 'validate' didn't change, skipping")
     assert "Stage 'validate' didn't change, skipping" in logged
     assert any(path.is_file() for path in remote.rglob("*")), "dvc push sent nothing to the remote"
 
     third = retrain(repo=str(data_project), only_if_changed=True, return_state=True)
     assert third.is_completed()
-    assert third.message.startswith("nothing changed: all 3 stages up to date")
+    assert third.message.startswith("no new data: nothing changed, all 3 stages up to date")
     assert task_runs(prefect_api, third.state_details.flow_run_id) == {}
+    assert summary(prefect_api, third.state_details.flow_run_id).startswith("# retrain: no new data")
 
     upstream = retrain(repo=str(data_project), target="prepare", return_state=True)
     assert upstream.message == "2 stages: fetch skipped, prepare skipped"
@@ -292,6 +296,7 @@ def test_schedule_registers_cron_runs_and_a_worker_runs_the_flow(prefect_server,
 
     deployment = api(url, "deployments/name/retrain/weekly-test")
     assert deployment["work_pool_name"] == "test-pool"
+    assert deployment["global_concurrency_limit"]["limit"] == 1  # one run of the deployment at a time
     assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * 1"]
     assert api(url, "work_pools/test-pool")["type"] == "process"
 
@@ -328,3 +333,34 @@ def wait_for_scheduled_runs(url: str, deployment_id: str, timeout: float = 60) -
             return runs
         time.sleep(1)
     pytest.fail(f"the scheduler created no run for deployment {deployment_id} within {timeout} s")
+
+
+# --- (e) two retrains at once on one checkout: one runs, the other ends Cancelled without touching it
+
+def test_two_retrains_at_once_one_runs_the_other_is_cancelled(prefect_server, data_project):
+    import json
+
+    from pipelines.retrain import LOCK
+
+    url, env = prefect_server
+    command = [sys.executable, "-m", "pipelines.retrain", "--repo", str(data_project), "--fetch-retries", "0"]
+    processes = [subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, start_new_session=True) for _ in range(2)]
+    try:
+        outputs = [process.communicate(timeout=900)[0] for process in processes]
+    finally:
+        for process in processes:
+            stop(process)
+    runs = api(url, "flow_runs/filter", {})
+    by_state = {run["state"]["type"]: run for run in runs}
+    assert sorted(by_state) == ["CANCELLED", "COMPLETED"], (runs, outputs)
+    cancelled, completed = by_state["CANCELLED"], by_state["COMPLETED"]
+    assert cancelled["state"]["message"].startswith("another retrain is running in this checkout (flow run ")
+    assert completed["id"] in cancelled["state"]["message"]  # it names the run holding the checkout
+    assert task_runs(url, cancelled["id"]) == {}  # no stage, no dvc command
+    assert states(task_runs(url, completed["id"])) == {stage: "COMPLETED" for stage in STAGES}
+    assert cancelled["end_time"] < completed["end_time"]  # it did not wait for the other to finish
+    assert sorted(process.returncode for process in processes) == [0, 1]
+    status = subprocess.run(["dvc", "status", "--json"], cwd=data_project, capture_output=True, text=True)
+    assert status.returncode == 0 and json.loads(status.stdout) == {}  # dvc.lock is what one whole run wrote
+    assert (data_project / LOCK).read_text() == ""  # released: the next run can start

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from imagegen.config import Config, DataConfig, ValidateConfig
+from imagegen.data import drift
 from imagegen.data.datasets import DATASETS, SPLITS
 from imagegen.data.prepare import MANIFEST, MANIFEST_COLUMNS, PREPARED_DIR, image_hashes
 from imagegen.data.prepared import read_info
@@ -67,6 +68,7 @@ def run_validate(cfg: Config, root: Path = Path(".")) -> ValidateResult:
     with atomic_dir(root / REPORT_DIR) as report_dir:
         results = run_suite(batches, suites, parameters, report_dir)
         (report_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        gate = drift.run_gate(cfg, root, report_dir)  # drift against the last accepted version: data/drift.py
     failed = [(name, r) for name in batches for r in results[name]["results"] if not r["success"]]
     failures = [f"{name}: {describe(r)}" for name, r in failed if severity(r) != "warning"]
     summary = {
@@ -79,7 +81,9 @@ def run_validate(cfg: Config, root: Path = Path(".")) -> ValidateResult:
     if folder:
         summary["files"] = files_summary(batches["files"], scan, info.classes)
         summary["warnings"] = [f"{name}: {describe(r)}" for name, r in failed if severity(r) == "warning"]
+    summary["success"] = summary["success"] and gate.passed
     write_json(root / METRICS_FILE, summary)
+    write_json(root / drift.RESULTS, {**gate.summary(), "lineage": gate.lineage})  # not read by training
     for split in SPLITS:
         log.info("validate: %s: %s", split, summary[split])
     for path in summary.get("files", {}).get("unreadable", []):
@@ -91,6 +95,8 @@ def run_validate(cfg: Config, root: Path = Path(".")) -> ValidateResult:
             f"validate: {len(failures)} expectation(s) failed (see {REPORT_DIR}/data_docs/index.html): "
             + "; ".join(failures)
         )
+    gate.raise_if_failed()
+    gate.accept(root)  # only a version that passed becomes the reference of the next
     return ValidateResult(summary)
 
 

@@ -33,6 +33,8 @@ from imagegen.training.data import DeviceBatches
 from imagegen.training.loop import History, LoopConfig, TrainingLogger, load_checkpoint, train
 from imagegen.training.runtime import Runtime, setup_runtime, teardown_runtime
 from imagegen.training.tasks import GANTask, Task, VAETask
+from imagegen.training.warm import epochs as warm_epochs
+from imagegen.training.warm import warm_start
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +84,17 @@ def run_train(cfg: Config, kind: str, root: Path = Path(".")) -> TrainResult:
         torch.manual_seed(cfg.train.seed)
         task = TASKS[kind](section, info.num_classes, runtime.device, cfg.train.amp, cfg.train.channels_last,
                            info.shape)
+        task.init_info = warm_start(cfg, kind, task, root)  # every rank: they must agree on the epochs
         task.prepare_models(cfg.train.compile, runtime.distributed, cfg.train.cuda_graphs)
         data = DeviceBatches(images, labels, section.batch_size, runtime.device, cfg.train.seed,
                              runtime.rank, runtime.world_size)
         out = paths(root, kind)
         params = model_params(cfg, kind)
+        if cfg.train.init_from == "champion":  # a checkpoint resumes only from the same starting weights
+            params.update({f"warm.{k}": v for k, v in task.init_info.items()})
         probe = BestByFid.create(task, root, images, cfg.train.seed) if runtime.is_main and task.keeps_best else None
         loop_cfg = LoopConfig(
-            epochs=section.epochs, seed=cfg.train.seed, checkpoint_path=out["checkpoint"],
+            epochs=warm_epochs(cfg, kind, task.init_info), seed=cfg.train.seed, checkpoint_path=out["checkpoint"],
             checkpoint_every=cfg.train.checkpoint_every, resume=cfg.train.resume,
             fingerprint=fingerprint(kind, params, train_file, runtime.world_size, probe),
         )
@@ -237,6 +242,7 @@ def finish(task: Task, history: History, cfg: Config, kind: str, runtime: Runtim
         "parameters": description.parameters,
     }
     metrics.update(fitted)
+    metrics.update(getattr(task, "init_info", {}))  # warm start: from which champion, if any
     if getattr(task, "best", None):
         metrics.update(best_epoch=task.best["epoch"], best_fid_probe=task.best["score"])
     write_json(out["metrics"], metrics)

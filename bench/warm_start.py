@@ -1,0 +1,79 @@
+"""Warm vs cold retraining on grown data, through the pipeline's own stage functions.
+
+Week 1: train-gan and train-vae on the first `--first` training images, evaluate, register (both become
+champions). Week 2, the data has grown to `--second` images: train once from scratch for `--epochs`
+epochs (train.init_from: none) and once from the champion for `--epochs` x `--fraction`
+(train.init_from: champion), evaluating each as the evaluate stage does. Prints a markdown table of the
+evaluate stage's FID and the training wall time, and writes it as JSON to --out.
+
+Needs a project folder (--root) with data/prepared validated (imagegen fetch, prepare, validate); the
+feature net is trained there on `--second` images for `--feature-epochs` (a small budget: compare rows,
+not with the default pipeline's FIDs). MLflow: the folder's embedded store.
+
+  python bench/warm_start.py --root /tmp/ws --first 5000 --second 10000 --epochs 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--first", type=int, default=5000, help="training images of week 1")
+    parser.add_argument("--second", type=int, default=10000, help="training images of week 2")
+    parser.add_argument("--epochs", type=int, default=6, help="epochs of a cold run (and of week 1)")
+    parser.add_argument("--fraction", type=float, default=0.5, help="train.warm_epochs_fraction")
+    parser.add_argument("--feature-epochs", type=int, default=2)
+    parser.add_argument("--n-samples", type=int, default=2000)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/warm_start.json"))
+    args = parser.parse_args()
+
+    from imagegen.config import load_config, with_overrides
+    from imagegen.evaluation.features import run_train_features
+    from imagegen.evaluation.stage import run_evaluate
+    from imagegen.registry import run_register
+    from imagegen.training.stage import run_train
+
+    root = args.root.resolve()
+    os.chdir(root)
+    base = with_overrides(load_config(root / "params.yaml"), {
+        "train.mlflow": False, "train.resume": False, "train.device": "cpu",
+        "gan.epochs": args.epochs, "vae.epochs": args.epochs, "features.epochs": args.feature_epochs,
+        "eval.n_samples": args.n_samples, "eval.kid_subsets": 10, "eval.iwae_images": 500, "eval.iwae_k": 8,
+        "train.warm_epochs_fraction": args.fraction})
+
+    def week(limit: int, init_from: str) -> dict:
+        cfg = with_overrides(base, {"train.limit": limit, "train.init_from": init_from})
+        row = {"images": limit, "init_from": init_from}
+        for kind in ("gan", "vae"):
+            started = time.perf_counter()
+            metrics = run_train(cfg, kind, root).metrics
+            row[f"{kind}_seconds"] = round(time.perf_counter() - started, 1)
+            row[f"{kind}_epochs"] = metrics["epochs"]
+            row[f"{kind}_start"] = metrics.get("init_from")
+        evaluation = run_evaluate(cfg, root).metrics
+        row.update(gan_fid=evaluation["gan"]["fid"], vae_fid=evaluation["vae"]["fid"])
+        print(json.dumps(row), flush=True)
+        return row
+
+    run_train_features(with_overrides(base, {"train.limit": args.second}), root)
+    rows = [week(args.first, "none")]
+    print(run_register(base, root).summary, flush=True)
+    rows += [week(args.second, "none"), week(args.second, "champion")]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=2) + "\n")
+    print("| week | images | start | GAN epochs | GAN s | GAN FID | VAE epochs | VAE s | VAE FID |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for n, row in zip((1, 2, 2), rows):
+        print(f"| {n} | {row['images']} | {row['gan_start']} | {row['gan_epochs']} | {row['gan_seconds']} | "
+              f"{row['gan_fid']} | {row['vae_epochs']} | {row['vae_seconds']} | {row['vae_fid']} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Warm start (train.init_from: champion): a retrain starts from the registered champion's weights.
+
+The champion is `<dataset>-<kind>@champion` in the MLflow registry. The GAN's generator and its EMA
+copy start from the champion (the registry holds the EMA generator; the discriminator starts fresh),
+the VAE's encoder and decoder from the champion's (its prior is fitted again after training). The run
+then takes train.warm_epochs_fraction of the section's epochs. With no champion yet, or a champion of
+another architecture, training starts from scratch and the stage's metrics say why.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from imagegen.config import Config
+from imagegen.errors import ImagegenError
+
+log = logging.getLogger(__name__)
+
+
+def warm_start(cfg: Config, kind: str, task, root: Path) -> dict:
+    """Load the champion into `task`'s models when train.init_from says so; returns what happened
+    ({"init_from": "champion", "init_version": N, "init_weights_sha256": ...} or {"init_from": "none", ...})."""
+    if cfg.train.init_from != "champion":
+        return {"init_from": "none"}
+    from imagegen import registered, tracking
+
+    tracking.configure(root)  # the project's tracking store (MLFLOW_TRACKING_URI, else its embedded one)
+    uri = f"models:/{cfg.data.dataset}-{kind}@champion"
+    try:
+        module, meta, version = registered.load_registered(uri, "cpu", with_version=True)
+    except ImagegenError as exc:
+        log.warning("train-%s: train.init_from champion: %s; starting from scratch", kind, exc)
+        return {"init_from": "none", "init_note": f"no champion to start from ({str(exc)[:200]})"}
+    state = {k: v for k, v in module.state_dict().items() if not k.startswith("prior.")}  # the VAE's prior is refitted
+    targets = [task.generator, task.ema] if kind == "gan" else [task.vae]
+    try:
+        for target in targets:
+            missing, unexpected = target.load_state_dict(state, strict=False)
+            if unexpected or [k for k in missing if not k.startswith("prior.")]:
+                raise RuntimeError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    except RuntimeError as exc:  # another width, latent size or conditioning
+        log.warning("train-%s: champion %s (v%s) has another architecture (%s); starting from scratch",
+                    kind, uri, version.version, str(exc).splitlines()[0][:200])
+        return {"init_from": "none", "init_note": f"champion v{version.version} has another architecture"}
+    log.info("train-%s: starting from %s (version %s)", kind, uri, version.version)
+    return {"init_from": "champion", "init_version": int(version.version),
+            "init_weights_sha256": version.tags.get("weights_sha256", "unknown")}
+
+
+def epochs(cfg: Config, kind: str, init: dict) -> int:
+    """The section's epochs, or train.warm_epochs_fraction of them (at least 1) after a warm start."""
+    full = getattr(cfg, kind).epochs
+    return max(1, math.ceil(full * cfg.train.warm_epochs_fraction)) if init.get("init_from") == "champion" else full

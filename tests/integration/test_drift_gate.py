@@ -1,0 +1,170 @@
+"""The drift gate for real: the validate stage (Great Expectations suite + drift gate) on Fashion-MNIST
+images, version after version, in a temporary project. The prepared arrays are edited the way a bad
+batch would change them (and their manifest rewritten to match, so the GX suite passes and the drift
+gate is what stops them)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imagegen.config import load_config
+from imagegen.data import drift
+from imagegen.data.prepare import manifest_rows
+from imagegen.data.validate import run_validate
+from imagegen.errors import ImagegenError
+from tests.conftest import REPO_ROOT, set_params
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+pytestmark = pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="needs dataset-fashion-mnist")
+
+
+def idx(name: str, offset: int, shape: tuple) -> np.ndarray:
+    return np.frombuffer(gzip.open(FASHION_MNIST / f"{name}.gz").read(), np.uint8, offset=offset).reshape(shape)
+
+
+@pytest.fixture(scope="module")
+def fashion() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The first images of each split, per class in order (balanced slices are easy to take)."""
+    return {"train": (idx("train-images-idx3-ubyte", 16, (-1, 28, 28)), idx("train-labels-idx1-ubyte", 8, (-1,))),
+            "test": (idx("t10k-images-idx3-ubyte", 16, (-1, 28, 28)), idx("t10k-labels-idx1-ubyte", 8, (-1,)))}
+
+
+def balanced(images, labels, per_class: int, start: int = 0):
+    picked = np.concatenate([np.flatnonzero(labels == c)[start:start + per_class] for c in range(10)])
+    return images[picked], labels[picked].astype(np.int64)
+
+
+def write_version(root: Path, splits: dict) -> None:
+    """data/prepared as prepare writes it: the arrays and a manifest that describes them."""
+    import pandas as pd
+
+    folder = root / "data" / "prepared"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, (images, labels) in splits.items():
+        np.savez(folder / f"{split}.npz", images=images, labels=labels)
+    pd.concat([manifest_rows(images, labels, split) for split, (images, labels) in splits.items()],
+              ignore_index=True).to_parquet(folder / "manifest.parquet", index=False)
+
+
+def version(fashion, train_per_class: int, test_per_class: int, start: int = 0) -> dict:
+    return {"train": balanced(*fashion["train"], train_per_class, start),
+            "test": balanced(*fashion["test"], test_per_class, start // 6)}
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    (tmp_path / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    return tmp_path
+
+
+def validate(root: Path, counts: dict) -> dict:
+    """The drift record (metrics/drift.json) of a validate run that passed."""
+    set_params(root, validate={"expected_counts": counts})
+    summary = run_validate(load_config(root / "params.yaml"), root).summary
+    assert summary["success"]
+    return json.loads((root / drift.RESULTS).read_text())
+
+
+def test_same_data_and_more_of_it_pass_inverted_images_fail_in_one_line(root, fashion):
+    write_version(root, version(fashion, 150, 40))
+    first = validate(root, {"train": 1500, "test": 400})
+    assert first["baseline"].startswith("no accepted version before")
+    assert first["lineage"]["images_added"] == 1900 and first["lineage"]["previous_data_version"] is None
+    profile = root / drift.PROFILE_DIR / drift.PROFILE
+    assert json.loads(profile.read_text())["images"] == {"train": 1500, "test": 400}
+
+    again = validate(root, {"train": 1500, "test": 400})  # the same data: every check ok, nothing added
+    assert again["passed"] and again["baseline"] is None
+    checks = again["checks"]
+    assert {name: c["status"] for name, c in checks.items() if c["status"] != "info"} == {
+        "class_proportion_shift": "ok", "intensity_psi": "ok", "feature_frechet": "ok"}
+    assert checks["class_proportion_shift"]["value"] == 0 and checks["intensity_psi"]["value"] < 1e-9
+    assert again["lineage"]["images_added"] == 0
+
+    write_version(root, version(fashion, 300, 60))  # grown: more images of the same kind
+    grown = validate(root, {"train": 3000, "test": 600})
+    assert grown["passed"], grown
+    assert grown["lineage"]["images_added"] == 1700
+    assert grown["lineage"]["added_per_class"] == {name: 170 for name in grown["lineage"]["added_per_class"]}
+    accepted = profile.read_bytes()
+
+    inverted = {split: (255 - images, labels) for split, (images, labels) in version(fashion, 300, 60).items()}
+    write_version(root, inverted)
+    set_params(root, validate={"expected_counts": {"train": 3000, "test": 600}})
+    done = subprocess.run(["imagegen", "validate"], cwd=root, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    error = [line for line in done.stderr.splitlines() if line.startswith("imagegen validate: error: ")]
+    assert len(error) == 1 and error[0].startswith("imagegen validate: error: validate: drift gate failed"), done.stderr
+    assert "intensity_psi" in error[0] and "feature_frechet" in error[0] and "drift.html" in error[0]
+    value = float(error[0].split("intensity_psi ")[1].split()[0])
+    assert value > 1  # PSI of the inverted histograms: far beyond the 0.25 failure level
+    assert profile.read_bytes() == accepted  # a rejected version never becomes the reference
+    assert json.loads((root / "metrics" / "validate.json").read_text())["success"] is False
+    assert json.loads((root / drift.RESULTS).read_text())["checks"]["intensity_psi"]["status"] == "fail"
+    page = (root / "reports" / "validation" / drift.PAGE).read_text()
+    assert "FAILED" in page and "<svg" in page and "Images per class" in page
+
+
+def test_a_class_mostly_gone_fails_the_class_shift_check(root, fashion):
+    set_params(root, validate={"class_balance_tolerance": 1.0})  # folder data is unbalanced: GX lets it pass
+    write_version(root, version(fashion, 150, 40))
+    validate(root, {"train": 1500, "test": 400})
+    shifted = {}
+    for split, (images, labels) in version(fashion, 150, 40, start=150).items():  # new images, but
+        keep = (labels != 3) | (np.arange(len(labels)) % 20 == 0)  # 95 % of the dresses left out
+        shifted[split] = (images[keep], labels[keep])
+    write_version(root, shifted)
+    with pytest.raises(ImagegenError) as failed:
+        validate(root, {split: len(labels) for split, (_, labels) in shifted.items()})
+    message = str(failed.value)
+    assert "\n" not in message and "class_proportion_shift" in message
+    assert "validate.drift.class_shift_fail" in message and "intensity_psi" not in message
+
+
+def test_under_dvc_the_profile_persists_and_a_rejected_version_leaves_dvc_lock_alone(project):
+    """data/profile is a `persist: true` output: DVC keeps it when validate re-runs, so the gate compares
+    with the last accepted version; a failed gate records nothing in dvc.lock and changes no profile."""
+    import yaml
+
+    path = project / "dvc.yaml"
+    pipeline = yaml.safe_load(path.read_text())
+    pipeline["stages"] = {name: pipeline["stages"][name] for name in ("fetch", "prepare", "validate")}
+    path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
+
+    def repro(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["dvc", "repro", *args], cwd=project, capture_output=True, text=True, timeout=900)
+
+    assert repro().returncode == 0
+    first = json.loads((project / drift.RESULTS).read_text())
+    assert first["baseline"] and first["lineage"]["images"] == 70000
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert first["lineage"]["data_version"] == next(o["md5"] for o in lock["prepare"]["outs"])
+    assert "data/profile" in [o["path"] for o in lock["validate"]["outs"]]
+    profile = (project / drift.PROFILE_DIR / drift.PROFILE).read_bytes()
+
+    set_params(project, validate={"drift": {"sample": 1000}})  # validate runs again, on the same data
+    assert repro().returncode == 0
+    again = json.loads((project / drift.RESULTS).read_text())
+    assert again["baseline"] is None and again["passed"]  # compared with the kept profile, not a new baseline
+    assert again["lineage"]["images_added"] == 0
+    assert again["checks"]["class_proportion_shift"]["value"] == 0
+    lock_before = (project / "dvc.lock").read_text()
+
+    splits = {}
+    for split in ("train", "test"):  # a bad batch: every image inverted (manifest rewritten to match)
+        with np.load(project / "data" / "prepared" / f"{split}.npz") as arrays:
+            splits[split] = (255 - arrays["images"], arrays["labels"])
+    write_version(project, splits)
+    failed = repro("--single-item", "validate")
+    assert failed.returncode != 0
+    assert "drift gate failed" in failed.stdout + failed.stderr and "intensity_psi" in failed.stdout + failed.stderr
+    assert (project / "dvc.lock").read_text() == lock_before
+    assert json.loads((project / drift.PROFILE_DIR / drift.PROFILE).read_text())["images"] == json.loads(profile)["images"]
+    assert json.loads((project / "metrics" / "validate.json").read_text())["success"] is False
