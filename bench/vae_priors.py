@@ -10,6 +10,9 @@ precision/recall, class coverage in the domain feature space), with the IWAE bou
       --option standard --option mixture --option mixture:prior_components=16 --option two_stage
 
 An option is a prior name, optionally followed by `:key=value,...` overrides of the vae section.
+The option `posterior` is no prior but the ceiling of all of them: it decodes one z ~ q(z | x) each
+for `--n` random training images, i.e. samples the aggregate posterior itself (the prior that fits the
+codes perfectly), so it shows what the decoder can give at best; what it lacks, no prior can add.
 Prints a markdown table and writes it as JSON to --out.
 """
 
@@ -63,6 +66,22 @@ def from_checkpoint(path: Path, cfg):
     return vae.eval(), meta
 
 
+@torch.no_grad()
+def posterior_samples(vae, data, n: int, seed: int):
+    """Decodes of one z ~ q(z | x) for n random training images (uint8 N x H x W): the aggregate posterior."""
+    import numpy as np
+
+    from imagegen.evaluation.sampling import decode, to_uint8
+    from imagegen.models.priors import posterior_codes
+
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(data.images), generator=gen)[:n].to(data.images.device)
+    labels = data.labels[pick] if vae.num_classes else None
+    codes = posterior_codes(vae, data.images[pick], labels, gen)
+    return np.concatenate([to_uint8(decode(vae, "vae", codes[i:i + 1000], None if labels is None else labels[i:i + 1000]))
+                           for i in range(0, len(codes), 1000)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("models/vae"),
@@ -85,6 +104,10 @@ def main() -> None:
     scorer = Scorer.load(cfg, args.root, device)
     results = {}
     for label, overrides in map(parse_option, args.option or ["standard", "mixture", "two_stage"]):
+        if label == "posterior":
+            results[label] = rounded(scorer.score(posterior_samples(first, data, args.n, cfg.eval.seed)))
+            print(label, json.dumps(results[label]), flush=True)
+            continue
         overrides.update({"vae.latent_dim": meta.arch["latent_dim"], "vae.width": meta.arch["width"]})
         run_cfg = with_overrides(cfg, overrides)
         task = VAETask(run_cfg.vae, len(meta.classes), device, image_shape=meta.image_shape)

@@ -189,8 +189,9 @@ class VAEConfig(Section):
     beta: Annotated[float, Field(gt=0)] = 1.0
     lr: Annotated[float, Field(gt=0)] = 1e-3
     # What samples start from (models/priors.py), fitted to the trained encoder's codes after training:
-    # standard = N(0, I) as trained; mixture = Gaussian mixture (EM); two_stage = a second small VAE.
-    prior: Literal["standard", "mixture", "two_stage"] = "mixture"
+    # standard = N(0, I) as trained; mixture = Gaussian mixture (EM); class_mixture = the mixture fitted
+    # class by class (labels); two_stage = a second small VAE.
+    prior: Literal["standard", "mixture", "class_mixture", "two_stage"] = "mixture"
     prior_components: Annotated[int, Field(ge=1)] = 32  # mixture
     prior_width: Annotated[int, Field(ge=1)] = 128  # two_stage: hidden units of its MLPs
     prior_epochs: Annotated[int, Field(ge=1)] = 10  # two_stage: passes over the codes

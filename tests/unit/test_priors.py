@@ -13,7 +13,14 @@ from torch.distributions import Categorical, MixtureSameFamily, MultivariateNorm
 from imagegen.evaluation.sampling import generate
 from imagegen.models.description import ModelDescription
 from imagegen.models.io import load_model, save_model
-from imagegen.models.priors import MixturePrior, StandardPrior, TwoStagePrior, build_prior, fit_mixture
+from imagegen.models.priors import (
+    ClassMixturePrior,
+    MixturePrior,
+    StandardPrior,
+    TwoStagePrior,
+    build_prior,
+    fit_mixture,
+)
 from imagegen.models.vae import VAE
 
 
@@ -76,6 +83,90 @@ def test_mixture_fit_recovers_two_clusters_and_samples_like_them():
     assert float(prior.log_prob(codes).mean()) > float(prior.log_prob(torch.full((10, 3), 0.5)).mean()) + 5
 
 
+def test_mixture_fit_puts_a_component_on_each_separated_cluster():
+    """Two tight clumps and three components: a start from the codes' overall covariance let all three
+    span both clumps (EM stalled at a mean log-likelihood of -2.75); the k-means start finds both."""
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.cat([torch.randn(750, 2, generator=gen) * 0.3 + torch.tensor([-3.0, 0.0]),
+                       torch.randn(750, 2, generator=gen) * 0.3 + torch.tensor([3.0, 0.0])])
+    weights, means, tril, log_lik, _ = fit_mixture(codes, 3, seed=0)
+    for clump in (-3.0, 3.0):
+        near = (means[:, 0] - clump).abs() < 0.5
+        assert near.any() and float(weights[near].sum()) == pytest.approx(0.5, abs=0.01)
+    assert log_lik > -1.3  # the truth: ln N at sd 0.3 in 2-D (-0.43 on average) + ln 1/2 = -1.12 per point
+    assert (tril.diagonal(dim1=1, dim2=2) < 0.5).all()
+
+
+def labelled_clusters(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class 0: 1500 codes in two clumps (left and right); class 1: 500 codes around the origin,
+    overlapping neither; class 2: 4 codes only."""
+    gen = torch.Generator().manual_seed(seed)
+    left = torch.randn(750, 2, generator=gen) * 0.3 + torch.tensor([-3.0, 0.0])
+    right = torch.randn(750, 2, generator=gen) * 0.3 + torch.tensor([3.0, 0.0])
+    middle = torch.randn(500, 2, generator=gen) * 0.3
+    few = torch.randn(4, 2, generator=gen) * 0.3 + torch.tensor([0.0, 4.0])
+    labels = torch.cat([torch.zeros(1500), torch.ones(500), torch.full((4,), 2)]).long()
+    return torch.cat([left, right, middle, few]), labels
+
+
+def test_class_mixture_gives_each_class_its_components_and_share():
+    codes, labels = labelled_clusters()
+    prior = ClassMixturePrior(2, components=8)
+    metrics = prior.fit(codes, labels=labels)
+    weights = prior.log_weights.exp()
+    # 8 components over 3 classes: 3 / 3 / 2, the larger classes first; each class's block of
+    # components carries its share of the codes.
+    assert float(weights[:3].sum()) == pytest.approx(1500 / 2004, abs=1e-5)
+    assert float(weights[3:6].sum()) == pytest.approx(500 / 2004, abs=1e-5)
+    assert float(weights.sum()) == pytest.approx(1.0, abs=1e-5)
+    assert math.isfinite(metrics["prior_fit_log_lik"]) and metrics["prior_fit_iterations"] >= 1
+    # Class 0's components sit on its two clumps, none in the middle (that is class 1's).
+    assert (prior.means[:3, 0].abs() > 1).sum() >= 2
+    assert (prior.means[3:6, 0].abs() < 1).all()
+    # The density is the mixture's closed form over the components in use.
+    used = weights > 0
+    reference = MixtureSameFamily(Categorical(probs=weights[used]),
+                                  MultivariateNormal(prior.means[used], scale_tril=prior.scale_tril[used]))
+    z = torch.randn(40, 2) * 3
+    assert torch.allclose(prior.log_prob(z), reference.log_prob(z), atol=1e-4)
+    # Draws: 2-D shape, each class's region in proportion to its share.
+    draws = prior.sample(20_000, torch.Generator().manual_seed(0))
+    assert draws.shape == (20_000, 2)
+    middle = (draws[:, 0].abs() < 1.5) & (draws[:, 1] < 2)
+    assert float(middle.float().mean()) == pytest.approx(500 / 2004, abs=0.02)
+
+
+def test_class_mixture_with_a_tiny_class_leaves_unused_components_at_weight_zero():
+    codes, labels = labelled_clusters()
+    prior = ClassMixturePrior(2, components=30)  # class 2 gets 10 components but has only 4 codes
+    prior.fit(codes, labels=labels)
+    weights = prior.log_weights.exp()
+    assert int((weights == 0).sum()) == 6 and float(weights.sum()) == pytest.approx(1.0, abs=1e-5)
+    # It is still one proper density: a 1-D slice of it has finite values and sampling never picks
+    # a zero-weight component (those sit at the origin with unit scale).
+    assert torch.isfinite(prior.log_prob(torch.randn(100, 2))).all()
+    picks = torch.multinomial(prior.log_weights.softmax(0), 10_000, replacement=True,
+                              generator=torch.Generator().manual_seed(0))
+    assert (weights[picks] > 0).all()
+
+
+def test_class_mixture_one_dimensional_density_integrates_to_one():
+    gen = torch.Generator().manual_seed(2)
+    codes = torch.cat([torch.randn(300, 1, generator=gen) - 2, torch.randn(100, 1, generator=gen) * 0.5 + 3])
+    prior = ClassMixturePrior(1, components=4)
+    prior.fit(codes, labels=torch.cat([torch.zeros(300), torch.ones(100)]).long())
+    grid = torch.linspace(-20, 20, 40_001)[:, None]
+    assert float(torch.trapezoid(prior.log_prob(grid).exp(), grid[:, 0])) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_class_mixture_refuses_missing_labels_and_too_few_components():
+    codes, labels = labelled_clusters()
+    with pytest.raises(ValueError, match="needs one training label per code"):
+        ClassMixturePrior(2, components=8).fit(codes)
+    with pytest.raises(ValueError, match="2 components for 3 classes"):
+        ClassMixturePrior(2, components=2).fit(codes, labels=labels)
+
+
 def test_two_stage_maps_noise_to_codes_of_the_first_stage_shape():
     torch.manual_seed(0)
     codes = two_clusters(n=1200, d=4)
@@ -95,12 +186,12 @@ def test_two_stage_maps_noise_to_codes_of_the_first_stage_shape():
     assert prior.log_prob(codes[:7], torch.Generator().manual_seed(0)).shape == (7,)
 
 
-@pytest.mark.parametrize("kind", ["standard", "mixture", "two_stage"])
+@pytest.mark.parametrize("kind", ["standard", "mixture", "class_mixture", "two_stage"])
 def test_vae_with_each_prior_saves_loads_and_samples_the_same_images(tmp_path, kind):
     torch.manual_seed(0)
     vae = VAE(latent_dim=3, width=4, prior=kind, prior_components=2, prior_width=16).eval()
     if kind != "standard":
-        vae.prior.fit(two_clusters(n=400, d=3), epochs=1)
+        vae.prior.fit(two_clusters(n=400, d=3), epochs=1, labels=(torch.arange(400) >= 300).long())
     arch = {"latent_dim": 3, "width": 4, "prior": kind, "prior_components": 2, "prior_width": 16}
     meta = ModelDescription("vae", arch, 0, tuple(str(i) for i in range(10)))
     save_model(tmp_path, vae, meta)

@@ -8,6 +8,9 @@ codes after training fixes that without touching the first stage:
 - `standard`   N(0, I), as trained (no parameters).
 - `mixture`    a Gaussian mixture with full covariances, fitted by EM to one z ~ q(z | x) per training
                image ("ex-post density estimation", Ghosh et al. 2020). Exact log-density.
+- `class_mixture`  the same kind of mixture, fitted class by class: every class of the training labels
+               gets its share of the components, fitted to its own codes only, and its share of the images
+               as weight, so no component straddles two classes and every class keeps its mass.
 - `two_stage`  a second, small VAE fitted to the same codes (Dai & Wipf 2019): u ~ N(0, I) is decoded
                to z. Its log-density is only bounded (by its ELBO).
 
@@ -23,7 +26,7 @@ import math
 import torch
 from torch import nn
 
-PRIORS = ("standard", "mixture", "two_stage")
+PRIORS = ("standard", "mixture", "class_mixture", "two_stage")
 
 
 def build_prior(kind: str, latent_dim: int, components: int = 32, width: int = 128) -> nn.Module:
@@ -31,6 +34,8 @@ def build_prior(kind: str, latent_dim: int, components: int = 32, width: int = 1
         return StandardPrior(latent_dim)
     if kind == "mixture":
         return MixturePrior(latent_dim, components)
+    if kind == "class_mixture":
+        return ClassMixturePrior(latent_dim, components)
     if kind == "two_stage":
         return TwoStagePrior(latent_dim, width)
     raise ValueError(f"unknown prior {kind!r}; expected one of {', '.join(PRIORS)}")
@@ -103,6 +108,49 @@ class MixturePrior(nn.Module):
         return {"prior_fit_log_lik": log_lik, "prior_fit_iterations": steps}
 
 
+class ClassMixturePrior(MixturePrior):
+    """A `MixturePrior` (same buffers, density and sampling) fitted class by class from labelled codes.
+
+    The components are dealt out to the classes as evenly as they divide (the larger classes get the
+    extra ones); EM fits each class's components to that class's codes only, and a class's components
+    share its fraction of the codes as weight. A class with fewer codes than components leaves the
+    rest at weight zero (they are never drawn and add nothing to the density)."""
+
+    kind = "class_mixture"
+
+    @torch.no_grad()
+    def fit(self, codes: torch.Tensor, seed: int = 0, iterations: int = 100, tol: float = 1e-3,
+            max_points: int = 20_000, labels: torch.Tensor | None = None, **_) -> dict:
+        if labels is None or len(labels) != len(codes):
+            raise ValueError("class_mixture: needs one training label per code")
+        if len(codes) > max_points:
+            keep = torch.randperm(len(codes), generator=torch.Generator().manual_seed(seed))[:max_points]
+            codes, labels = codes[keep.to(codes.device)], labels[keep.to(labels.device)]
+        labels = labels.to(codes.device)
+        classes, counts = labels.unique(return_counts=True)
+        if len(classes) > self.components:
+            raise ValueError(f"class_mixture: {self.components} components for {len(classes)} classes; "
+                             "expected vae.prior_components >= the number of classes")
+        share = torch.full((len(classes),), self.components // len(classes))
+        share[counts.argsort(descending=True, stable=True)[:self.components % len(classes)].cpu()] += 1
+        d = self.latent_dim
+        log_weights = torch.full((self.components,), -math.inf, device=codes.device)
+        means = torch.zeros(self.components, d, device=codes.device)
+        tril = torch.eye(d, device=codes.device).repeat(self.components, 1, 1)
+        at, steps = 0, 0
+        for index, (label, count, k) in enumerate(zip(classes, counts, share.tolist())):
+            weights, m, t, _, step = fit_mixture(codes[labels == label], k, seed + index, iterations, tol)
+            used = len(weights)  # fewer than k when the class has fewer codes than that
+            log_weights[at:at + used] = weights.log() + math.log(float(count) / len(codes))
+            means[at:at + used], tril[at:at + used] = m, t
+            at, steps = at + k, max(steps, step)
+        self.log_weights.copy_(log_weights)
+        self.means.copy_(means)
+        self.scale_tril.copy_(tril)
+        log_lik = float(self.log_prob(codes.float()).mean())
+        return {"prior_fit_log_lik": log_lik, "prior_fit_iterations": steps}
+
+
 def _mixture_log_prob(x, log_weights, means, tril, chunk: int = 8192) -> torch.Tensor:
     """N x K: log w_k + log N(x_n; mean_k, L_k L_k^T)."""
     d = x.shape[1]
@@ -121,42 +169,76 @@ def fit_mixture(codes: torch.Tensor, k: int, seed: int = 0, iterations: int = 10
                 reg: float = 1e-4, chunk: int = 8192):
     """EM for a full-covariance Gaussian mixture (on the codes' device).
 
-    Starts from k distinct codes as means and the codes' covariance for every component; stops when
-    the mean log-likelihood gains less than `tol` nats per point. Each covariance is shrunk towards
-    the codes' covariance by one pseudo-point (so a component that loses its points stays a proper
-    Gaussian) and gets `reg` on its diagonal. Returns (weights, means, scale_tril, mean
-    log-likelihood, iterations)."""
+    Starts from k-means (k-means++ seeding, then Lloyd's iterations): each component begins as the
+    mean, covariance and share of one cluster. (Starting every component from the codes' overall
+    covariance lets each one span several clusters, and EM stalls there.) Stops when the mean
+    log-likelihood gains less than `tol` nats per point. Each covariance is shrunk towards the codes'
+    covariance by one pseudo-point (so a component that loses its points stays a proper Gaussian) and
+    gets `reg` on its diagonal. Returns (weights, means, scale_tril, mean log-likelihood, iterations)."""
     x = codes.detach().float()
     n, d = x.shape
     k = min(k, n)
     gen = torch.Generator().manual_seed(seed)
-    means = x[torch.randperm(n, generator=gen)[:k].to(x.device)].clone()
-    eye = torch.eye(d, dtype=x.dtype, device=x.device)
-    overall = torch.cov(x.T).double() + reg * eye.double()
-    tril = torch.linalg.cholesky(overall).float().repeat(k, 1, 1)
+    eye = torch.eye(d, dtype=torch.float64, device=x.device)
+    overall = torch.cov(x.T).double().reshape(d, d) + reg * eye
     center = x.mean(0)  # second moments about the mean: float32 keeps its precision
-    log_weights = torch.full((k,), -math.log(k), dtype=x.dtype, device=x.device)
+    start = nn.functional.one_hot(kmeans(x, k, gen, chunk=chunk), k).to(x.dtype)
+    log_weights, means, tril = _m_step(x, start, center, overall, reg, chunk)
     previous, log_lik, step = -math.inf, -math.inf, 0
     for step in range(1, iterations + 1):
         log_r = _mixture_log_prob(x, log_weights, means, tril, chunk)
         norm = log_r.logsumexp(1, keepdim=True)
         log_lik = float(norm.mean())
-        r = (log_r - norm).exp()  # responsibilities, n x k
-        nk = r.sum(0) + 1e-10
-        means = (r.T @ x) / nk[:, None]
-        second = torch.zeros(k, d, d, dtype=x.dtype, device=x.device)
-        for start in range(0, n, chunk):
-            xs, rs = x[start:start + chunk] - center, r[start:start + chunk]
-            second += (rs.T[:, :, None] * xs[None]).transpose(1, 2) @ xs
-        shifted = (means - center).double()
-        scatter = second.double() - nk.double()[:, None, None] * shifted[:, :, None] * shifted[:, None, :]
-        cov = (scatter + overall) / (nk.double()[:, None, None] + 1) + reg * eye.double()
-        tril = torch.linalg.cholesky(0.5 * (cov + cov.transpose(1, 2))).float()
-        log_weights = (nk / n).log()
+        log_weights, means, tril = _m_step(x, (log_r - norm).exp(), center, overall, reg, chunk)
         if log_lik - previous < tol:
             break
         previous = log_lik
     return log_weights.exp(), means, tril, log_lik, step
+
+
+def _m_step(x, r, center, overall, reg: float, chunk: int):
+    """Weights, means and scale_tril from responsibilities r (n x k), covariances shrunk to `overall`."""
+    n, d = x.shape
+    nk = r.sum(0) + 1e-10
+    means = (r.T @ x) / nk[:, None]
+    second = torch.zeros(r.shape[1], d, d, dtype=x.dtype, device=x.device)
+    for start in range(0, n, chunk):
+        xs, rs = x[start:start + chunk] - center, r[start:start + chunk]
+        second += (rs.T[:, :, None] * xs[None]).transpose(1, 2) @ xs
+    shifted = (means - center).double()
+    scatter = second.double() - nk.double()[:, None, None] * shifted[:, :, None] * shifted[:, None, :]
+    cov = (scatter + overall) / (nk.double()[:, None, None] + 1) + reg * torch.eye(d, dtype=torch.float64,
+                                                                                   device=x.device)
+    tril = torch.linalg.cholesky(0.5 * (cov + cov.transpose(1, 2))).float()
+    return (nk / n).log(), means, tril
+
+
+def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iterations: int = 20,
+           chunk: int = 8192) -> torch.Tensor:
+    """Cluster index per row of x: k-means++ seeding (Arthur & Vassilvitskii 2007), then Lloyd's
+    iterations; the draws come from the CPU `generator`, so a seed gives the same clusters anywhere."""
+    n = len(x)
+    centers = x[torch.randint(n, (1,), generator=generator).to(x.device)].clone()
+    closest = (x - centers[0]).pow(2).sum(1)
+    for _ in range(1, k):
+        weights = closest.double().cpu()
+        pick = (torch.multinomial(weights / weights.sum(), 1, generator=generator) if weights.sum() > 0
+                else torch.randint(n, (1,), generator=generator))
+        centers = torch.cat([centers, x[pick.to(x.device)]])
+        closest = torch.minimum(closest, (x - centers[-1]).pow(2).sum(1))
+    for _ in range(iterations):
+        assign = _nearest(x, centers, chunk)
+        counts = torch.bincount(assign, minlength=k)
+        sums = torch.zeros_like(centers).index_add_(0, assign, x)
+        moved = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centers)  # empty: stays
+        if torch.equal(moved, centers):
+            break
+        centers = moved
+    return _nearest(x, centers, chunk)
+
+
+def _nearest(x: torch.Tensor, centers: torch.Tensor, chunk: int) -> torch.Tensor:
+    return torch.cat([torch.cdist(x[i:i + chunk], centers).argmin(1) for i in range(0, len(x), chunk)])
 
 
 class TwoStagePrior(nn.Module):
@@ -213,8 +295,8 @@ class TwoStagePrior(nn.Module):
                     total += float(loss.detach()) * len(order[start:start + batch_size])
                 schedule.step()
             self.eval()
-        return {"prior_fit_loss": total / len(x), "prior_gamma_min": float(self.log_gamma.exp().min()),
-                "prior_gamma_max": float(self.log_gamma.exp().max())}
+        return {"prior_fit_loss": total / len(x), "prior_gamma_min": float(self.log_gamma.detach().exp().min()),
+                "prior_gamma_max": float(self.log_gamma.detach().exp().max())}
 
 
 @torch.no_grad()

@@ -294,7 +294,7 @@ class VAETask(Task):
         codes = posterior_codes(self.vae, data.images, labels, torch.Generator().manual_seed(seed))
         prior = build_prior(cfg.prior, cfg.latent_dim, cfg.prior_components, cfg.prior_width).to(self.device)
         torch.manual_seed(seed)  # the second stage's initial weights
-        metrics = prior.fit(codes, seed=seed, epochs=cfg.prior_epochs)
+        metrics = prior.fit(codes, seed=seed, epochs=cfg.prior_epochs, labels=data.labels)  # class_mixture: labels
         self.vae.prior = prior.eval()
         return {**metrics, "prior_fit_seconds": round(time.perf_counter() - started, 2)}
 
