@@ -43,7 +43,9 @@ def _validate(cfg, root, args):
     from imagegen.data.validate import run_validate
 
     result = run_validate(cfg, root)
-    return f"{result.summary['evaluated_expectations']} expectations passed"
+    warnings = len(result.summary.get("warnings", []))
+    return f"{result.summary['evaluated_expectations']} expectations passed" + (
+        f" ({warnings} warning(s): see metrics/validate.json)" if warnings else "")
 
 
 def _train(kind):

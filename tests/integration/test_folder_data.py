@@ -52,6 +52,10 @@ def test_generated_folder_prepared_and_validated(tmp_path):
     assert not {"square/broken.png", "circle/.hidden.png", "triangle/notes.txt"} & sources  # left out, ignored
     scan = json.loads((prepared / SCAN).read_text())
     assert scan["files"] == 49 and scan["ignored"] == 2
+    # one process or two, the same bytes: an unchanged folder gives an unchanged DVC output
+    before = {p.name: p.read_bytes() for p in prepared.iterdir()}
+    run_prepare(cfg, tmp_path, processes=1)
+    assert {p.name: p.read_bytes() for p in prepared.iterdir()} == before
     assert [u["path"] for u in scan["unreadable"]] == ["square/broken.png"] and extras["corrupt"].is_file()
 
     summary = run_validate(cfg, tmp_path).summary

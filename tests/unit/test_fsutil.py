@@ -51,4 +51,4 @@ def test_a_stage_output_is_readable_by_others_under_the_default_umask(tmp_path):
     out = tmp_path / PREPARED_DIR
     assert mode(out) == 0o755
     assert {p.name: mode(p) for p in out.iterdir()} == {
-        "train.npz": 0o644, "test.npz": 0o644, "manifest.parquet": 0o644}
+        "train.npz": 0o644, "test.npz": 0o644, "manifest.parquet": 0o644, "dataset.json": 0o644}
