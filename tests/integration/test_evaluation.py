@@ -88,7 +88,7 @@ def vae(root):
     torch.manual_seed(0)
     model = VAE(latent_dim=8, width=16)
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
-    x_all = torch.from_numpy(images).float().div(255).unsqueeze(1)
+    x_all = torch.from_numpy(images).float().div(255)
     for _ in range(2):
         for batch in x_all[torch.randperm(len(x_all))].split(100):
             logits, mu, logvar = model(batch)

@@ -17,10 +17,10 @@ import torch
 
 from imagegen.config import MIN_EVAL_SAMPLES, Config, flat_section
 from imagegen.data.prepare import PREPARED_DIR
+from imagegen.data.prepared import load_split
 from imagegen.data.validated import require_validated
 from imagegen.errors import ImagegenError
 from imagegen.evaluation import metrics as m
-from imagegen.data.prepared import load_split
 from imagegen.evaluation.features import FEATURES_DIR, embed, load_features
 from imagegen.evaluation.pictures import SIDE_BY_SIDE, draw_pictures, side_by_side
 from imagegen.evaluation.sampling import generate
