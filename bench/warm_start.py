@@ -1,9 +1,9 @@
 """Warm vs cold retraining on grown data, through the pipeline's own stage functions.
 
 Week 1: train-gan and train-vae on the first `--first` training images, evaluate, register (both become
-champions). Week 2, the data has grown to `--second` images: train once from scratch for `--epochs`
-epochs (train.init_from: none) and once from the champion for `--epochs` x `--fraction`
-(train.init_from: champion), evaluating each as the evaluate stage does. Prints a markdown table of the
+champions). Week 2, the data has grown to `--second` images: train each `--variants` entry, e.g.
+`none:1` (from scratch, `--epochs` epochs) and `champion:0.5` (from the champion, half the epochs),
+evaluating each as the evaluate stage does. Prints a markdown table of the
 evaluate stage's FID and the training wall time, and writes it as JSON to --out.
 
 Needs a project folder (--root) with data/prepared validated (imagegen fetch, prepare, validate); the
@@ -28,7 +28,10 @@ def main() -> None:
     parser.add_argument("--first", type=int, default=5000, help="training images of week 1")
     parser.add_argument("--second", type=int, default=10000, help="training images of week 2")
     parser.add_argument("--epochs", type=int, default=6, help="epochs of a cold run (and of week 1)")
-    parser.add_argument("--fraction", type=float, default=0.5, help="train.warm_epochs_fraction")
+    parser.add_argument("--variants", default="none:1,champion:0.5",
+                        help="week-2 runs as init_from:share-of-epochs, comma-separated (default: none:1,champion:0.5)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="skip week 1 and the feature net: use the champion and models/features already there")
     parser.add_argument("--feature-epochs", type=int, default=2)
     parser.add_argument("--n-samples", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=Path("bench/results/warm_start.json"))
@@ -45,11 +48,12 @@ def main() -> None:
     base = with_overrides(load_config(root / "params.yaml"), {
         "train.mlflow": False, "train.resume": False, "train.device": "cpu",
         "gan.epochs": args.epochs, "vae.epochs": args.epochs, "features.epochs": args.feature_epochs,
-        "eval.n_samples": args.n_samples, "eval.kid_subsets": 10, "eval.iwae_images": 500, "eval.iwae_k": 8,
-        "train.warm_epochs_fraction": args.fraction})
+        "eval.n_samples": args.n_samples, "eval.kid_subsets": 10, "eval.iwae_images": 500, "eval.iwae_k": 8})
 
-    def week(limit: int, init_from: str) -> dict:
-        cfg = with_overrides(base, {"train.limit": limit, "train.init_from": init_from})
+    def week(limit: int, init_from: str, share: float = 1.0) -> dict:
+        epochs = max(1, round(args.epochs * share))
+        cfg = with_overrides(base, {"train.limit": limit, "train.init_from": init_from, "gan.epochs": epochs,
+                                    "vae.epochs": epochs, "train.warm_epochs_fraction": 1.0})
         row = {"images": limit, "init_from": init_from}
         for kind in ("gan", "vae"):
             started = time.perf_counter()
@@ -62,15 +66,19 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         return row
 
-    run_train_features(with_overrides(base, {"train.limit": args.second}), root)
-    rows = [week(args.first, "none")]
-    print(run_register(base, root).summary, flush=True)
-    rows += [week(args.second, "none"), week(args.second, "champion")]
+    rows = []
+    if not args.reuse:
+        run_train_features(with_overrides(base, {"train.limit": args.second}), root)
+        rows.append(week(args.first, "none"))
+        print(run_register(base, root).summary, flush=True)
+    for variant in args.variants.split(","):
+        init_from, share = variant.split(":")
+        rows.append(week(args.second, init_from, float(share)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2) + "\n")
     print("| week | images | start | GAN epochs | GAN s | GAN FID | VAE epochs | VAE s | VAE FID |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for n, row in zip((1, 2, 2), rows):
+    for n, row in zip(([] if args.reuse else [1]) + [2] * (len(rows) + 1), rows):
         print(f"| {n} | {row['images']} | {row['gan_start']} | {row['gan_epochs']} | {row['gan_seconds']} | "
               f"{row['gan_fid']} | {row['vae_epochs']} | {row['vae_seconds']} | {row['vae_fid']} |")
 
