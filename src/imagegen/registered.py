@@ -49,7 +49,7 @@ def quiet_mlflow() -> Iterator[None]:
 
 def load_registered(uri: str, device: str = "cpu", with_version: bool = False):
     """The torch module and ModelDescription of a registered version (models:/NAME@ALIAS or models:/NAME/VERSION);
-    with_version: also the MLflow ModelVersion (module, meta, version)."""
+    with_version: also the MLflow ModelVersion (module, description, version)."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -81,8 +81,8 @@ def load_registered(uri: str, device: str = "cpu", with_version: bool = False):
         artifacts = Model.load(local / "MLmodel").flavors["python_function"].get("artifacts", {})
         if "model" not in artifacts:
             raise ImagegenError(f"{uri}: version {version.version} is not an imagegen model (no 'model' artifact)")
-        module, meta = load_model(local / artifacts["model"]["path"], device)
-        return (module, meta, version) if with_version else (module, meta)
+        module, description = load_model(local / artifacts["model"]["path"], device)
+        return (module, description, version) if with_version else (module, description)
 
 
 def tracking_store(root: Path) -> str:

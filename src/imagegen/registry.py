@@ -344,8 +344,8 @@ class Contest:
         device = select_device(self.cfg.train.device)
         if self.scorer is None:
             self.scorer = Scorer.load(self.cfg, self.root, device)
-        module, meta = load_registered(f"models:/{name}/{champion.version}", device)
-        samples = generate(module, meta, self.cfg.eval.n_samples, self.cfg.eval.seed, device=device)
+        module, description = load_registered(f"models:/{name}/{champion.version}", device)
+        samples = generate(module, description, self.cfg.eval.n_samples, self.cfg.eval.seed, device=device)
         scores = rounded(self.scorer.score(samples))
         log.info("register: %s champion v%s re-scored on today's test split: %s %s (recorded %s)", name,
                  champion.version, metric, scores[metric], recorded)

@@ -18,10 +18,12 @@ from mlflow import MlflowClient
 from imagegen import tracking
 from imagegen.config import load_config
 from imagegen.data.validated import HASH_KEY, RECORD
-from imagegen.evaluation.features import FEATURES_DIR, REFERENCE, FeatureNet, embed
+from imagegen.evaluation.features import FEATURES_DIR, REFERENCE, embed
 from imagegen.evaluation.sampling import generate
 from imagegen.evaluation.stage import Scorer
 from imagegen.fsutil import sha256_file
+from imagegen.models.description import ModelDescription
+from imagegen.models.features import FeatureNet
 from imagegen.models.io import load_model, save_model
 from imagegen.registry import load_registered, run_register
 from imagegen.training.tasks import GANTask, VAETask
@@ -48,8 +50,8 @@ def data_version(root: Path, seed: int, md5: str, n_test: int) -> None:
     if features.exists():
         shutil.rmtree(features)
     features.mkdir(parents=True)
-    save_model(features, net, {"kind": "features", "dataset": "fashion-mnist", "classes": CLASSES,
-                               "num_classes": 10, "arch": {"width": 4, "feature_dim": 16}})
+    save_model(features, net, ModelDescription("features", {"width": 4, "feature_dim": 16}, 10, tuple(CLASSES),
+                                               dataset="fashion-mnist"))
     with np.load(folder / "test.npz") as test:
         np.savez(features / REFERENCE, features=embed(net, test["images"])[0].astype(np.float32),
                  labels=test["labels"])

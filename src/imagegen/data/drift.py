@@ -53,7 +53,7 @@ PAGE = "drift.html"
 BINS = 32
 EMBEDDING_SEED = 0
 # Manifest columns describing the original files (folder datasets); their value mix is profiled when present.
-MIX_COLUMNS = ("mode", "original_mode", "orig_mode", "size", "original_size", "orig_size")
+MIX_COLUMNS = ("mode", "width", "height")  # the manifest's original mode and size of each image (data/prepare.py)
 
 
 # --- the statistics (pure functions; tests/unit/test_drift.py checks them against closed forms)

@@ -210,6 +210,11 @@ class GANTask(Task):
             out = self.ema(z, labels if self.num_classes else None)
         return (out.float() + 1) / 2
 
+    def warm_start_targets(self) -> list[nn.Module]:
+        """What a registered GAN's weights (its EMA generator) are loaded into: the generator and its EMA
+        (the discriminator starts fresh)."""
+        return [self.generator, self.ema]
+
     def export(self) -> nn.Module:
         if self.best is not None:
             self.ema.load_state_dict(self.best["ema"])
@@ -297,6 +302,10 @@ class VAETask(Task):
         metrics = prior.fit(codes, seed=seed, epochs=cfg.prior_epochs, labels=data.labels)  # class_mixture: labels
         self.vae.prior = prior.eval()
         return {**metrics, "prior_fit_seconds": round(time.perf_counter() - started, 2)}
+
+    def warm_start_targets(self) -> list[nn.Module]:
+        """What a registered VAE's weights are loaded into (its prior is fitted again after training)."""
+        return [self.vae]
 
     def export(self) -> nn.Module:
         return self.vae

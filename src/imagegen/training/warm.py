@@ -29,14 +29,13 @@ def warm_start(cfg: Config, kind: str, task, root: Path) -> dict:
     tracking.configure(root)  # the project's tracking store (MLFLOW_TRACKING_URI, else its embedded one)
     uri = f"models:/{cfg.data.dataset}-{kind}@champion"
     try:
-        module, meta, version = registered.load_registered(uri, "cpu", with_version=True)
+        module, _, version = registered.load_registered(uri, "cpu", with_version=True)
     except ImagegenError as exc:
         log.warning("train-%s: train.init_from champion: %s; starting from scratch", kind, exc)
         return {"init_from": "none", "init_note": f"no champion to start from ({str(exc)[:200]})"}
     state = {k: v for k, v in module.state_dict().items() if not k.startswith("prior.")}  # the VAE's prior is refitted
-    targets = [task.generator, task.ema] if kind == "gan" else [task.vae]
     try:
-        for target in targets:
+        for target in task.warm_start_targets():
             missing, unexpected = target.load_state_dict(state, strict=False)
             if unexpected or [k for k in missing if not k.startswith("prior.")]:
                 raise RuntimeError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
