@@ -218,3 +218,15 @@ def test_vae_folder_from_before_priors_loads_and_samples_as_it_did(tmp_path):
 def test_unknown_prior_is_refused():
     with pytest.raises(ValueError, match="unknown prior 'vamp'"):
         build_prior("vamp", 4)
+
+
+def test_train_vae_refuses_a_class_mixture_with_fewer_components_than_classes():
+    """Before the epochs, not after: one line naming the field."""
+    from imagegen.config import VAEConfig
+    from imagegen.errors import ImagegenError
+    from imagegen.training.tasks import VAETask
+
+    cfg = VAEConfig(prior="class_mixture", prior_components=4, latent_dim=3, width=4)
+    with pytest.raises(ImagegenError, match="vae.prior_components: 4 for 10 classes"):
+        VAETask(cfg, 10, torch.device("cpu"))
+    assert VAETask(cfg.model_copy(update={"prior": "mixture"}), 10, torch.device("cpu")).vae.latent_dim == 3
