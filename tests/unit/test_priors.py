@@ -144,6 +144,11 @@ def test_class_mixture_with_a_tiny_class_leaves_unused_components_at_weight_zero
     # It is still one proper density: a 1-D slice of it has finite values and sampling never picks
     # a zero-weight component (those sit at the origin with unit scale).
     assert torch.isfinite(prior.log_prob(torch.randn(100, 2))).all()
+    # A class of a single code still gets a proper (narrow) Gaussian.
+    single = ClassMixturePrior(2, components=4)
+    single.fit(torch.cat([codes[:1500], codes[-1:]]), labels=torch.cat([labels[:1500], labels[-1:]]))
+    lone = single.log_weights.exp()  # 2 + 2 components; the single code uses one, the other stays at 0
+    assert torch.isfinite(single.scale_tril).all() and float(lone[2]) == pytest.approx(1 / 1501) and lone[3] == 0
     picks = torch.multinomial(prior.log_weights.softmax(0), 10_000, replacement=True,
                               generator=torch.Generator().manual_seed(0))
     assert (weights[picks] > 0).all()
