@@ -183,15 +183,15 @@ class GANConfig(Section):
 class VAEConfig(Section):
     epochs: Annotated[int, Field(ge=1)] = 20
     batch_size: Annotated[int, Field(ge=2)] = 128
-    latent_dim: Annotated[int, Field(ge=1)] = 16
+    latent_dim: Annotated[int, Field(ge=1)] = 32
     width: Annotated[int, Field(ge=1)] = 32
     conditional: bool = False
-    beta: Annotated[float, Field(gt=0)] = 1.0
+    beta: Annotated[float, Field(gt=0)] = 0.25
     lr: Annotated[float, Field(gt=0)] = 1e-3
     # What samples start from (models/priors.py), fitted to the trained encoder's codes after training:
     # standard = N(0, I) as trained; mixture = Gaussian mixture (EM); class_mixture = the mixture fitted
     # class by class (labels); two_stage = a second small VAE.
-    prior: Literal["standard", "mixture", "class_mixture", "two_stage"] = "mixture"
+    prior: Literal["standard", "mixture", "class_mixture", "two_stage"] = "class_mixture"
     prior_components: Annotated[int, Field(ge=1)] = 32  # mixture
     prior_width: Annotated[int, Field(ge=1)] = 128  # two_stage: hidden units of its MLPs
     prior_epochs: Annotated[int, Field(ge=1)] = 10  # two_stage: passes over the codes

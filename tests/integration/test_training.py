@@ -89,8 +89,9 @@ def test_vae_prior_is_fitted_after_training_and_leaves_the_first_stage_alone(tmp
     from imagegen.models.io import load_model
 
     folders = {}
-    for prior in ("standard", "mixture", "two_stage"):
-        root, cfg = make_root(tmp_path / prior, vae={"prior": prior, "prior_components": 3, "prior_width": 8,
+    for prior in ("standard", "mixture", "class_mixture", "two_stage"):
+        # class_mixture: at least one component per class (it is fitted with the training labels)
+        root, cfg = make_root(tmp_path / prior, vae={"prior": prior, "prior_components": 12, "prior_width": 8,
                                                      "prior_epochs": 2})
         result = run_train(cfg, "vae", root)
         folders[prior] = paths(root, "vae")["model"]
@@ -99,7 +100,7 @@ def test_vae_prior_is_fitted_after_training_and_leaves_the_first_stage_alone(tmp
         assert ("prior_fit_seconds" in result.metrics) == (prior != "standard")
         assert generate(model, meta, 5, seed=1).shape == (5, 1, 28, 28)
     first_stage = {k: v for k, v in torch.load(folders["standard"] / "weights.pt", weights_only=True).items()}
-    for prior in ("mixture", "two_stage"):
+    for prior in ("mixture", "class_mixture", "two_stage"):
         state = torch.load(folders[prior] / "weights.pt", weights_only=True)
         assert_same(first_stage, {k: v for k, v in state.items() if not k.startswith("prior.")})
         assert any(k.startswith("prior.") for k in state)

@@ -145,6 +145,11 @@ def test_class_mixture_with_a_tiny_class_leaves_unused_components_at_weight_zero
     # It is still one proper density: a 1-D slice of it has finite values and sampling never picks
     # a zero-weight component (those sit at the origin with unit scale).
     assert torch.isfinite(prior.log_prob(torch.randn(100, 2))).all()
+    # A class of a single code still gets a proper (narrow) Gaussian.
+    single = ClassMixturePrior(2, components=4)
+    single.fit(torch.cat([codes[:1500], codes[-1:]]), labels=torch.cat([labels[:1500], labels[-1:]]))
+    lone = single.log_weights.exp()  # 2 + 2 components; the single code uses one, the other stays at 0
+    assert torch.isfinite(single.scale_tril).all() and float(lone[2]) == pytest.approx(1 / 1501) and lone[3] == 0
     picks = torch.multinomial(prior.log_weights.softmax(0), 10_000, replacement=True,
                               generator=torch.Generator().manual_seed(0))
     assert (weights[picks] > 0).all()
@@ -219,3 +224,15 @@ def test_vae_folder_from_before_priors_loads_and_samples_as_it_did(tmp_path):
 def test_unknown_prior_is_refused():
     with pytest.raises(ValueError, match="unknown prior 'vamp'"):
         build_prior("vamp", 4)
+
+
+def test_train_vae_refuses_a_class_mixture_with_fewer_components_than_classes():
+    """Before the epochs, not after: one line naming the field."""
+    from imagegen.config import VAEConfig
+    from imagegen.errors import ImagegenError
+    from imagegen.training.tasks import VAETask
+
+    cfg = VAEConfig(prior="class_mixture", prior_components=4, latent_dim=3, width=4)
+    with pytest.raises(ImagegenError, match="vae.prior_components: 4 for 10 classes"):
+        VAETask(cfg, 10, torch.device("cpu"))
+    assert VAETask(cfg.model_copy(update={"prior": "mixture"}), 10, torch.device("cpu")).vae.latent_dim == 3

@@ -180,7 +180,8 @@ def fit_mixture(codes: torch.Tensor, k: int, seed: int = 0, iterations: int = 10
     k = min(k, n)
     gen = torch.Generator().manual_seed(seed)
     eye = torch.eye(d, dtype=torch.float64, device=x.device)
-    overall = torch.cov(x.T).double().reshape(d, d) + reg * eye
+    spread = torch.cov(x.T).double().reshape(d, d) if n > 1 else torch.zeros_like(eye)  # one code: no spread
+    overall = spread + reg * eye
     center = x.mean(0)  # second moments about the mean: float32 keeps its precision
     start = nn.functional.one_hot(kmeans(x, k, gen, chunk=chunk), k).to(x.dtype)
     log_weights, means, tril = _m_step(x, start, center, overall, reg, chunk)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imagegen.errors import ImagegenError
 from imagegen.models.description import LEGACY_SHAPE
 from imagegen.models.gan import Discriminator, Generator
 from imagegen.models.vae import VAE, negative_elbo
@@ -255,6 +256,9 @@ class VAETask(Task):
                  image_shape: tuple[int, int, int] = LEGACY_SHAPE):
         super().__init__(device, amp, channels_last)
         self.cfg, self.image_shape = cfg, tuple(image_shape)
+        if cfg.prior == "class_mixture" and cfg.prior_components < num_classes:  # now, not after the epochs
+            raise ImagegenError(f"vae.prior_components: {cfg.prior_components} for {num_classes} classes; "
+                                "expected at least one component per class with vae.prior: class_mixture")
         self.num_classes = num_classes if cfg.conditional else 0
         self.vae = self.place(VAE(cfg.latent_dim, cfg.width, self.num_classes, image_shape=self.image_shape))
         self.modules = {"vae": self.vae}
