@@ -15,7 +15,9 @@ import pytest
 
 from imagegen.config import load_config
 from imagegen.data import drift
-from imagegen.data.prepare import manifest_rows
+from imagegen.data.datasets import DATASETS
+from imagegen.data.prepare import builtin_sources, manifest_rows
+from imagegen.data.prepared import as_nchw
 from imagegen.data.validate import run_validate
 from imagegen.errors import ImagegenError
 from tests.conftest import REPO_ROOT, set_params
@@ -46,10 +48,11 @@ def write_version(root: Path, splits: dict) -> None:
 
     folder = root / "data" / "prepared"
     folder.mkdir(parents=True, exist_ok=True)
+    spec = DATASETS["fashion-mnist"]
     for split, (images, labels) in splits.items():
-        np.savez(folder / f"{split}.npz", images=images, labels=labels)
-    pd.concat([manifest_rows(images, labels, split) for split, (images, labels) in splits.items()],
-              ignore_index=True).to_parquet(folder / "manifest.parquet", index=False)
+        np.savez(folder / f"{split}.npz", images=as_nchw(images), labels=labels)  # N x 1 x 28 x 28
+    pd.concat([manifest_rows(images, labels, split, builtin_sources(spec, split, images))
+               for split, (images, labels) in splits.items()], ignore_index=True).to_parquet(folder / "manifest.parquet", index=False)
 
 
 def version(fashion, train_per_class: int, test_per_class: int, start: int = 0) -> dict:
