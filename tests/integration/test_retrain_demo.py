@@ -33,8 +33,8 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="needs dataset-fashion-mnist")]
 
 DATASET, POOL, DEPLOYMENT = "wardrobe", "demo-pool", "demo"
-STAGES = ["fetch", "prepare", "validate", "train-features", "train-gan", "train-vae", "evaluate", "register"]
-TRAINING = ["train-features", "train-gan", "train-vae", "evaluate", "register"]
+TRAINING = ["train-features", "train-gan", "train-vae", "evaluate", "register", "report"]
+STAGES = ["fetch", "prepare", "validate", *TRAINING]
 KINDS = ("gan", "vae")
 
 
