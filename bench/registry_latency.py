@@ -6,7 +6,7 @@ Builds models of the default params.yaml sizes with random weights (no training)
 project and uses that project's embedded store (sqlite:///<tmp>/mlflow.db), or MLFLOW_TRACKING_URI
 when set. Prints medians:
     register one version   log the pyfunc model + create the version + set aliases (fresh weights each time)
-    load by alias          imagegen.registry.load_registered("models:/NAME@champion") (download + torch load)
+    load by alias          imagegen.registered.load_registered("models:/NAME@champion") (download + torch load)
     serve n=1 / n=64       POST /invocations to `mlflow models serve --env-manager local` on 127.0.0.1
 """
 
@@ -66,7 +66,7 @@ def time_register(root: Path, cfg, repeat: int) -> list[float]:
 
 
 def time_load(name: str, repeat: int) -> list[float]:
-    from imagegen.registry import load_registered
+    from imagegen.registered import load_registered
 
     times = []
     for _ in range(repeat):

@@ -27,18 +27,23 @@ def quiet_offline_env():
     )
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
-    """A fresh git + DVC repository holding a copy of this project's pipeline and code."""
-    root = tmp_path / "project"
-    root.mkdir()
-    for name in PROJECT_FILES:
+def copy_project(root: Path, extra: tuple[str, ...] = ()) -> Path:
+    """`root` (created) holding copies of this project's pipeline files and code (PROJECT_FILES + `extra`)."""
+    root.mkdir(parents=True)
+    for name in (*PROJECT_FILES, *extra):
         src, dst = REPO_ROOT / name, root / name
         if src.is_dir():
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         else:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
+    return root
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A fresh git + DVC repository holding a copy of this project's pipeline and code."""
+    root = copy_project(tmp_path / "project")
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run(["dvc", "config", "--local", "core.site_cache_dir", str(tmp_path / "dvc-site")],
                    cwd=root, check=True)

@@ -106,7 +106,7 @@ def _sample(cfg, root, args):
     # The GPU when there is one, as train.device says (params.yaml is optional here: auto without it).
     device = select_device(load_config(args.params).train.device if args.params.exists() else "auto")
     if args.model is not None:
-        from imagegen.registry import load_registered
+        from imagegen.registered import load_registered
 
         module, description = load_registered(args.model)
     else:

@@ -32,8 +32,7 @@ from imagegen.config import Config, model_params
 from imagegen.errors import ImagegenError
 from imagegen.fsutil import sha256_file, write_json
 from imagegen.models.io import META, WEIGHTS, read_description
-from imagegen.registered import (MODEL_URI, describe, load_registered, quiet_mlflow,  # noqa: F401 (re-exported)
-                                 tracking_store)
+from imagegen.registered import describe, load_registered, quiet_mlflow
 
 log = logging.getLogger(__name__)
 

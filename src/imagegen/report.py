@@ -199,9 +199,9 @@ def champion_metrics(cfg: Config, root: Path, registered: dict) -> dict[str, dic
         out[kind] = {"label": label, "version": before, "metrics": {registered.get("metric"): d.get("champion_value")}}
     if out:
         try:
-            from imagegen import registry
+            from imagegen.registered import tracking_store
 
-            registry.tracking_store(root)
+            tracking_store(root)
             from mlflow import MlflowClient
 
             client = MlflowClient()

@@ -25,7 +25,8 @@ from imagegen.fsutil import sha256_file
 from imagegen.models.description import ModelDescription
 from imagegen.models.features import FeatureNet
 from imagegen.models.io import load_model, save_model
-from imagegen.registry import load_registered, run_register
+from imagegen.registered import load_registered
+from imagegen.registry import run_register
 from imagegen.training.tasks import GANTask, VAETask
 from imagegen.training.warm import warm_start
 from tests.conftest import set_params

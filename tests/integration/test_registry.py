@@ -25,7 +25,8 @@ from imagegen.config import load_config
 from imagegen.errors import ImagegenError
 from imagegen.evaluation.sampling import generate
 from imagegen.models.io import load_model
-from imagegen.registry import lock_path, load_registered, run_register
+from imagegen.registered import load_registered
+from imagegen.registry import lock_path, run_register
 from tests.helpers import cli_env, free_port, make_project
 
 pytestmark = pytest.mark.slow

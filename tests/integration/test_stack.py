@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import PROJECT_FILES, REPO_ROOT, set_params
+from tests.conftest import copy_project, set_params
 from tests.integration.test_dvc_pipeline import TINY_TRAINING
 
 MIRROR = Path("/usr/share/datasets/fashion-mnist")
@@ -210,15 +210,7 @@ LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "0000000000000000000
 
 @pytest.fixture(scope="module")
 def team(tmp_path_factory):
-    project = tmp_path_factory.mktemp("team") / "project"
-    project.mkdir()
-    for name in (*PROJECT_FILES, ".dvc/.gitignore", "pipelines"):
-        src, dst = REPO_ROOT / name, project / name
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst)
+    project = copy_project(tmp_path_factory.mktemp("team") / "project", (".dvc/.gitignore", "pipelines"))
     # Tiny training, logged to MLflow (the stack's server).
     set_params(project, **{**TINY_TRAINING, "train": {**TINY_TRAINING["train"], "mlflow": True}})
     base_env = {k: v for k, v in os.environ.items()

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import PROJECT_FILES, REPO_ROOT, set_params
+from tests.conftest import copy_project, set_params
 from tests.helpers import free_port, start, stop
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -52,15 +52,8 @@ def run(root: Path, *cmd: str) -> str:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory) -> Path:
     """The tiny pipeline twice: `dvc repro`, then `dvc exp run -S vae.beta=0.5` (a second VAE version)."""
-    root = tmp_path_factory.mktemp("ui") / "project"
-    root.mkdir()
-    for name in (*PROJECT_FILES, ".gitignore"):  # .gitignore: the MLflow store stays out of git
-        src, dst = REPO_ROOT / name, root / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy2(src, dst)
+    # .gitignore: the MLflow store stays out of git
+    root = copy_project(tmp_path_factory.mktemp("ui") / "project", (".gitignore",))
     run(root, "git", "init", "-q")
     run(root, "dvc", "config", "--local", "core.site_cache_dir", str(root.parent / "dvc-site"))
     set_params(root, **TINY)

@@ -149,14 +149,15 @@ def load_profile(folder: Path) -> Profile | None:
     return Profile(info, mean, cov, state)
 
 
-def build_profile(root: Path, dataset: str, sample: int, net_state: dict | None) -> Profile:
-    """The profile of the data in root/data/prepared, embedded with `net_state` (None: a fresh embedding)."""
+def build_profile(root: Path, dataset: str, splits: dict, sample: int, net_state: dict | None) -> Profile:
+    """The profile of the data in root/data/prepared (`splits`: its arrays, split -> (images, labels), as
+    validate loaded them), embedded with `net_state` (None: a fresh embedding)."""
     from imagegen import tracking
     from imagegen.data.validated import array_hash
 
     folder = root / PREPARED_DIR
     info = prepared.read_info(folder, dataset)
-    splits = {split: prepared.load_split(folder / f"{split}.npz") for split in SPLITS}
+    splits = {split: (prepared.as_nchw(images), labels) for split, (images, labels) in splits.items()}
     images = np.concatenate([splits[s][0] for s in SPLITS])
     names = list(info.classes)
     counts = {split: {name: int((labels == i).sum()) for i, name in enumerate(names)}
@@ -236,12 +237,13 @@ class Gate:
         save_profile(root / PROFILE_DIR, self.new)
 
 
-def run_gate(cfg, root: Path, report_dir: Path) -> Gate:
-    """Profile the prepared data, compare it with the last accepted profile, write the HTML page."""
+def run_gate(cfg, root: Path, report_dir: Path, splits: dict) -> Gate:
+    """Profile the prepared data (`splits`: split -> (images, labels)), compare it with the last accepted
+    profile, write the HTML page."""
     drift = cfg.validate_.drift
     old = load_profile(root / PROFILE_DIR)
     same_dataset = old is not None and old.info.get("dataset") == cfg.data.dataset
-    new = build_profile(root, cfg.data.dataset, drift.sample, old.net_state if same_dataset else None)
+    new = build_profile(root, cfg.data.dataset, splits, drift.sample, old.net_state if same_dataset else None)
     comparable = same_dataset and all(old.info.get(k) == new.info[k] for k in ("shape", "classes"))
     baseline = None
     if old is None:
