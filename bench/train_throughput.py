@@ -135,7 +135,7 @@ class PlainGAN:
 class PlainVAE:
     def __init__(self, cfg, device, shape):
         self.cfg = cfg
-        self.vae = VAE(cfg.latent_dim, cfg.width, 0, image_shape=shape).to(device)
+        self.vae = VAE(cfg.latent_dim, cfg.width, 0, image_shape=shape, decoder_blocks=cfg.decoder_blocks).to(device)
         self.opt = torch.optim.Adam(self.vae.parameters(), lr=cfg.lr)
 
     def step(self, images, labels, noise):

@@ -58,27 +58,29 @@ def from_checkpoint(path: Path, cfg):
     from imagegen.models.description import ModelDescription
 
     info = read_info(PREPARED_DIR, cfg.data.dataset)
-    vae = VAE(cfg.vae.latent_dim, cfg.vae.width, image_shape=info.shape)
+    vae = VAE(cfg.vae.latent_dim, cfg.vae.width, image_shape=info.shape, decoder_blocks=cfg.vae.decoder_blocks)
     vae.load_state_dict(state["task"]["modules"]["vae"])
     print(f"{path}: first stage after {state['epoch']} epochs")
-    meta = ModelDescription("vae", {"latent_dim": cfg.vae.latent_dim, "width": cfg.vae.width}, 0, info.classes,
+    meta = ModelDescription("vae", {"latent_dim": cfg.vae.latent_dim, "width": cfg.vae.width,
+                                    "decoder_blocks": cfg.vae.decoder_blocks}, 0, info.classes,
                             info.shape)
     return vae.eval(), meta
 
 
 @torch.no_grad()
-def posterior_samples(vae, data, n: int, seed: int):
-    """Decodes of one z ~ q(z | x) for n random training images (uint8 N x H x W): the aggregate posterior."""
+def posterior_samples(vae, meta, data, n: int, seed: int):
+    """Decodes of one z ~ q(z | x) for n random training images (uint8 N x C x H x W): the aggregate posterior."""
     import numpy as np
 
-    from imagegen.evaluation.sampling import decode, to_uint8
+    from imagegen.evaluation.sampling import to_uint8
+    from imagegen.models.kinds import to_images
     from imagegen.models.priors import posterior_codes
 
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(data.images), generator=gen)[:n].to(data.images.device)
     labels = data.labels[pick] if vae.num_classes else None
     codes = posterior_codes(vae, data.images[pick], labels, gen)
-    return np.concatenate([to_uint8(decode(vae, "vae", codes[i:i + 1000], None if labels is None else labels[i:i + 1000]))
+    return np.concatenate([to_uint8(to_images(vae, meta, codes[i:i + 1000], None if labels is None else labels[i:i + 1000]))
                            for i in range(0, len(codes), 1000)])
 
 
@@ -105,10 +107,11 @@ def main() -> None:
     results = {}
     for label, overrides in map(parse_option, args.option or ["standard", "mixture", "two_stage"]):
         if label == "posterior":
-            results[label] = rounded(scorer.score(posterior_samples(first, data, args.n, cfg.eval.seed)))
+            results[label] = rounded(scorer.score(posterior_samples(first, meta, data, args.n, cfg.eval.seed)))
             print(label, json.dumps(results[label]), flush=True)
             continue
-        overrides.update({"vae.latent_dim": meta.arch["latent_dim"], "vae.width": meta.arch["width"]})
+        overrides.update({"vae.latent_dim": meta.arch["latent_dim"], "vae.width": meta.arch["width"],
+                          "vae.decoder_blocks": meta.arch.get("decoder_blocks", 0)})
         run_cfg = with_overrides(cfg, overrides)
         task = VAETask(run_cfg.vae, len(meta.classes), device, image_shape=meta.image_shape)
         state = {k: v for k, v in first.state_dict().items() if not k.startswith("prior.")}

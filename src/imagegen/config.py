@@ -185,14 +185,15 @@ class VAEConfig(Section):
     batch_size: Annotated[int, Field(ge=2)] = 128
     latent_dim: Annotated[int, Field(ge=1)] = 32
     width: Annotated[int, Field(ge=1)] = 32
+    decoder_blocks: Annotated[int, Field(ge=0)] = 0  # residual blocks at each decoder resolution below the image's
     conditional: bool = False
-    beta: Annotated[float, Field(gt=0)] = 0.25
+    beta: Annotated[float, Field(gt=0)] = 0.05
     lr: Annotated[float, Field(gt=0)] = 1e-3
     # What samples start from (models/priors.py), fitted to the trained encoder's codes after training:
     # standard = N(0, I) as trained; mixture = Gaussian mixture (EM); class_mixture = the mixture fitted
     # class by class (labels); two_stage = a second small VAE.
     prior: Literal["standard", "mixture", "class_mixture", "two_stage"] = "class_mixture"
-    prior_components: Annotated[int, Field(ge=1)] = 32  # mixture
+    prior_components: Annotated[int, Field(ge=1)] = 64  # mixture
     prior_width: Annotated[int, Field(ge=1)] = 128  # two_stage: hidden units of its MLPs
     prior_epochs: Annotated[int, Field(ge=1)] = 10  # two_stage: passes over the codes
 

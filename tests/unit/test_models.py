@@ -3,7 +3,7 @@ import torch
 
 from imagegen.config import GANConfig
 from imagegen.models.gan import Discriminator, Generator
-from imagegen.models.vae import VAE, negative_elbo
+from imagegen.models.vae import VAE, ResidualBlock, negative_elbo
 from imagegen.training.tasks import GANTask
 
 
@@ -37,6 +37,22 @@ def test_vae_shapes(num_classes):
     assert vae.sample(4, labels[:4] if num_classes else None).shape == (4, 1, 28, 28)
     loss, recon, kl = negative_elbo(logits, x, mu, logvar)
     assert loss.shape == (6,) and torch.all(kl >= 0) and torch.allclose(loss, recon + kl)
+
+
+def test_a_new_residual_block_is_the_identity_and_then_learns():
+    torch.manual_seed(0)
+    block = ResidualBlock(4)
+    x = torch.randn(2, 4, 7, 7)
+    assert torch.equal(block(x), x)
+    block(x).pow(2).sum().backward()
+    assert block.body[2].weight.grad.abs().sum() > 0  # the zero-started convolution still gets a gradient
+
+
+def test_decoder_blocks_deepen_only_the_decoder():
+    plain, deep = VAE(latent_dim=4, width=4), VAE(latent_dim=4, width=4, decoder_blocks=2)
+    assert sum(isinstance(m, ResidualBlock) for m in deep.decoder) == 4  # 2 at 7 x 7, 2 at 14 x 14
+    assert [p.shape for p in deep.encoder.parameters()] == [p.shape for p in plain.encoder.parameters()]
+    assert deep.decode(torch.randn(3, 4)).shape == (3, 1, 28, 28)
 
 
 def test_vae_step_lowers_loss_on_fixed_batch():

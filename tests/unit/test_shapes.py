@@ -82,10 +82,12 @@ def test_gan_builds_trains_a_step_and_samples_at_each_shape(shape):
     assert samples.shape == (7, *shape) and samples.dtype == np.uint8
 
 
+@pytest.mark.parametrize("decoder_blocks", [0, 1])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_vae_builds_trains_a_step_and_samples_at_each_shape(shape):
+def test_vae_builds_trains_a_step_and_samples_at_each_shape(shape, decoder_blocks):
     torch.manual_seed(0)
-    task = VAETask(VAEConfig(latent_dim=4, width=4, prior="standard"), 3, torch.device("cpu"), image_shape=shape)
+    task = VAETask(VAEConfig(latent_dim=4, width=4, prior="standard", decoder_blocks=decoder_blocks), 3,
+                   torch.device("cpu"), image_shape=shape)
     task.prepare_models(compile_models=False, ddp=False)
     data = DeviceBatches(np.random.default_rng(0).integers(0, 256, (16, *shape), dtype=np.uint8),
                          np.arange(16) % 3, 8, torch.device("cpu"), seed=0)
@@ -95,8 +97,11 @@ def test_vae_builds_trains_a_step_and_samples_at_each_shape(shape):
     for _ in range(3):
         task.step(images, labels, torch.Generator().manual_seed(0))
     assert task.step(images, labels, torch.Generator().manual_seed(0))["loss"] < first
-    description = ModelDescription("vae", {"latent_dim": 4, "width": 4}, 0, image_shape=shape)
+    description = ModelDescription("vae", {"latent_dim": 4, "width": 4, "decoder_blocks": decoder_blocks}, 0,
+                                   image_shape=shape)
     assert generate(task.export(), description, 6, seed=2).shape == (6, *shape)
+    rebuilt = build(description)  # what loading its model.json builds
+    assert names_and_shapes(rebuilt) == names_and_shapes(task.export())
 
 
 @pytest.mark.parametrize("shape", SHAPES)

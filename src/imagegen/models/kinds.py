@@ -39,9 +39,10 @@ def _gan_images(module: nn.Module, z: torch.Tensor, labels: torch.Tensor | None)
 def _vae(d: ModelDescription) -> nn.Module:
     from imagegen.models.vae import VAE
 
-    # VAEs saved before priors existed have no "prior" key: N(0, I).
+    # VAEs saved before priors (residual blocks) existed have no "prior" ("decoder_blocks") key: N(0, I) (none).
     return VAE(d.arch["latent_dim"], d.arch["width"], d.num_classes, d.arch.get("prior", "standard"),
-               d.arch.get("prior_components", 32), d.arch.get("prior_width", 128), d.image_shape)
+               d.arch.get("prior_components", 32), d.arch.get("prior_width", 128), d.image_shape,
+               d.arch.get("decoder_blocks", 0))
 
 
 def _vae_images(module: nn.Module, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:

@@ -3,8 +3,10 @@ likelihood per pixel and channel.
 
 Encoder: strided 4 x 4 convolutions down to a seed (28 -> 14 -> 7; 32 -> 16 -> 8 -> 4; 64 adds a block:
 64 -> .. -> 4), channels width, 2 x width, 4 x width (at most), then a linear layer -> (mu, log sigma^2).
-The decoder mirrors it and returns logits. At 1 x 28 x 28 this is exactly the model trained before
-other sizes existed (same parameter names and shapes).
+The decoder mirrors it and returns logits; with `decoder_blocks` = k > 0 it has k residual blocks
+(two 3 x 3 convolutions each) at every resolution below the image's, the extra depth where the detail
+of a decode is made. At 1 x 28 x 28 with k = 0 this is exactly the model trained before other sizes
+existed (same parameter names and shapes).
 A conditional model feeds a class embedding to both encoder head and decoder.
 Samples start from `prior` (models/priors.py): N(0, I) as trained, or a prior fitted to the
 trained encoder's codes afterwards; the first stage (encoder, decoder) is the same either way.
@@ -27,7 +29,7 @@ HALVINGS = {28: 2, 32: 3, 64: 4}  # image side -> seed
 class VAE(nn.Module):
     def __init__(self, latent_dim: int = 16, width: int = 32, num_classes: int = 0, prior: str = "standard",
                  prior_components: int = 32, prior_width: int = 128,
-                 image_shape: tuple[int, int, int] = LEGACY_SHAPE):
+                 image_shape: tuple[int, int, int] = LEGACY_SHAPE, decoder_blocks: int = 0):
         super().__init__()
         channels, size, _ = check_shape(image_shape)
         self.latent_dim, self.num_classes, self.image_shape = latent_dim, num_classes, (channels, size, size)
@@ -51,6 +53,7 @@ class VAE(nn.Module):
             nn.Unflatten(1, (chans[-1], seed, seed)),
         ]
         for a, b in zip(chans[::-1], [*chans[-2::-1], channels]):
+            decoder += [ResidualBlock(a) for _ in range(decoder_blocks)]
             decoder += [nn.ConvTranspose2d(a, b, 4, 2, 1), nn.SiLU()]  # doubles the side
         self.decoder = nn.Sequential(*decoder[:-1])  # the last layer gives the logits: no activation
         # Registered last: a standard prior has no state, so old state_dicts still load.
@@ -81,6 +84,21 @@ class VAE(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, labels=None, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.sigmoid(self.decode(self.sample_latents(n, generator), labels))
+
+
+class ResidualBlock(nn.Module):
+    """x + conv(SiLU(conv(x))), 3 x 3, same channels and side. The second convolution starts at zero,
+    so a new block is the identity and adding blocks does not disturb the start of training."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU(),
+                                  nn.Conv2d(channels, channels, 3, padding=1))
+        nn.init.zeros_(self.body[2].weight)
+        nn.init.zeros_(self.body[2].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
 
 
 def negative_elbo(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float = 1.0):

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 TASKS = {"gan": GANTask, "vae": VAETask}
 GRID_SCALE = 3  # sample grid tiles enlarged x3 (nearest neighbour): 28-pixel tiles are too small to judge
 # The params a model folder's description keeps (those a section has), to rebuild the model.
-ARCH_KEYS = ("latent_dim", "width", "kernel_size", "prior", "prior_components", "prior_width")
+ARCH_KEYS = ("latent_dim", "width", "kernel_size", "decoder_blocks", "prior", "prior_components", "prior_width")
 
 
 @dataclass(frozen=True)

@@ -260,7 +260,8 @@ class VAETask(Task):
             raise ImagegenError(f"vae.prior_components: {cfg.prior_components} for {num_classes} classes; "
                                 "expected at least one component per class with vae.prior: class_mixture")
         self.num_classes = num_classes if cfg.conditional else 0
-        self.vae = self.place(VAE(cfg.latent_dim, cfg.width, self.num_classes, image_shape=self.image_shape))
+        self.vae = self.place(VAE(cfg.latent_dim, cfg.width, self.num_classes, image_shape=self.image_shape,
+                                  decoder_blocks=cfg.decoder_blocks))
         self.modules = {"vae": self.vae}
         self.optimizers = {"vae": self.adam(self.vae.parameters(), lr=cfg.lr)}
 
