@@ -51,19 +51,17 @@ def parse_option(text: str) -> tuple[str, dict]:
 
 def from_checkpoint(path: Path, cfg):
     """The VAE of a train-vae checkpoint (checkpoints/vae/last.pt): a first stage part-way through."""
-    from imagegen.models.vae import VAE
-
-    state = torch.load(path, map_location="cpu", weights_only=True)
     from imagegen.data.prepared import read_info
     from imagegen.models.description import ModelDescription
+    from imagegen.models.kinds import build
 
+    state = torch.load(path, map_location="cpu", weights_only=True)
     info = read_info(PREPARED_DIR, cfg.data.dataset)
-    vae = VAE(cfg.vae.latent_dim, cfg.vae.width, image_shape=info.shape, decoder_blocks=cfg.vae.decoder_blocks)
+    meta = ModelDescription("vae", {k: getattr(cfg.vae, k) for k in ("latent_dim", "width", "decoder_blocks")}, 0,
+                            info.classes, info.shape)
+    vae = build(meta)
     vae.load_state_dict(state["task"]["modules"]["vae"])
     print(f"{path}: first stage after {state['epoch']} epochs")
-    meta = ModelDescription("vae", {"latent_dim": cfg.vae.latent_dim, "width": cfg.vae.width,
-                                    "decoder_blocks": cfg.vae.decoder_blocks}, 0, info.classes,
-                            info.shape)
     return vae.eval(), meta
 
 

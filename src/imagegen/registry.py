@@ -16,6 +16,7 @@ per tracking URI, and the champion is read inside it, right before the aliases a
 from __future__ import annotations
 
 import contextlib
+import functools
 import fcntl
 import hashlib
 import json
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from imagegen import tracking
 from imagegen.config import Config, model_params
+from imagegen.data.prepared import PREPARED_DIR
 from imagegen.errors import ImagegenError
 from imagegen.fsutil import sha256_file, write_json
 from imagegen.models.io import META, WEIGHTS, read_description
@@ -311,8 +313,11 @@ class Contest:
 
     def __init__(self, cfg: Config, root: Path):
         self.cfg, self.root, self.scorer = cfg, root, None
+        self.data_version = tracking.dvc_out_md5(root, "prepare", str(PREPARED_DIR))
 
+    @functools.cached_property
     def scored_on(self) -> dict:
+        """What both sides are scored on: the same for every kind, so read once."""
         from imagegen.data.validated import HASH_KEY, RECORD
         from imagegen.evaluation.features import FEATURES_DIR
 
@@ -320,7 +325,7 @@ class Contest:
             test = json.loads((self.root / RECORD).read_text())[HASH_KEY]["test"]
         except (OSError, ValueError, KeyError, TypeError):
             test = "unknown"
-        return {"data_version": tracking.dvc_out_md5(self.root, "prepare", "data/prepared"), "test_sha256": test,
+        return {"data_version": self.data_version, "test_sha256": test,
                 "features_sha256": sha256_file(self.root / FEATURES_DIR / WEIGHTS)}
 
     def champion_score(self, name: str, champion) -> dict:
@@ -330,9 +335,9 @@ class Contest:
         recorded = tag_float(champion, metric)
         info = {"champion_value": recorded, "champion_value_recorded": recorded,
                 "champion_data_version": champion.tags.get("dvc_data_md5", "unknown"),
-                "challenger_data_version": tracking.dvc_out_md5(self.root, "prepare", "data/prepared"),
+                "challenger_data_version": self.data_version,
                 "champion_rescored": False}
-        if not (self.root / FEATURES_DIR / WEIGHTS).is_file() or not (self.root / "data/prepared/test.npz").is_file():
+        if not (self.root / FEATURES_DIR / WEIGHTS).is_file() or not (self.root / PREPARED_DIR / "test.npz").is_file():
             log.warning("register: %s champion v%s not re-scored (no feature net or test split here): comparing "
                         "with its recorded %s", name, champion.version, metric)
             return info
@@ -344,13 +349,18 @@ class Contest:
         if self.scorer is None:
             self.scorer = Scorer.load(self.cfg, self.root, device)
         module, description = load_registered(f"models:/{name}/{champion.version}", device)
+        try:
+            self.scorer.check_shape(description, f"{name} champion v{champion.version}")
+        except ImagegenError as exc:
+            log.warning("register: %s; comparing with its recorded %s", exc, metric)
+            return info
         samples = generate(module, description, self.cfg.eval.n_samples, self.cfg.eval.seed, device=device)
         scores = rounded(self.scorer.score(samples))
         log.info("register: %s champion v%s re-scored on today's test split: %s %s (recorded %s)", name,
                  champion.version, metric, scores[metric], recorded)
         return {**info, "champion_value": float(scores[metric]), "champion_rescored": True,
                 "champion_scores": {k: v for k, v in scores.items() if isinstance(v, (int, float))},
-                "scored_on": self.scored_on()}
+                "scored_on": self.scored_on}
 
 
 def find_version(client, name: str, sha: str):

@@ -30,29 +30,29 @@ from imagegen.registry import run_register
 from imagegen.training.tasks import GANTask, VAETask
 from imagegen.training.warm import warm_start
 from tests.conftest import set_params
-from tests.helpers import CLASSES, make_project, mark_validated
+from tests.helpers import CLASSES, make_model, make_project, mark_validated
 
 pytestmark = pytest.mark.slow
 GAN, VAE = "fashion-mnist-gan", "fashion-mnist-vae"
 
 
-def data_version(root: Path, seed: int, md5: str, n_test: int) -> None:
+def data_version(root: Path, seed: int, md5: str, n_test: int, shape: tuple[int, int, int] = (1, 28, 28)) -> None:
     """A data version: prepared arrays (random images), the feature net trained on it (random weights from
     `seed`) with its test-split features, a validation record, and dvc.lock naming its DVC hash."""
     rng = np.random.default_rng(seed)
     folder = root / "data" / "prepared"
     folder.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", 200), ("test", n_test)):
-        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        images = rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
         np.savez(folder / f"{split}.npz", images=images, labels=np.arange(n, dtype=np.int64) % 10)
     torch.manual_seed(seed)
-    net = FeatureNet(4, 16, 10).eval()
+    net = FeatureNet(4, 16, 10, shape).eval()
     features = root / FEATURES_DIR
     if features.exists():
         shutil.rmtree(features)
     features.mkdir(parents=True)
     save_model(features, net, ModelDescription("features", {"width": 4, "feature_dim": 16}, 10, tuple(CLASSES),
-                                               dataset="fashion-mnist"))
+                                               shape, dataset="fashion-mnist"))
     with np.load(folder / "test.npz") as test:
         np.savez(features / REFERENCE, features=embed(net, test["images"])[0].astype(np.float32),
                  labels=test["labels"])
@@ -125,6 +125,21 @@ def test_register_rescores_the_champion_on_todays_test_split(root):
     assert "Champion v1 re-scored today" in version.description
 
 
+def test_a_champion_of_another_image_shape_keeps_its_recorded_value(root):
+    make_project(root, seed=0, fid={"gan": 5.0, "vae": 5.0})
+    data_version(root, seed=1, md5="week1.dir", n_test=100)
+    settings(root)
+    run_register(load_config(root / "params.yaml"), root)  # v1: 28 x 28 grey champions
+    for kind in ("gan", "vae"):  # week 2: the folder now holds 32 x 32 RGB images
+        make_model(root / "models" / kind, kind, seed=7, image_shape=(3, 32, 32))
+    data_version(root, seed=2, md5="week2.dir", n_test=100, shape=(3, 32, 32))
+    write_fid(root, {"gan": 4.0, "vae": 6.0})
+    decisions = run_register(load_config(root / "params.yaml"), root).decisions
+    for kind, promoted in (("gan", True), ("vae", False)):  # against the recorded 5.0, not a crash
+        assert not decisions[kind]["champion_rescored"] and decisions[kind]["champion_value"] == 5.0, decisions
+        assert decisions[kind]["promoted"] is promoted, decisions
+
+
 def test_warm_start_loads_the_champions_weights(root):
     make_project(root, seed=3, fid={"gan": 10.0, "vae": 10.0})
     data_version(root, seed=1, md5="week1.dir", n_test=100)
@@ -151,6 +166,11 @@ def test_warm_start_loads_the_champions_weights(root):
     wider = load_config(root / "params.yaml").model_copy(update={"gan": cfg.gan.model_copy(update={"width": 8})})
     other = warm_start(wider, "gan", GANTask(wider.gan, 10, torch.device("cpu"), False, False), root)
     assert other["init_from"] == "none" and "another architecture" in other["init_note"]
+    deeper = VAETask(cfg.vae.model_copy(update={"decoder_blocks": 1}), 10, torch.device("cpu"), False, False)
+    before = {k: v.clone() for k, v in deeper.vae.state_dict().items()}
+    other = warm_start(cfg, "vae", deeper, root)  # its encoder would fit the champion's: nothing may be loaded
+    assert other["init_from"] == "none" and "another architecture" in other["init_note"]
+    assert all(torch.equal(before[k], v) for k, v in deeper.vae.state_dict().items())
 
     from imagegen.training.stage import run_train
 

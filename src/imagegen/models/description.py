@@ -18,9 +18,17 @@ from pathlib import Path
 from imagegen.errors import ImagegenError
 
 IMAGE_SIZES = (28, 32, 64)
+# Side of the smallest feature map per image size: where a generator or decoder starts and an encoder or
+# discriminator ends, `doublings(size)` stride-2 steps away from the image.
+SEEDS = {28: 7, 32: 4, 64: 4}
 CHANNELS = (1, 3)
 LEGACY_SHAPE = (1, 28, 28)  # every model saved before model.json recorded a shape
 REQUIRED = ("kind", "arch", "num_classes")
+
+
+def doublings(size: int) -> int:
+    """Stride-2 steps between the seed and the image side: 2 for 28, 3 for 32, 4 for 64."""
+    return (size // SEEDS[size]).bit_length() - 1
 
 
 def check_shape(shape) -> tuple[int, int, int]:

@@ -18,15 +18,9 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from imagegen.models.description import LEGACY_SHAPE, check_shape
+from imagegen.models.description import LEGACY_SHAPE, SEEDS, check_shape, doublings
 
-SEEDS = {28: 7, 32: 4, 64: 4}  # the generator's first feature map side per image size
 MAX_MULTIPLIER = 8
-
-
-def blocks(size: int) -> int:
-    """Doublings from the seed to the image side: 2 for 28, 3 for 32, 4 for 64."""
-    return {28: 2, 32: 3, 64: 4}[size]
 
 
 def channels(width: int, n: int) -> list[int]:
@@ -41,7 +35,7 @@ class Generator(nn.Module):
         c_out, size, _ = check_shape(image_shape)
         self.latent_dim, self.num_classes, self.image_shape = latent_dim, num_classes, (c_out, size, size)
         self.embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
-        seed, chans = SEEDS[size], channels(width, blocks(size))
+        seed, chans = SEEDS[size], channels(width, doublings(size))
         self.project = nn.Sequential(
             nn.Linear(latent_dim * (2 if num_classes else 1), chans[0] * seed * seed, bias=False),
             nn.Unflatten(1, (chans[0], seed, seed)),

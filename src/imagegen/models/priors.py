@@ -233,7 +233,7 @@ def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iterations: int 
         sums = torch.zeros_like(centers).index_add_(0, assign, x)
         moved = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centers)  # empty: stays
         if torch.equal(moved, centers):
-            break
+            return assign  # converged: the assignment to these centers is the one just made
         centers = moved
     return _nearest(x, centers, chunk)
 

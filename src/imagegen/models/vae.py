@@ -19,11 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagegen.models.description import LEGACY_SHAPE, check_shape
+from imagegen.models.description import LEGACY_SHAPE, SEEDS, check_shape, doublings
 from imagegen.models.priors import build_prior
-
-SEEDS = {28: 7, 32: 4, 64: 4}  # side of the encoder's last / the decoder's first feature map
-HALVINGS = {28: 2, 32: 3, 64: 4}  # image side -> seed
 
 
 class VAE(nn.Module):
@@ -37,7 +34,7 @@ class VAE(nn.Module):
         cond = c if num_classes else 0
         self.embed = nn.Embedding(num_classes, c) if num_classes else None
         seed = SEEDS[size]
-        chans = [c * min(2 ** i, 4) for i in range(HALVINGS[size])]  # 28: c, 2c; 32: c, 2c, 4c; 64: c, 2c, 4c, 4c
+        chans = [c * min(2 ** i, 4) for i in range(doublings(size))]  # 28: c, 2c; 32: c, 2c, 4c; 64: c, 2c, 4c, 4c
         down = []
         for a, b in zip([channels, *chans[:-1]], chans):
             down += [nn.Conv2d(a, b, 4, 2, 1), nn.SiLU()]  # halves the side

@@ -21,6 +21,7 @@ from torch import nn
 from imagegen.errors import ImagegenError
 from imagegen.models.description import LEGACY_SHAPE
 from imagegen.models.gan import Discriminator, Generator
+from imagegen.models.kinds import KINDS
 from imagegen.models.vae import VAE, negative_elbo
 
 log = logging.getLogger(__name__)
@@ -208,8 +209,7 @@ class GANTask(Task):
         """Images in [0, 1] from the EMA generator."""
         recalibrate_batchnorm(self.ema, self.cfg.latent_dim, self.num_classes, self.device)
         with self.autocast():
-            out = self.ema(z, labels if self.num_classes else None)
-        return (out.float() + 1) / 2
+            return KINDS["gan"].to_images(self.ema, z, labels if self.num_classes else None)
 
     def warm_start_targets(self) -> list[nn.Module]:
         """What a registered GAN's weights (its EMA generator) are loaded into: the generator and its EMA
@@ -283,7 +283,7 @@ class VAETask(Task):
     @torch.no_grad()
     def sample(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         self.vae.eval()
-        out = torch.sigmoid(self.vae.decode(z, labels if self.num_classes else None).float())
+        out = KINDS["vae"].to_images(self.vae, z, labels if self.num_classes else None)
         self.vae.train()
         return out
 

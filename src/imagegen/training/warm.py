@@ -15,6 +15,7 @@ from pathlib import Path
 
 from imagegen.config import Config
 from imagegen.errors import ImagegenError
+from imagegen.models.io import mismatch
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +35,15 @@ def warm_start(cfg: Config, kind: str, task, root: Path) -> dict:
         log.warning("train-%s: train.init_from champion: %s; starting from scratch", kind, exc)
         return {"init_from": "none", "init_note": f"no champion to start from ({str(exc)[:200]})"}
     state = {k: v for k, v in module.state_dict().items() if not k.startswith("prior.")}  # the VAE's prior is refitted
-    try:
-        for target in task.warm_start_targets():
-            missing, unexpected = target.load_state_dict(state, strict=False)
-            if unexpected or [k for k in missing if not k.startswith("prior.")]:
-                raise RuntimeError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-    except RuntimeError as exc:  # another width, latent size or conditioning
+    targets = task.warm_start_targets()
+    # Checked before anything is loaded: a partial load would leave some champion weights in a "from scratch" run.
+    problem = next(filter(None, (mismatch(target, state) for target in targets)), "")
+    if problem:  # another width, latent size, decoder depth or conditioning
         log.warning("train-%s: champion %s (v%s) has another architecture (%s); starting from scratch",
-                    kind, uri, version.version, str(exc).splitlines()[0][:200])
+                    kind, uri, version.version, problem[:200])
         return {"init_from": "none", "init_note": f"champion v{version.version} has another architecture"}
+    for target in targets:
+        target.load_state_dict(state)
     log.info("train-%s: starting from %s (version %s)", kind, uri, version.version)
     return {"init_from": "champion", "init_version": int(version.version),
             "init_weights_sha256": version.tags.get("weights_sha256", "unknown")}
