@@ -7,7 +7,8 @@ in fp32, fed by a torch DataLoader, default Adam, an EMA loop over parameters, P
 settings. One row per (device, profile, model): images/s, the ratio, seconds per 60k-image epoch,
 the step's FLOP rate (matrix and convolution FLOPs per image, counted by torch's FlopCounterMode)
 with its share of the GPU's dense peak, and the warm-up (first steps: cuDNN tuning, capture, compile).
---sweep adds CUDA variants of ours (eager, bf16/fp32 x channels_last, spectral norm off, compile).
+--sweep adds variants of ours: on CUDA eager, bf16/fp32 x channels_last, spectral norm off, compile;
+on the CPU fp32 with and without channels_last.
 
 Run: python bench/train_throughput.py [--steps N] [--devices cpu,cuda] [--sweep] [--json FILE]
 """
@@ -46,6 +47,8 @@ VARIANTS = {
     "graph tf32 CL": {"train.amp": False, "train.channels_last": True},
     "graph tf32": {"train.amp": False, "train.channels_last": False},
 }
+# CPU variants of ours for --sweep (default profile): ours is bf16 where the CPU does bf16 in hardware.
+CPU_VARIANTS = {"fp32 CL": {"train.amp": False}, "fp32": {"train.amp": False, "train.channels_last": False}}
 
 
 def sync(device):
@@ -222,7 +225,7 @@ def main(argv=None) -> list[dict]:
                                         "(e.g. 3,32,32)")
     parser.add_argument("--devices", default=None, help="comma-separated, default: cpu and cuda when present")
     parser.add_argument("--profiles", default="default,gpu")
-    parser.add_argument("--sweep", action="store_true", help="also time the CUDA variants of ours")
+    parser.add_argument("--sweep", action="store_true", help="also time variants of ours (CUDA: gpu profile, CPU: default)")
     parser.add_argument("--compile", action="store_true", help="with --sweep: also time train.compile (slow warm-up)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
@@ -252,10 +255,10 @@ def main(argv=None) -> list[dict]:
                     base = plain(base_cfg, kind, device, images, labels, steps, args.warmup)
                 rows.append(row(device, profile, kind, "ours", base_cfg, rate, base, warm, flops, len(images)))
                 show(rows[-1])
-                if not (args.sweep and device.type == "cuda" and profile == "gpu"):
+                if not args.sweep or profile != ("gpu" if device.type == "cuda" else "default"):
                     continue
-                variants = dict(VARIANTS)
-                if kind == "gan":
+                variants = dict(VARIANTS if device.type == "cuda" else CPU_VARIANTS)
+                if kind == "gan" and device.type == "cuda":
                     variants["no spectral norm"] = {"gan.spectral_norm": False}
                 if args.compile:
                     variants["compile"] = {"train.compile": True}

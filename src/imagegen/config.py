@@ -146,7 +146,7 @@ class TrainConfig(Section):
 
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     seed: int = 0
-    amp: bool = True  # bf16 autocast on CUDA; ignored elsewhere
+    amp: bool = True  # bf16 autocast on CUDA and on CPUs with bf16 in hardware; ignored elsewhere
     channels_last: bool = True  # CUDA and CPU (not MPS)
     compile: bool = False  # torch.compile the training models
     cuda_graphs: bool = True  # CUDA only, not under DDP: replay each training step as one CUDA graph

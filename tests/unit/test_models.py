@@ -98,6 +98,21 @@ def test_gan_steps_lower_their_losses(loss_kind):
         assert loss_fn().item() < before.item()
 
 
+@pytest.mark.parametrize("amp, cpu_has_bf16, expected", [(True, True, torch.bfloat16), (True, False, torch.float32),
+                                                         (False, True, torch.float32)])
+def test_amp_runs_cpu_steps_in_bf16_only_where_the_cpu_does_bf16_in_hardware(monkeypatch, amp, cpu_has_bf16, expected):
+    """Emulated bf16 is slower than float32, so train.amp leaves such CPUs in float32."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: cpu_has_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    task = GANTask(GANConfig(latent_dim=8, width=4), 10, torch.device("cpu"), amp=amp)
+    task.prepare_models(compile_models=False, ddp=False)
+    seen = []
+    for module in (task.generator.body[0], task.discriminator.head):
+        module.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    task.step(torch.zeros(4, 1, 28, 28, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), torch.Generator())
+    assert seen and set(seen) == {expected}
+
+
 def test_batchnorm_recalibration_fits_statistics_to_the_weights():
     from imagegen.training.tasks import recalibrate_batchnorm
 

@@ -27,6 +27,17 @@ from imagegen.models.vae import VAE, negative_elbo
 log = logging.getLogger(__name__)
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast speeds training up here: on CUDA, and on CPUs that do bf16 maths in
+    hardware (AVX512-BF16 or AMX; measured on a 2-core AVX512-BF16 EPYC: GAN step x1.6, VAE step x1.15).
+    Elsewhere a CPU emulates bf16, slower than float32."""
+    if device.type == "cuda":
+        return True
+    cpu = torch.cpu
+    return device.type == "cpu" and any(getattr(cpu, check, lambda: False)()
+                                        for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 class Task:
     kind: str
     keeps_best = False
@@ -36,7 +47,7 @@ class Task:
 
     def __init__(self, device: torch.device, amp: bool, channels_last: bool):
         self.device = device
-        self.autocast_enabled = amp and device.type == "cuda"
+        self.autocast_enabled = amp and fast_bf16(device)
         # channels_last: faster convolutions on CUDA and on CPU (measured on CPU: about -10% per GAN or VAE step)
         fast = channels_last and device.type in ("cuda", "cpu")
         self.memory_format = torch.channels_last if fast else torch.contiguous_format
@@ -45,8 +56,10 @@ class Task:
     def autocast(self):
         if not self.autocast_enabled:
             return contextlib.nullcontext()
-        # No weight-cast cache: a CUDA graph must not keep casts from the capture (the docs require this).
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, cache_enabled=False)
+        # No weight-cast cache on CUDA: a graph must not keep casts from the capture (the docs require this).
+        # On a CPU the cache is most of bf16's gain (GAN step: x1.2 without it, x1.6 with it).
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                              cache_enabled=self.device.type != "cuda")
 
     def place(self, module: nn.Module) -> nn.Module:
         return module.to(self.device, memory_format=self.memory_format)
