@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def fast_bf16(device: torch.device) -> bool:
     """Whether bf16 autocast speeds training up here: on CUDA, and on CPUs that do bf16 maths in
-    hardware (AVX512-BF16 or AMX; measured on a 2-core AVX512-BF16 EPYC: GAN step x1.6, VAE step x1.15).
+    hardware (AVX512-BF16 or AMX; on a 2-core Zen 4 EPYC a GAN epoch is about 1.25x faster: bench/README.md).
     Elsewhere a CPU emulates bf16, slower than float32."""
     if device.type == "cuda":
         return True
