@@ -171,3 +171,32 @@ def test_under_dvc_the_profile_persists_and_a_rejected_version_leaves_dvc_lock_a
     assert (project / "dvc.lock").read_text() == lock_before
     assert json.loads((project / drift.PROFILE_DIR / drift.PROFILE).read_text())["images"] == json.loads(profile)["images"]
     assert json.loads((project / "metrics" / "validate.json").read_text())["success"] is False
+
+
+def test_with_the_gate_off_a_drifted_version_passes_unchecked_and_becomes_the_reference(root, fashion):
+    set_params(root, validate={"drift": {"enabled": False}})
+    write_version(root, version(fashion, 150, 40))
+    validate(root, {"train": 1500, "test": 400})
+    inverted = {split: (255 - images, labels) for split, (images, labels) in version(fashion, 150, 40).items()}
+    write_version(root, inverted)
+    unchecked = validate(root, {"train": 1500, "test": 400})
+    assert unchecked["passed"] and unchecked["checks"] == {} and unchecked["baseline"] is None
+    assert unchecked["lineage"]["images_added"] == 0  # still measured against the accepted version
+    accepted = json.loads((root / drift.PROFILE_DIR / drift.PROFILE).read_text())
+    assert accepted["content_sha256"].startswith(unchecked["lineage"]["content_sha256"])
+
+    set_params(root, validate={"drift": {"enabled": True}})  # back on: compared with the inverted version
+    again = validate(root, {"train": 1500, "test": 400})
+    assert again["passed"] and again["checks"]["intensity_psi"]["value"] < 1e-9
+
+
+def test_a_profile_of_another_dataset_is_replaced_by_a_new_baseline(root, fashion):
+    write_version(root, version(fashion, 150, 40))
+    validate(root, {"train": 1500, "test": 400})
+    profile = root / drift.PROFILE_DIR / drift.PROFILE
+    info = json.loads(profile.read_text())
+    profile.write_text(json.dumps({**info, "shape": [3, 32, 32]}))  # as if accepted for RGB 32 x 32 images
+    replaced = validate(root, {"train": 1500, "test": 400})
+    assert replaced["baseline"].startswith("the last accepted profile is of fashion-mnist [3, 32, 32]")
+    assert replaced["checks"] == {} and replaced["lineage"]["previous_data_version"] is None
+    assert json.loads(profile.read_text())["shape"] == [1, 28, 28]
