@@ -60,6 +60,11 @@ def version(fashion, train_per_class: int, test_per_class: int, start: int = 0) 
             "test": balanced(*fashion["test"], test_per_class, start // 6)}
 
 
+def inverted(splits: dict) -> dict:
+    """A bad batch: every image inverted."""
+    return {split: (255 - images, labels) for split, (images, labels) in splits.items()}
+
+
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     (tmp_path / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
@@ -97,8 +102,7 @@ def test_same_data_and_more_of_it_pass_inverted_images_fail_in_one_line(root, fa
     assert grown["lineage"]["added_per_class"] == {name: 170 for name in grown["lineage"]["added_per_class"]}
     accepted = profile.read_bytes()
 
-    inverted = {split: (255 - images, labels) for split, (images, labels) in version(fashion, 300, 60).items()}
-    write_version(root, inverted)
+    write_version(root, inverted(version(fashion, 300, 60)))
     set_params(root, validate={"expected_counts": {"train": 3000, "test": 600}})
     done = subprocess.run(["imagegen", "validate"], cwd=root, capture_output=True, text=True)
     assert done.returncode != 0
@@ -177,8 +181,7 @@ def test_with_the_gate_off_a_drifted_version_passes_unchecked_and_becomes_the_re
     set_params(root, validate={"drift": {"enabled": False}})
     write_version(root, version(fashion, 150, 40))
     validate(root, {"train": 1500, "test": 400})
-    inverted = {split: (255 - images, labels) for split, (images, labels) in version(fashion, 150, 40).items()}
-    write_version(root, inverted)
+    write_version(root, inverted(version(fashion, 150, 40)))
     unchecked = validate(root, {"train": 1500, "test": 400})
     assert unchecked["passed"] and unchecked["checks"] == {} and unchecked["baseline"] is None
     assert unchecked["lineage"]["images_added"] == 0  # still measured against the accepted version
