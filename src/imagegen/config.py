@@ -163,7 +163,7 @@ class TrainConfig(Section):
 
 
 class GANConfig(Section):
-    epochs: Annotated[int, Field(ge=1)] = 18
+    epochs: Annotated[int, Field(ge=1)] = 14
     batch_size: Annotated[int, Field(ge=2)] = 64
     latent_dim: Annotated[int, Field(ge=1)] = 64
     width: Annotated[int, Field(ge=1)] = 32  # channels of the first/last conv; x2, x4 deeper
@@ -172,8 +172,8 @@ class GANConfig(Section):
     spectral_norm: bool = True
     loss: Literal["hinge", "bce"] = "hinge"
     label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0  # one-sided, bce only
-    lr_g: Annotated[float, Field(gt=0)] = 2e-4
-    lr_d: Annotated[float, Field(gt=0)] = 2e-4
+    lr_g: Annotated[float, Field(gt=0)] = 4e-4
+    lr_d: Annotated[float, Field(gt=0)] = 4e-4
     # YAML gives a list: the pair itself is lax (list -> tuple), its items strict
     betas: Annotated[tuple[Annotated[float, Field(ge=0, lt=1, strict=True)],
                            Annotated[float, Field(ge=0, lt=1, strict=True)]], Field(strict=False)] = (0.5, 0.999)

@@ -127,6 +127,21 @@ class Payload:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.parametrize("kind", ["gan", "vae"])
+def test_a_loaded_model_runs_channels_last_on_the_cpu_with_the_saved_models_images(tmp_path, kind):
+    import torch
+
+    from imagegen.models.io import load_model, save_model
+
+    module, meta = tiny(kind)
+    save_model(tmp_path, module, meta)
+    loaded, _ = load_model(tmp_path, "cpu")
+    convolutions = [p for p in loaded.parameters() if p.dim() == 4 and p.shape[1] > 1]
+    assert convolutions and all(p.is_contiguous(memory_format=torch.channels_last) for p in convolutions)
+    assert not all(p.is_contiguous() for p in convolutions)
+    assert np.array_equal(generate(loaded, meta, 50, seed=1), generate(module, meta, 50, seed=1))
+
+
 def test_corrupt_or_mismatched_model_folders_are_one_line_errors(tmp_path):
     import json
 

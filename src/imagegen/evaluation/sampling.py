@@ -92,17 +92,25 @@ def save_images(path: Path, images: np.ndarray, nrow: int | None = None) -> None
             tmp.write_bytes(png_grid(images, nrow))
 
 
-def png_grid(images: np.ndarray, nrow: int | None = None, scale: int = 1) -> bytes:
-    """uint8 N x C x H x W images (N x H x W: grey) as one PNG grid; `scale` enlarges each tile (nearest
-    neighbour) to be readable."""
-    from torchvision.utils import save_image
+def png_grid(images: np.ndarray, nrow: int | None = None, scale: int = 1, padding: int = 2) -> bytes:
+    """uint8 N x C x H x W images (N x H x W: grey) as one PNG grid, `nrow` tiles a row, black padding
+    around them: torchvision's layout, without importing torchvision (2 s of a stage's start-up).
+    `scale` enlarges each tile (nearest neighbour) to be readable."""
+    from PIL import Image
 
     images = np.asarray(images, dtype=np.uint8)
     if images.ndim == 3:
         images = images[:, None]
     if scale > 1:
         images = images.repeat(scale, axis=2).repeat(scale, axis=3)
-    tensor = torch.from_numpy(images).float().div(255)
+    n, channels, height, width = images.shape
+    padding = padding if n > 1 else 0  # one image is just that image
+    columns = min(nrow or math.ceil(math.sqrt(n)), n)
+    rows = math.ceil(n / columns)
+    grid = np.zeros((rows * (height + padding) + padding, columns * (width + padding) + padding, channels), np.uint8)
+    for i, image in enumerate(images):
+        top, left = padding + i // columns * (height + padding), padding + i % columns * (width + padding)
+        grid[top:top + height, left:left + width] = image.transpose(1, 2, 0)
     buffer = io.BytesIO()
-    save_image(tensor, buffer, nrow=nrow or math.ceil(math.sqrt(len(tensor))), padding=2, format="png")
+    Image.fromarray(grid[..., 0] if channels == 1 else grid).save(buffer, format="png")
     return buffer.getvalue()
