@@ -181,7 +181,7 @@ class GANConfig(Section):
 
 
 class VAEConfig(Section):
-    epochs: Annotated[int, Field(ge=1)] = 20
+    epochs: Annotated[int, Field(ge=1)] = 16
     batch_size: Annotated[int, Field(ge=2)] = 128
     latent_dim: Annotated[int, Field(ge=1)] = 32
     width: Annotated[int, Field(ge=1)] = 32
