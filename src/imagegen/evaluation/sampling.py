@@ -92,7 +92,7 @@ def save_images(path: Path, images: np.ndarray, nrow: int | None = None) -> None
             tmp.write_bytes(png_grid(images, nrow))
 
 
-def png_grid(images: np.ndarray, nrow: int | None = None, scale: int = 1, padding: int = 2) -> bytes:
+def png_grid(images: np.ndarray, nrow: int | None = None, scale: int = 1) -> bytes:
     """uint8 N x C x H x W images (N x H x W: grey) as one PNG grid, `nrow` tiles a row, black padding
     around them: torchvision's layout, without importing torchvision (2 s of a stage's start-up).
     `scale` enlarges each tile (nearest neighbour) to be readable."""
@@ -104,7 +104,7 @@ def png_grid(images: np.ndarray, nrow: int | None = None, scale: int = 1, paddin
     if scale > 1:
         images = images.repeat(scale, axis=2).repeat(scale, axis=3)
     n, channels, height, width = images.shape
-    padding = padding if n > 1 else 0  # one image is just that image
+    padding = 2 if n > 1 else 0  # one image is just that image
     columns = min(nrow or math.ceil(math.sqrt(n)), n)
     rows = math.ceil(n / columns)
     grid = np.zeros((rows * (height + padding) + padding, columns * (width + padding) + padding, channels), np.uint8)
