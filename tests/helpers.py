@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -23,6 +24,20 @@ from imagegen.models.kinds import build
 ARCH = {"latent_dim": 8, "width": 4, "kernel_size": 4}
 CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist: the offline mirror
+
+
+def needs_debian(package: str, present: bool) -> pytest.MarkDecorator:
+    """Skip unless `present`, with a reason naming the one command that installs the package."""
+    return pytest.mark.skipif(not present, reason=missing_debian(package))
+
+
+def missing_debian(package: str) -> str:
+    return f"needs Debian's {package}: sudo apt-get install {package} (`make test` installs it when run as root)"
+
+
+needs_fashion_mnist = needs_debian("dataset-fashion-mnist", FASHION_MNIST.is_dir())
 
 TINY_ARCH = {"gan": ARCH, "vae": {"latent_dim": 8, "width": 4}, "features": {"width": 4, "feature_dim": 8}}
 

@@ -21,9 +21,9 @@ from imagegen.data.prepared import as_nchw
 from imagegen.data.validate import run_validate
 from imagegen.errors import ImagegenError
 from tests.conftest import REPO_ROOT, set_params
+from tests.helpers import FASHION_MNIST, needs_fashion_mnist
 
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-pytestmark = pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="needs dataset-fashion-mnist")
+pytestmark = needs_fashion_mnist
 
 
 def idx(name: str, offset: int, shape: tuple) -> np.ndarray:

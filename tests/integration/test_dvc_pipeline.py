@@ -11,9 +11,9 @@ import pytest
 
 from tests.conftest import set_params
 from tests.tiny import TINY_TRAINING
+from tests.helpers import needs_fashion_mnist
 
-MIRROR = Path("/usr/share/datasets/fashion-mnist")
-pytestmark = pytest.mark.skipif(not MIRROR.is_dir(), reason="needs the dataset-fashion-mnist package (make test installs it)")
+pytestmark = needs_fashion_mnist
 STAGES = ("fetch", "prepare", "validate", "train-features", "train-gan", "train-vae", "evaluate", "register")
 
 

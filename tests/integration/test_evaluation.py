@@ -22,11 +22,10 @@ from imagegen.evaluation.vae_metrics import vae_test_metrics
 from imagegen.models.vae import VAE, negative_elbo
 from imagegen.data.prepared import load_split
 from imagegen.models.description import ModelDescription
-from tests.helpers import CLASSES, make_model, mark_validated
+from tests.helpers import CLASSES, make_model, mark_validated, needs_fashion_mnist
 
-MIRROR = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not MIRROR.is_dir(), reason="needs the dataset-fashion-mnist package")]
+              needs_fashion_mnist]
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,8 @@ from imagegen.data.prepared import DatasetInfo, load_split, read_info
 from imagegen.data.validate import METRICS_FILE, REPORT_DIR, run_validate
 from imagegen.errors import ImagegenError
 from tests.conftest import set_params
-from tests.helpers import make_image_folder
+from tests.helpers import make_image_folder, needs_fashion_mnist
 
-MIRROR = Path("/usr/share/datasets/fashion-mnist")
 SHAPES = {"dataset": "shapes", "image_size": 32, "channels": 3, "test_fraction": 0.3, "max_unreadable_fraction": 0.05}
 SMALL_FOLDER_CHECKS = {"min_images_per_class": 10}
 
@@ -91,7 +90,7 @@ def test_folder_failures_name_the_expectation(tmp_path):
     assert metrics["train"]["also_in_other_split"] == 0 and metrics["test"]["also_in_other_split"] == 0
 
 
-@pytest.mark.skipif(not MIRROR.is_dir(), reason="needs the dataset-fashion-mnist package (make test installs it)")
+@needs_fashion_mnist
 def test_exported_fashion_mnist_reads_back_byte_identical(tmp_path):
     from imagegen.data.export import builtin_arrays
 

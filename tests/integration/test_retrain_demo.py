@@ -23,14 +23,13 @@ import yaml
 from imagegen import tracking
 from imagegen.data.validated import HASH_KEY, RECORD
 from tests.conftest import REPO_ROOT, set_params
-from tests.helpers import cli_env
+from tests.helpers import cli_env, needs_fashion_mnist
 from tests.integration.test_retrain_flow import (  # the same server fixture and REST helpers (no second stack)
     api, prefect_server, run_cli, run_worker_once, states, summary, task_runs)  # noqa: F401 (prefect_server: fixture)
 from tests.tiny import TINY_TRAINING
 
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="needs dataset-fashion-mnist")]
+              needs_fashion_mnist]
 
 DATASET, POOL, DEPLOYMENT = "wardrobe", "demo-pool", "demo"
 TRAINING = ["train-features", "train-gan", "train-vae", "evaluate", "register", "report"]

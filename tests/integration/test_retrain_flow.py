@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT, set_params
+from tests.helpers import FASHION_MNIST
 
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 STAGES = ["fetch", "prepare", "validate"]
 BIN = Path(sys.executable).parent
 

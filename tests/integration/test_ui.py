@@ -20,13 +20,12 @@ import pytest
 import yaml
 
 from tests.conftest import copy_project, set_params
-from tests.helpers import free_port, start, stop
+from tests.helpers import free_port, missing_debian, needs_fashion_mnist, start, stop
 
 CHROMIUM = Path("/usr/bin/chromium")
-MIRROR = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not MIRROR.is_dir(), reason="needs the dataset-fashion-mnist package (make test installs it)"),
+    needs_fashion_mnist,
 ]
 TINY = {
     "train": {"limit": 256, "mlflow": True, "threads": 1},
@@ -186,7 +185,7 @@ def ui(pipeline):
 @pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM.exists():
-        pytest.skip("needs Debian's chromium (.ci/run installs it: apt-get install chromium)")
+        pytest.skip(missing_debian("chromium"))
     playwright_api = pytest.importorskip("playwright.sync_api")
     with playwright_api.sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
