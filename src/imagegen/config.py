@@ -162,8 +162,20 @@ class TrainConfig(Section):
     warm_epochs_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5
 
 
-class GANConfig(Section):
-    epochs: Annotated[int, Field(ge=1)] = 14
+class Budgeted(Section):
+    """A model trained for a budget of images seen, so that a folder of any size gets about as many updates
+    (and as much time) as Fashion-MNIST's 60,000 images get: epochs = images / images per epoch, rounded
+    (at least 1; an epoch drops the last partial batch)."""
+
+    images: Annotated[int, Field(ge=1)]
+    epochs: Annotated[int, Field(ge=1)] | None = None  # set: exactly this many passes instead (smoke runs)
+
+    def epochs_for(self, images_per_epoch: int) -> int:
+        return self.epochs or max(1, round(self.images / images_per_epoch))
+
+
+class GANConfig(Budgeted):
+    images: Annotated[int, Field(ge=1)] = 840_000  # 14 epochs of 60,000
     batch_size: Annotated[int, Field(ge=2)] = 64
     latent_dim: Annotated[int, Field(ge=1)] = 64
     width: Annotated[int, Field(ge=1)] = 32  # channels of the first/last conv; x2, x4 deeper
@@ -178,10 +190,15 @@ class GANConfig(Section):
     betas: Annotated[tuple[Annotated[float, Field(ge=0, lt=1, strict=True)],
                            Annotated[float, Field(ge=0, lt=1, strict=True)]], Field(strict=False)] = (0.5, 0.999)
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.999
+    # Differentiable augmentation before the discriminator with ADA's adaptive probability (training/augment.py):
+    # p rises while E[sign D(real)] is above ada_target, by batch / ada_speed_images per step.
+    augment: bool = False
+    ada_target: Annotated[float, Field(ge=0, le=1)] = 0.6  # Karras et al. 2020
+    ada_speed_images: Annotated[int, Field(ge=1)] = 500_000  # images for p to go from 0 to 1 (ADA: 500k)
 
 
-class VAEConfig(Section):
-    epochs: Annotated[int, Field(ge=1)] = 16
+class VAEConfig(Budgeted):
+    images: Annotated[int, Field(ge=1)] = 960_000  # 16 epochs of 60,000
     batch_size: Annotated[int, Field(ge=2)] = 128
     latent_dim: Annotated[int, Field(ge=1)] = 32
     width: Annotated[int, Field(ge=1)] = 32

@@ -74,6 +74,17 @@ def test_outputs_and_bitwise_determinism(tmp_path, kind):
     assert not all(torch.equal(x, y) for x, y in zip(weights(root_a, kind).values(), weights(other_seed, kind).values()))
 
 
+@pytest.mark.parametrize("kind", ["gan", "vae"])
+def test_a_budget_in_images_sets_the_epochs_and_a_small_set_is_reported_as_often_as_fashion_mnist(tmp_path, kind):
+    root, cfg = make_root(tmp_path, **{kind: {"epochs": None, "images": 512}})  # 128 images, batch 16
+    result = run_train(cfg, kind, root)
+    assert result.metrics["epochs"] == 4 and result.metrics["steps"] == 32
+    out = paths(root, kind)
+    assert len(out["plot"].read_text().splitlines()) == 1 + 4  # every epoch's losses
+    # but one grid (and one best-epoch probe): 128-image epochs are reported about every 60,000 images
+    assert sorted(p.name for p in out["samples"].iterdir()) == ["samples-epoch-004.png"]
+
+
 def test_conditional_gan_trains_and_exports_a_conditional_model(tmp_path):
     root, cfg = make_root(tmp_path, gan={"conditional": True, "epochs": 1})
     run_train(cfg, "gan", root)
@@ -106,8 +117,9 @@ def test_vae_prior_is_fitted_after_training_and_leaves_the_first_stage_alone(tmp
         assert any(k.startswith("prior.") for k in state)
 
 
-def test_resume_after_kill_matches_uninterrupted(tmp_path):
-    overrides = {"gan": {"epochs": 3}, "train": {"checkpoint_every": 2}}
+@pytest.mark.parametrize("augment", [False, True])
+def test_resume_after_kill_matches_uninterrupted(tmp_path, augment):
+    overrides = {"gan": {"epochs": 3, "augment": augment, "ada_speed_images": 2000}, "train": {"checkpoint_every": 2}}
     reference, cfg = make_root(tmp_path / "reference", n=1024, **overrides)
     run_train(cfg, "gan", reference)
 

@@ -23,6 +23,7 @@ class DeviceBatches:
         self.labels = torch.from_numpy(labels.astype(np.int64)).to(device)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.steps_per_epoch = len(self.images) // (batch_size * world_size)
+        self.images_per_epoch = self.steps_per_epoch * batch_size * world_size  # the last partial batch is dropped
         if self.steps_per_epoch == 0:
             raise ImagegenError(
                 f"train: {len(self.images)} images are fewer than one batch of {batch_size} x {world_size} process(es); "

@@ -44,6 +44,20 @@ class LoopConfig:
     grid_size: int = 64
     check_every: int = 50  # steps between finiteness checks (each one syncs the device)
     run_info: dict = field(default_factory=dict)  # kept in every checkpoint (e.g. the MLflow run id)
+    # Epochs between the loggers' epoch-end work (sample grid, best-epoch probe, MLflow): a small folder runs
+    # many short epochs for its budget, and is reported about as often as Fashion-MNIST (report_every()).
+    report_every: int = 1
+
+    def reports(self, epoch: int) -> bool:
+        """Whether the end of `epoch` (1-based) is reported: every report_every-th, and the last."""
+        return epoch % self.report_every == 0 or epoch == self.epochs
+
+
+REPORT_IMAGES = 60_000  # about one report per this many images seen (one epoch of Fashion-MNIST)
+
+
+def report_every(images_per_epoch: int) -> int:
+    return max(1, round(REPORT_IMAGES / images_per_epoch))
 
 
 @dataclass
@@ -114,7 +128,8 @@ def train(task: Task, data: DeviceBatches, cfg: LoopConfig, runtime: Runtime,
         if runtime.is_main:
             log.info("%s: epoch %d/%d %s", task.kind, epoch, cfg.epochs,
                      " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
-            logger.on_epoch_end(epoch, row, task.sample(fixed_z, fixed_labels))
+            if cfg.reports(epoch):
+                logger.on_epoch_end(epoch, row, task.sample(fixed_z, fixed_labels))
             save_checkpoint(task, epoch, 0, history, cfg)
     history.seconds = time.perf_counter() - started
     return history

@@ -30,7 +30,7 @@ from imagegen.fsutil import atomic_dir, atomic_file, remove_partials, sha256_fil
 from imagegen.models.description import ModelDescription
 from imagegen.models.io import WEIGHTS, save_model
 from imagegen.training.data import DeviceBatches
-from imagegen.training.loop import History, LoopConfig, TrainingLogger, load_checkpoint, train
+from imagegen.training.loop import History, LoopConfig, TrainingLogger, load_checkpoint, report_every, train
 from imagegen.training.runtime import Runtime, setup_runtime, teardown_runtime
 from imagegen.training.tasks import GANTask, Task, VAETask
 from imagegen.training.warm import epochs as warm_epochs
@@ -94,20 +94,21 @@ def run_train(cfg: Config, kind: str, root: Path = Path(".")) -> TrainResult:
             params.update({f"warm.{k}": v for k, v in task.init_info.items()})
         probe = BestByFid.create(task, root, images, cfg.train.seed) if runtime.is_main and task.keeps_best else None
         loop_cfg = LoopConfig(
-            epochs=warm_epochs(cfg, kind, task.init_info), seed=cfg.train.seed, checkpoint_path=out["checkpoint"],
+            epochs=warm_epochs(cfg, kind, task.init_info, data.images_per_epoch), seed=cfg.train.seed, checkpoint_path=out["checkpoint"],
             checkpoint_every=cfg.train.checkpoint_every, resume=cfg.train.resume,
             fingerprint=fingerprint(kind, params, train_file, runtime.world_size, probe),
+            report_every=report_every(data.images_per_epoch),
         )
         if not runtime.is_main:
             train(task, data, loop_cfg, runtime)
             return TrainResult(kind, out["model"], {})
         log.info("train-%s: %d images, %d steps/epoch, %d epochs on %s%s", kind, len(images), data.steps_per_epoch,
-                 section.epochs, runtime.device, f" x {runtime.world_size}" if runtime.distributed else "")
+                 loop_cfg.epochs, runtime.device, f" x {runtime.world_size}" if runtime.distributed else "")
         state = load_checkpoint(loop_cfg) if loop_cfg.resume else None
         grids = GridWriter(out["staged_samples"], keep_through=state["epoch"] if state else 0)
         if not cfg.train.mlflow:
             history = train(task, data, loop_cfg, runtime, Chain(probe, grids), state)
-            return finish(task, history, cfg, kind, runtime, out, data, info)
+            return finish(task, history, cfg, kind, runtime, out, data, info, loop_cfg)
         from imagegen import tracking
 
         tags = tracking.lineage_tags(root, params, str(runtime.device))
@@ -117,7 +118,7 @@ def run_train(cfg: Config, kind: str, root: Path = Path(".")) -> TrainResult:
             tracking.log_dataset(root, cfg.data.dataset, "training")
             loop_cfg = replace(loop_cfg, run_info={"mlflow_run_id": run.info.run_id})
             history = train(task, data, loop_cfg, runtime, Chain(probe, grids, MlflowLogger(grids)), state)
-            result = finish(task, history, cfg, kind, runtime, out, data, info)
+            result = finish(task, history, cfg, kind, runtime, out, data, info, loop_cfg)
             log_outputs(result, out)
         return result
     finally:
@@ -219,7 +220,7 @@ class MlflowLogger(TrainingLogger):
 
 
 def finish(task: Task, history: History, cfg: Config, kind: str, runtime: Runtime, out: dict,
-           data: DeviceBatches, info: DatasetInfo) -> TrainResult:
+           data: DeviceBatches, info: DatasetInfo, loop_cfg: LoopConfig) -> TrainResult:
     section = getattr(cfg, kind)
     fitted = task.finalize(data)
     module = task.export()
@@ -228,7 +229,8 @@ def finish(task: Task, history: History, cfg: Config, kind: str, runtime: Runtim
         info.shape, dataset=cfg.data.dataset, parameters=sum(p.numel() for p in module.parameters()))
     with atomic_dir(out["model"]) as tmp:
         save_model(tmp, module, description)
-    publish_grids(out["staged_samples"], out["samples"], len(history.epochs))
+    publish_grids(out["staged_samples"], out["samples"],
+                  [e for e in range(1, len(history.epochs) + 1) if loop_cfg.reports(e)])
     last = history.epochs[-1] if history.epochs else {}
     metrics = {
         **{k: round(v, 5) for k, v in last.items() if k not in ("epoch", "seconds", "images_per_s")},
@@ -260,10 +262,10 @@ def grid_epoch(path: Path) -> int:
     return int(match.group(1)) if match else 0
 
 
-def publish_grids(staged: Path, folder: Path, epochs: int) -> None:
-    """reports/<kind>: the staged grids of all epochs, replacing the folder whole."""
+def publish_grids(staged: Path, folder: Path, epochs: list[int]) -> None:
+    """reports/<kind>: the staged grids of the reported `epochs`, replacing the folder whole."""
     grids = staged_grids(staged)
-    missing = sorted(set(range(1, epochs + 1)) - {grid_epoch(g) for g in grids})
+    missing = sorted(set(epochs) - {grid_epoch(g) for g in grids})
     if missing:  # e.g. a checkpoint written before grids were kept with it
         log.warning("%s: no sample grid for epoch(s) %s", folder, ", ".join(map(str, missing)))
     with atomic_dir(folder) as tmp:

@@ -24,6 +24,7 @@ from imagegen.models.gan import Discriminator, Generator
 from imagegen.models.io import memory_format_for
 from imagegen.models.kinds import KINDS
 from imagegen.models.vae import VAE, negative_elbo
+from imagegen.training.augment import adapt, augment
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,8 @@ class GANTask(Task):
         # On CUDA the count lives on the device, so the EMA's warm-up needs no host value (see update_ema).
         self.ema_updates: int | torch.Tensor = torch.zeros((), device=device) if device.type == "cuda" else 0
         self.best: dict | None = None  # {"epoch", "score", "ema": state_dict}: see keep_if_best
+        # The discriminator's augmentation probability (training/augment.py); None: no augmentation.
+        self.augment_p = torch.zeros((), device=device) if cfg.augment else None
         self.modules = {"generator": self.generator, "discriminator": self.discriminator, "ema": self.ema}
         betas = tuple(cfg.betas)
         self.optimizers = {
@@ -165,26 +168,39 @@ class GANTask(Task):
         with self.autocast():
             fake = generator(z, labels)
             both_labels = torch.cat([labels, labels]) if labels is not None else None
-            real_out, fake_out = discriminator(torch.cat([real, fake.detach()]), both_labels).float().chunk(2)
+            both = self.augmented(torch.cat([real, fake.detach()]), noise)
+            real_out, fake_out = discriminator(both, both_labels).float().chunk(2)
             d_loss = self.d_loss(real_out, fake_out)
         self.optimizers["discriminator"].zero_grad(set_to_none=True)
         d_loss.backward()
         self.optimizers["discriminator"].step()
 
         with self.autocast():
-            g_loss = self.g_loss(discriminator(fake, labels).float())
+            g_loss = self.g_loss(discriminator(self.augmented(fake, noise), labels).float())
         self.optimizers["generator"].zero_grad(set_to_none=True)
         g_loss.backward()
         self.optimizers["generator"].step()
         self.update_ema()
-        return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(),
-                "d_real": real_out.detach().mean(), "d_fake": fake_out.detach().mean()}
+        losses = {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(),
+                  "d_real": real_out.detach().mean(), "d_fake": fake_out.detach().mean()}
+        if self.augment_p is not None:
+            adapt(self.augment_p, real_out.detach(), self.cfg.ada_target, self.cfg.ada_speed_images)
+            losses["augment_p"] = self.augment_p.clone()
+        return losses
+
+    def augmented(self, images: torch.Tensor, noise: torch.Generator) -> torch.Tensor:
+        return images if self.augment_p is None else augment(images, self.augment_p, noise)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "ema_updates": int(self.ema_updates), "best": self.best}
+        state = {**super().state_dict(), "ema_updates": int(self.ema_updates), "best": self.best}
+        if self.augment_p is not None:
+            state["augment_p"] = self.augment_p.detach().cpu().clone()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
+        if self.augment_p is not None:
+            self.augment_p.copy_(state["augment_p"])
         if isinstance(self.ema_updates, torch.Tensor):
             self.ema_updates.fill_(state["ema_updates"])
         else:

@@ -49,7 +49,8 @@ def warm_start(cfg: Config, kind: str, task, root: Path) -> dict:
             "init_weights_sha256": version.tags.get("weights_sha256", "unknown")}
 
 
-def epochs(cfg: Config, kind: str, init: dict) -> int:
-    """The section's epochs, or train.warm_epochs_fraction of them (at least 1) after a warm start."""
-    full = getattr(cfg, kind).epochs
+def epochs(cfg: Config, kind: str, init: dict, images_per_epoch: int) -> int:
+    """The section's epochs (its budget in images seen over the images an epoch uses, or its `epochs` when
+    set), or train.warm_epochs_fraction of them (at least 1) after a warm start."""
+    full = getattr(cfg, kind).epochs_for(images_per_epoch)
     return max(1, math.ceil(full * cfg.train.warm_epochs_fraction)) if init.get("init_from") == "champion" else full
