@@ -5,7 +5,8 @@ Run: python bench/timed_repro.py [dvc repro arguments]   (`make run` runs it)
 DVC's own output passes through unchanged (stdout is read to see where each stage starts; the
 stages' logs and progress bars go to stderr as usual). A stage's time runs from DVC's
 "Running stage" line to the next stage's start or the end, so it includes DVC's hashing and
-caching of the stage's outputs. Exits with dvc's exit status.
+caching of the stage's outputs. Exits with dvc's exit status; first, a name in the image folder that DVC
+cannot hash (not valid UTF-8) stops it with one line naming the file.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 RUNNING = re.compile(r"^Running stage '([^']+)'")
 UNCHANGED = re.compile(r"^Stage '([^']+)' didn't change, skipping")
@@ -26,6 +28,11 @@ def clock(seconds: float) -> str:
 
 
 def main(argv: list[str]) -> int:
+    from imagegen.data.folder import folder_name_problem
+
+    if problem := folder_name_problem(Path.cwd()):  # DVC would fail on it naming no file
+        print(f"make run: {problem}", file=sys.stderr)
+        return 1
     started = time.monotonic()
     rows: list[list] = []  # [stage, seconds or None (unchanged)]
     current_start = None

@@ -33,6 +33,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.states import Cancelled, Completed, Failed  # noqa: E402
 
+from imagegen.data.folder import folder_name_problem  # noqa: E402
 from imagegen.tracking import flatten  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -270,6 +271,8 @@ def run_pipeline(root: Path, target: str | None, push: bool, only_if_changed: bo
     from prefect.artifacts import create_markdown_artifact
 
     logger = get_run_logger()
+    if problem := folder_name_problem(root):  # DVC would fail on it naming no file
+        return Failed(message=problem)
     try:
         stages = discover_stages(root, target)
         if only_if_changed and not json.loads(dvc(root, "status", "--json", *stages) or "{}"):

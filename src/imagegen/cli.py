@@ -34,7 +34,7 @@ def _prepare(cfg, root, args):
     from imagegen.data.prepare import run_prepare
 
     result = run_prepare(cfg, root)
-    left_out = f" ({result.unreadable} unreadable file(s) left out, listed in scan.json)" if result.unreadable else ""
+    left_out = f" ({result.skipped} file(s) skipped, listed with reasons in scan.json)" if result.skipped else ""
     return (", ".join(f"{split} {n}" for split, n in result.counts.items()) + f" images in {result.prepared_dir}"
             + left_out)
 

@@ -34,7 +34,7 @@ def test_generated_folder_prepared_and_validated(tmp_path):
     extras = make_image_folder(tmp_path / "shapes")
     cfg = shapes_config(tmp_path / "shapes")
     result = run_prepare(cfg, tmp_path, processes=2)  # decoded on two processes
-    assert result.unreadable == 1 and sum(result.counts.values()) == 48
+    assert result.skipped == 2 and sum(result.counts.values()) == 48
     prepared = tmp_path / PREPARED_DIR
     assert read_info(prepared, "shapes") == DatasetInfo("shapes", ("circle", "square", "triangle"), 3, 32)
     for split in ("train", "test"):
@@ -50,22 +50,25 @@ def test_generated_folder_prepared_and_validated(tmp_path):
     assert "circle/circle-000.png" in sources and "square/square-006.JPG" in sources
     assert not {"square/broken.png", "circle/.hidden.png", "triangle/notes.txt"} & sources  # left out, ignored
     scan = json.loads((prepared / SCAN).read_text())
-    assert scan["files"] == 49 and scan["ignored"] == 2
+    assert scan["files"] == 50 and scan["ignored"] == 1
     # one process or two, the same bytes: an unchanged folder gives an unchanged DVC output
     before = {p.name: p.read_bytes() for p in prepared.iterdir()}
     run_prepare(cfg, tmp_path, processes=1)
     assert {p.name: p.read_bytes() for p in prepared.iterdir()} == before
-    assert [u["path"] for u in scan["unreadable"]] == ["square/broken.png"] and extras["corrupt"].is_file()
+    assert [(s["path"], s["reason"]) for s in scan["skipped"]] == [("triangle/notes.txt", "format"),
+                                                                   ("square/broken.png", "damaged")]
+    assert extras["corrupt"].is_file()
 
     summary = run_validate(cfg, tmp_path).summary
-    assert summary["success"] and summary["files"]["unreadable"] == ["square/broken.png"]
+    assert summary["success"] and summary["files"]["skipped"] == ["triangle/notes.txt", "square/broken.png"]
+    assert summary["files"]["skipped_per_reason"] == {"damaged": 1, "format": 1}
     assert summary["files"]["images_per_class"] == {"circle": 16, "square": 16, "triangle": 16}
     assert summary["files"]["width"]["min"] >= 20 and summary["files"]["width"]["max"] <= 100
     assert summary["files"]["modes"]["CMYK"] == 6
     assert any("short_side" in w for w in summary["warnings"])  # images under 32 px are upscaled: a warning only
     docs = "".join(p.read_text() for p in (tmp_path / REPORT_DIR / "data_docs").rglob("*.html"))
-    assert "square/broken.png" in docs and "CMYK" in docs
-    assert json.loads((tmp_path / METRICS_FILE).read_text())["files"]["unreadable_fraction"] == round(1 / 49, 4)
+    assert "CMYK" in docs and re.search(r"damaged\W+1\W+format\W+1", docs)  # skipped files counted per reason
+    assert json.loads((tmp_path / METRICS_FILE).read_text())["files"]["skipped_fraction"] == round(2 / 50, 4)
 
 
 def test_folder_failures_name_the_expectation(tmp_path):
@@ -80,9 +83,9 @@ def test_folder_failures_name_the_expectation(tmp_path):
         run_validate(cfg, tmp_path)
     message = str(info.value)
     assert "\n" not in message
-    assert ("files: expect_column_values_to_be_between(class_images): 32 of 89 rows unexpected, e.g. [16.0, 16.0, "
+    assert ("files: expect_column_values_to_be_between(class_images): 32 of 90 rows unexpected, e.g. [16.0, 16.0, "
             "16.0]; expected values >= 17") in message
-    assert "files: expect_column_values_to_be_between(class_share): 32 of 89 rows unexpected" in message
+    assert "files: expect_column_values_to_be_between(class_share): 32 of 90 rows unexpected" in message
     # identical files share a split, so the copies are exact duplicates within one split, never across
     assert "expect_column_values_to_be_in_set(repeats_earlier)" in message
     metrics = json.loads((tmp_path / METRICS_FILE).read_text())

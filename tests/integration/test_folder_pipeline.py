@@ -1,5 +1,5 @@
 """The whole pipeline under `dvc repro` on a generated labelled folder at 32 x 32 RGB, with tiny params:
-every stage's outputs have the folder's shape, the corrupt file is reported, the registered model
+every stage's outputs have the folder's shape, the corrupt and the non-image file are reported, the registered model
 samples RGB images. (Needs models, training, evaluation and sampling that follow the prepared shape.)"""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def test_folder_dataset_through_every_stage(project, tmp_path):
     train, _ = load_split(prepared / "train.npz")
     assert train.shape[1:] == (3, 32, 32)
     validation = json.loads((project / "metrics/validate.json").read_text())
-    assert validation["success"] and validation["files"]["unreadable"] == ["square/broken.png"]
+    assert validation["success"] and validation["files"]["skipped"] == ["triangle/notes.txt", "square/broken.png"]
 
     for kind in ("gan", "vae"):
         grid = Image.open(project / f"reports/{kind}/samples-epoch-001.png")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import http.server
 import threading
 from collections import defaultdict
@@ -94,6 +95,8 @@ def test_missing_folder_falls_through_to_next_source(tmp_path, mirror):
         (lambda b: b[:10] + bytes(len(b) - 10), "corrupt gzip data"),  # garbage after the header
         (lambda b: gzip.compress(gzip.decompress(b)[:-5]), "checksum mismatch"),  # truncated content
         (lambda b: gzip.compress(gzip.decompress(b)[:-1] + b"\x07"), "checksum mismatch"),  # wrong bytes
+        # a gzip bomb (50 MB of zeros in 50 KB): refused at the file's known size, 16 + 40 x 28 x 28 bytes
+        (lambda b: gzip.compress(bytes(50 << 20)), "t10k-images-idx3-ubyte.gz decompresses to more than 31376 bytes"),
     ],
 )
 def test_bad_file_is_rejected_and_next_source_used(tmp_path, mirror, damage, expected):
@@ -230,3 +233,15 @@ def test_unreachable_server(tmp_path, mirror):
     with pytest.raises(ImagegenError, match="network error") as info:
         fetch(tmp_path / "out", url, retries=0, timeout_s=5)
     assert url in str(info.value)
+
+
+def test_download_longer_than_the_file_can_be_is_cut(tmp_path, mirror):
+    big = tmp_path / "big"
+    write_mirror(big, tiny_arrays())
+    (big / "t10k-labels-idx1-ubyte.gz").write_bytes(os.urandom(4 << 20))
+    with Server(big) as server:
+        with pytest.raises(ImagegenError) as info:
+            fetch(tmp_path / "out", server.url, retries=0)
+    # 48 bytes decompressed (8 + 40 labels): no gzip of it is over 48 + 4096 bytes
+    assert f"{server.url}: the download is over 4144 bytes, more than the file can be" in str(info.value)
+    assert leftovers(tmp_path / "out") == []

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from imagegen.config import Config, load_config
-from imagegen.data.folder import decode_bytes, in_test, scan_folder
+from imagegen.data.folder import decode_image, in_test, scan_folder
 from imagegen.data.prepare import PREPARED_DIR, run_prepare
 from imagegen.errors import ImagegenError
 
@@ -19,6 +19,11 @@ def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **options)
     return buffer.getvalue()
+
+
+def decode_bytes(data: bytes, size: int, channels: int, background: str):
+    """decode_image on bytes, the extension taken from their format."""
+    return decode_image(io.BytesIO(data), ".jpg" if data[:2] == b"\xff\xd8" else ".png", size, channels, background)
 
 
 def test_grey_png_at_its_own_size_is_read_byte_for_byte():
@@ -82,7 +87,7 @@ def test_exif_orientation_is_applied():
     np.testing.assert_array_equal(decoded, expected)
 
 
-@pytest.mark.parametrize("data", [b"", b"not an image at all", None])
+@pytest.mark.parametrize("data", [b"not an image at all", None])
 def test_unreadable_bytes_raise(data):
     if data is None:  # truncated
         data = encode(Image.new("RGB", (50, 50), (1, 2, 3)))[:60]
@@ -131,7 +136,7 @@ def test_missing_folder_and_a_file_instead(tmp_path):
         scan_folder(tmp_path / "file")
 
 
-def test_hidden_and_other_files_are_ignored(tmp_path):
+def test_hidden_files_are_ignored_and_other_files_skipped(tmp_path):
     root = make_folder(tmp_path / "images", {"a": 2, "b": 1})
     (root / "a" / ".DS_Store").write_bytes(b"\0")
     (root / "a" / "readme.md").write_text("x")
@@ -142,16 +147,18 @@ def test_hidden_and_other_files_are_ignored(tmp_path):
     scan = scan_folder(root)
     assert scan.classes == ("a", "b")
     assert scan.files == [(0, "a/0.png"), (0, "a/1.png"), (1, "b/0.png"), (1, "b/deeper/x.PNG")]
-    assert scan.ignored == 3
+    assert scan.ignored == 2  # .cache and .DS_Store
+    assert [(s["path"], s["reason"]) for s in scan.skipped] == [("top.png", "not-in-a-class"), ("a/readme.md", "format")]
 
 
-def test_too_many_unreadable_files_stop_prepare(tmp_path):
+def test_too_many_skipped_files_stop_prepare(tmp_path):
     root = make_folder(tmp_path / "images", {"a": 4, "b": 4})
     (root / "a" / "bad.png").write_bytes(b"")
     with pytest.raises(ImagegenError) as info:
         run_prepare(folder_config(root, max_unreadable_fraction=0.1), tmp_path, processes=1)
-    assert str(info.value).startswith(f"prepare: 1 of 9 image files under {root} are unreadable (11.1%, above "
-                                      f"data.max_unreadable_fraction 0.1): {root}/a/bad.png (UnidentifiedImageError")
+    assert str(info.value) == (f"prepare: 1 of 9 files under {root} were skipped (11.1%, above "
+                               "data.max_unreadable_fraction 0.1; all listed with reasons in the log): "
+                               f"{root}/a/bad.png (empty: empty file (0 bytes))")
     assert not (tmp_path / PREPARED_DIR).exists()
 
 

@@ -30,6 +30,12 @@ class DatasetSpec:
     height: int = 28
     width: int = 28
 
+    def file_size(self, key: str) -> int:
+        """The size of an IDX file decompressed, header included: the most fetch writes for it."""
+        split, kind = key.split("-")
+        count = self.split_sizes[split]
+        return 16 + count * self.height * self.width if kind == "images" else 8 + count
+
 
 def _files(checksums: dict[str, tuple[str | None, str | None]]) -> dict[str, FileSpec]:
     names = {

@@ -1,8 +1,9 @@
 """fetch: get the dataset's four IDX files from the first source that has them intact.
 
 Sources are local mirror folders and http(s) base URLs, tried in the configured order.
-Whatever the source, a file is accepted only when its checksum matches (see datasets.py),
-and it is stored decompressed in data/raw/, so the stage output is identical whichever
+Whatever the source, a file is accepted only when its checksum matches (see datasets.py) and
+no byte is written past its known size (a gzip bomb or an endless download is cut there);
+it is stored decompressed in data/raw/, so the stage output is identical whichever
 source served it.
 """
 
@@ -54,8 +55,8 @@ def run_fetch(cfg: Config, root: Path = Path(".")) -> FetchResult:
     raw_dir = root / RAW_DIR
     used: dict[str, str] = {}
     with atomic_dir(raw_dir) as tmp_dir:
-        for file_spec in spec.files.values():
-            used[file_spec.name] = fetch_file(file_spec, sources, tmp_dir, cfg.data, spec.name)
+        for key, file_spec in spec.files.items():
+            used[file_spec.name] = fetch_file(file_spec, sources, tmp_dir, cfg.data, spec.name, spec.file_size(key))
     return FetchResult(spec.name, raw_dir, used)
 
 
@@ -85,15 +86,16 @@ def expand_sources(data: DataConfig) -> list[str]:
     return sources
 
 
-def fetch_file(spec: FileSpec, sources: list[str], out_dir: Path, data: DataConfig, dataset: str) -> str:
-    """Write the verified, decompressed file to out_dir/spec.name; return the source used."""
+def fetch_file(spec: FileSpec, sources: list[str], out_dir: Path, data: DataConfig, dataset: str,
+               size: int) -> str:
+    """Write the verified, decompressed file (`size` bytes) to out_dir/spec.name; return the source used."""
     failures = []
     for source in sources:
         try:
             if is_url(source):
-                download_verified(spec, source, out_dir, data)
+                download_verified(spec, source, out_dir, data, size)
             else:
-                copy_verified(spec, Path(source.removeprefix("file://")), out_dir)
+                copy_verified(spec, Path(source.removeprefix("file://")), out_dir, size)
         except SourceError as exc:
             log.info("fetch: %s from %s failed: %s", spec.name, source, exc)
             failures.append(f"{source}: {exc}")
@@ -110,23 +112,23 @@ def is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
 
-def copy_verified(spec: FileSpec, folder: Path, out_dir: Path) -> None:
+def copy_verified(spec: FileSpec, folder: Path, out_dir: Path, size: int) -> None:
     if not folder.is_dir():
         raise SourceError("no such folder")
     for candidate in (folder / f"{spec.name}.gz", folder / spec.name):
         if candidate.is_file():
-            verify_into(candidate, spec, out_dir / spec.name)
+            verify_into(candidate, spec, out_dir / spec.name, size)
             return
     raise SourceError(f"neither {spec.name}.gz nor {spec.name} is there")
 
 
-def download_verified(spec: FileSpec, base_url: str, out_dir: Path, data: DataConfig) -> None:
+def download_verified(spec: FileSpec, base_url: str, out_dir: Path, data: DataConfig, size: int) -> None:
     url = f"{base_url.rstrip('/')}/{spec.name}.gz"
     download = out_dir / f".{spec.name}.download"
     try:
         for attempt in range(data.retries + 1):
             try:
-                download_once(url, download, data.timeout_s)
+                download_once(url, download, data.timeout_s, size + size // 64 + 4096)  # gzip never grows more
                 break
             except TransientError as exc:
                 if attempt == data.retries:
@@ -134,12 +136,12 @@ def download_verified(spec: FileSpec, base_url: str, out_dir: Path, data: DataCo
                 delay = data.backoff_s * 2**attempt
                 log.warning("fetch: %s: %s; retrying in %.1f s", url, exc, delay)
                 time.sleep(delay)
-        verify_into(download, spec, out_dir / spec.name)
+        verify_into(download, spec, out_dir / spec.name, size)
     finally:
         download.unlink(missing_ok=True)
 
 
-def download_once(url: str, dest: Path, timeout_s: float) -> None:
+def download_once(url: str, dest: Path, timeout_s: float, max_bytes: int) -> None:
     from tqdm import tqdm
 
     try:
@@ -150,8 +152,10 @@ def download_once(url: str, dest: Path, timeout_s: float) -> None:
             with tqdm(total=expected, unit="B", unit_scale=True, desc=Path(url).name,
                       disable=None, leave=False) as bar:
                 while chunk := response.read(CHUNK):
-                    out.write(chunk)
                     received += len(chunk)
+                    if received > max_bytes:
+                        raise SourceError(f"the download is over {max_bytes} bytes, more than the file can be")
+                    out.write(chunk)
                     bar.update(len(chunk))
     except urllib.error.HTTPError as exc:
         error = TransientError if exc.code >= 500 else SourceError
@@ -165,8 +169,8 @@ def download_once(url: str, dest: Path, timeout_s: float) -> None:
         raise TransientError(f"truncated body ({received} of {expected} bytes)")
 
 
-def verify_into(src: Path, spec: FileSpec, dest: Path) -> None:
-    """Decompress src (if gzip) into dest and check its checksums; remove dest if they fail."""
+def verify_into(src: Path, spec: FileSpec, dest: Path, size: int) -> None:
+    """Decompress src (if gzip) into dest, at most `size` bytes, and check its checksums; remove dest if they fail."""
     raw_md5 = hashlib.md5(usedforsecurity=False)
     with src.open("rb") as f:
         while chunk := f.read(CHUNK):
@@ -174,9 +178,15 @@ def verify_into(src: Path, spec: FileSpec, dest: Path) -> None:
         f.seek(0)
         compressed = f.read(2) == GZIP_MAGIC
     content_sha = hashlib.sha256()
+    written = 0
     try:
         with (gzip.open(src, "rb") if compressed else src.open("rb")) as f, dest.open("wb") as out:
             while chunk := f.read(CHUNK):
+                written += len(chunk)
+                if written > size:
+                    dest.unlink()
+                    raise SourceError(f"{src.name} decompresses to more than {size} bytes, the size of {spec.name} "
+                                      "for this dataset; not its file")
                 content_sha.update(chunk)
                 out.write(chunk)
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:

@@ -3,7 +3,7 @@ dataset.json (DatasetInfo) and a per-image manifest (parquet).
 
 Built-ins (fashion-mnist, mnist): the IDX files fetch left in data/raw, their published split, N x 1 x 28 x 28.
 Folder datasets: the labelled image folder data.folder (imagegen.data.folder), split by each file's sha256,
-decoded on every core and streamed to disk; scan.json lists the unreadable files that were left out.
+decoded on every core and streamed to disk; scan.json lists every file that was skipped, with its reason.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member times: the same arrays give the
 class PrepareResult:
     prepared_dir: Path
     counts: dict[str, int]
-    unreadable: int = 0
+    skipped: int = 0
 
 
 def run_prepare(cfg: Config, root: Path = Path("."), processes: int | None = None) -> PrepareResult:
@@ -110,7 +110,7 @@ def prepare_folder(cfg: Config, root: Path, processes: int | None = None) -> Pre
     """A labelled image folder -> the prepared arrays, streamed (one decoded image in memory at a time)."""
     import pandas as pd
 
-    from imagegen.data.folder import SCAN, decode_all, in_test, scan_folder
+    from imagegen.data.folder import SCAN, decode_all, in_test, scan_folder, shown
 
     data = cfg.data
     folder = root / data.folder
@@ -120,11 +120,10 @@ def prepare_folder(cfg: Config, root: Path, processes: int | None = None) -> Pre
     with atomic_dir(out_dir) as tmp:
         images = {split: RawImages(tmp / f".{split}.images", shape) for split in SPLITS}
         rows: dict[str, list[tuple]] = {split: [] for split in SPLITS}
-        unreadable = []
+        skipped = list(scan.skipped)
         for label, rel, decoded in decode_all(scan, data.image_size, data.channels, data.background, processes):
-            if decoded.error is not None:
-                log.warning("prepare: %s: unreadable, left out (%s)", folder / rel, decoded.error)
-                unreadable.append({"path": rel, "error": decoded.error})
+            if decoded.reason is not None:
+                skipped.append({"path": shown(rel), "reason": decoded.reason, "detail": decoded.detail})
                 continue
             split = "test" if in_test(decoded.sha256, data.test_fraction) else "train"
             pixels = decoded.pixels
@@ -134,7 +133,9 @@ def prepare_folder(cfg: Config, root: Path, processes: int | None = None) -> Pre
             rows[split].append((len(rows[split]), split, label, int(flat.min()), int(flat.max()), as_float.mean(),
                                 as_float.std(), hashlib.blake2b(flat.tobytes(), digest_size=16).hexdigest(),
                                 rel, decoded.sha256, decoded.width, decoded.height, decoded.mode))
-        check_readable(folder, scan, unreadable, data.max_unreadable_fraction, rows)
+        for entry in skipped:
+            log.warning("prepare: %s/%s: skipped (%s: %s)", folder, entry["path"], entry["reason"], entry["detail"])
+        check_readable(folder, scan, skipped, data.max_unreadable_fraction, rows)
         for split in SPLITS:
             labels = np.array([row[2] for row in rows[split]], dtype=np.int64)
             write_npz(tmp / f"{split}.npz", images[split], labels)
@@ -144,19 +145,20 @@ def prepare_folder(cfg: Config, root: Path, processes: int | None = None) -> Pre
         manifest = pd.concat(frames, ignore_index=True).astype({"index": "int64", "label": "int64", "min": "int64",
                                                                 "max": "int64", "width": "int64", "height": "int64"})
         manifest.to_parquet(tmp / MANIFEST, index=False)
-        (tmp / SCAN).write_text(json.dumps({"folder": str(folder), "files": len(scan.files), "ignored": scan.ignored,
-                                            "unreadable": unreadable}, indent=2) + "\n")
-    return PrepareResult(out_dir, {split: len(rows[split]) for split in SPLITS}, len(unreadable))
+        (tmp / SCAN).write_text(json.dumps({"folder": str(folder), "files": len(scan.files) + len(scan.skipped),
+                                            "ignored": scan.ignored, "skipped": skipped}, indent=2) + "\n")
+    return PrepareResult(out_dir, {split: len(rows[split]) for split in SPLITS}, len(skipped))
 
 
-def check_readable(folder: Path, scan, unreadable: list[dict], max_fraction: float, rows: dict) -> None:
-    """One-line errors: too many unreadable files, a class without a readable image, an empty split."""
-    if len(unreadable) > max_fraction * len(scan.files):
-        first = "; ".join(f"{folder / u['path']} ({u['error']})" for u in unreadable[:3])
+def check_readable(folder: Path, scan, skipped: list[dict], max_fraction: float, rows: dict) -> None:
+    """One-line errors: too many skipped files, a class without a readable image, an empty split."""
+    total = len(scan.files) + len(scan.skipped)
+    if len(skipped) > max_fraction * total:
+        first = "; ".join(f"{folder}/{s['path']} ({s['reason']}: {s['detail']})" for s in skipped[:3])
         raise ImagegenError(
-            f"prepare: {len(unreadable)} of {len(scan.files)} image files under {folder} are unreadable "
-            f"({len(unreadable) / len(scan.files):.1%}, above data.max_unreadable_fraction {max_fraction}): {first}"
-            + (f"; and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""))
+            f"prepare: {len(skipped)} of {total} files under {folder} were skipped ({len(skipped) / total:.1%}, "
+            f"above data.max_unreadable_fraction {max_fraction}; all listed with reasons in the log): {first}"
+            + (f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""))
     readable = {row[2] for split_rows in rows.values() for row in split_rows}
     for label, name in enumerate(scan.classes):
         if label not in readable:

@@ -4,8 +4,8 @@ Each split is one batch: the manifest's rows for that split plus a few columns d
 here from the arrays training reads (each image's content hash, which must equal the
 manifest's, duplicate flags from those hashes, the label stored in the .npz, class share).
 The suite is the same for both splits; the expected row count comes in as a suite parameter.
-A folder dataset adds a third batch, `files` (one row per image file, unreadable ones included), with
-its own suite: unreadable fraction, images per class, class balance (a failure level, and a warning
+A folder dataset adds a third batch, `files` (one row per file, skipped ones included), with
+its own suite: skipped fraction (the notes count them per reason), images per class, class balance (a failure level, and a warning
 level whose expectations have severity "warning": reported, not failing), and the original sizes and
 modes as observed values in the Data Docs.
 The content hash of each split goes to metrics/validate.json, so that the stages reading the
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,7 @@ class ValidateResult:
 
 def run_validate(cfg: Config, root: Path = Path(".")) -> ValidateResult:
     """Built-ins: the split suite with the published sizes. Folder datasets: the split suite (sizes only when
-    validate.expected_counts gives them) plus a `files` batch: unreadable files, images per class, class
+    validate.expected_counts gives them) plus a `files` batch: skipped files, images per class, class
     balance (warning and failure levels), original sizes and modes."""
     folder = not cfg.data.builtin
     info = read_info(root / PREPARED_DIR, cfg.data.dataset)
@@ -86,8 +87,8 @@ def run_validate(cfg: Config, root: Path = Path(".")) -> ValidateResult:
     write_json(root / drift.RESULTS, {**gate.summary(), "lineage": gate.lineage})  # not read by training
     for split in SPLITS:
         log.info("validate: %s: %s", split, summary[split])
-    for path in summary.get("files", {}).get("unreadable", []):
-        log.warning("validate: unreadable, left out by prepare: %s", path)
+    for path in summary.get("files", {}).get("skipped", []):
+        log.warning("validate: skipped by prepare: %s", path)
     for warning in summary.get("warnings", []):
         log.warning("validate: warning: %s", warning)
     if failures:
@@ -261,15 +262,16 @@ def load_scan(prepared_dir: Path) -> dict:
     try:
         scan = json.loads(path.read_text())
         return {"files": int(scan["files"]), "ignored": int(scan["ignored"]),
-                "unreadable": [str(u["path"]) for u in scan["unreadable"]]}
+                "skipped": [(str(s["path"]), str(s["reason"])) for s in scan["skipped"]]}
     except FileNotFoundError:
         raise ImagegenError(f"{path}: not found; expected prepare's scan of the image folder (re-run prepare)") from None
     except (ValueError, KeyError, TypeError):
-        raise ImagegenError(f"{path}: expected JSON with files, ignored and unreadable (re-run prepare)") from None
+        raise ImagegenError(f"{path}: expected JSON with files, ignored and skipped (re-run prepare)") from None
 
 
 def files_frame(manifest, scan: dict, num_classes: int, image_size: int):
-    """One row per image file of the folder: the readable ones (from the manifest) and the unreadable ones."""
+    """One row per file of the folder: the images read (from the manifest) and the skipped files (`skipped`:
+    the reason)."""
     import pandas as pd
 
     readable = manifest[["source", "split", "label", "width", "height", "mode"]].copy()
@@ -277,10 +279,10 @@ def files_frame(manifest, scan: dict, num_classes: int, image_size: int):
     readable["class_images"] = readable["label"].map(counts).astype("int64")
     readable["class_share"] = readable["class_images"] / (len(readable) / max(num_classes, 1))
     readable["short_side"] = readable[["width", "height"]].min(axis=1)
-    readable["unreadable"] = None
-    unreadable = pd.DataFrame({"source": scan["unreadable"], "split": "unreadable", "unreadable": scan["unreadable"]})
-    frame = pd.concat([readable, unreadable], ignore_index=True) if len(unreadable) else readable
-    frame["unreadable"] = frame["unreadable"].astype(object).where(frame["unreadable"].notna(), None)
+    readable["skipped"] = None
+    skipped = pd.DataFrame(scan["skipped"], columns=["source", "skipped"]).assign(split="skipped")
+    frame = pd.concat([readable, skipped], ignore_index=True) if len(skipped) else readable
+    frame["skipped"] = frame["skipped"].astype(object).where(frame["skipped"].notna(), None)
     return frame.reset_index(drop=True)
 
 
@@ -292,10 +294,13 @@ def build_files_suite(cfg: ValidateConfig, data: DataConfig, frame):
     e = gx.expectations
     modes = frame["mode"].dropna().value_counts()
     mode_table = "\n".join(["| mode | files |", "| --- | --- |", *(f"| {m} | {n} |" for m, n in modes.items())])
+    reasons = frame["skipped"].dropna().value_counts().sort_index()
+    reason_table = "\n".join(["| reason | files |", "| --- | --- |", *(f"| {r} | {n} |" for r, n in reasons.items())])
     suite = gx.ExpectationSuite(name="files")
     for expectation in [
-        e.ExpectColumnValuesToBeNull(column="unreadable", mostly=1 - data.max_unreadable_fraction,
-                                     notes="Files Pillow could not decode (left out by prepare), by path."),
+        e.ExpectColumnValuesToBeNull(column="skipped", mostly=1 - data.max_unreadable_fraction,
+                                     notes="Files prepare skipped, by reason (data/prepared/scan.json lists each "
+                                           f"with its reason):\n\n{reason_table}"),
         e.ExpectColumnValuesToBeBetween(column="class_images", min_value=cfg.min_images_per_class),
         e.ExpectColumnValuesToBeBetween(column="class_share", min_value=cfg.class_share_fail),
         e.ExpectColumnValuesToBeBetween(column="class_share", min_value=cfg.class_share_warn, severity="warning"),
@@ -323,7 +328,7 @@ def severity(result: dict) -> str:
 
 
 def files_summary(frame, scan: dict, classes: tuple[str, ...]) -> dict:
-    readable = frame[frame["split"] != "unreadable"]
+    readable = frame[frame["split"] != "skipped"]
     counts = readable["label"].value_counts()
 
     def spread(column: str) -> dict:
@@ -334,8 +339,9 @@ def files_summary(frame, scan: dict, classes: tuple[str, ...]) -> dict:
         "files": scan["files"],
         "images": int(len(readable)),
         "ignored": scan["ignored"],
-        "unreadable": scan["unreadable"],
-        "unreadable_fraction": round(len(scan["unreadable"]) / max(scan["files"], 1), 4),
+        "skipped": [path for path, _ in scan["skipped"]],
+        "skipped_per_reason": dict(sorted(Counter(reason for _, reason in scan["skipped"]).items())),
+        "skipped_fraction": round(len(scan["skipped"]) / max(scan["files"], 1), 4),
         "images_per_class": {name: int(counts.get(label, 0)) for label, name in enumerate(classes)},
         "min_class_share": round(float(readable["class_share"].min()), 4),
         "width": spread("width"),
