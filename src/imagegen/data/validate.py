@@ -45,10 +45,11 @@ class ValidateResult:
     summary: dict
 
 
-def run_validate(cfg: Config, root: Path = Path(".")) -> ValidateResult:
+def run_validate(cfg: Config, root: Path = Path("."), baseline: Path | None = None) -> ValidateResult:
     """Built-ins: the split suite with the published sizes. Folder datasets: the split suite (sizes only when
     validate.expected_counts gives them) plus a `files` batch: unreadable files, images per class, class
-    balance (warning and failure levels), original sizes and modes."""
+    balance (warning and failure levels), original sizes and modes. The drift gate compares with the profile
+    in the folder `baseline` (the champion's, fetched by the caller), else with data/profile."""
     folder = not cfg.data.builtin
     info = read_info(root / PREPARED_DIR, cfg.data.dataset)
     expected_counts = cfg.validate_.expected_counts or (None if folder else DATASETS[cfg.data.dataset].split_sizes)
@@ -68,7 +69,7 @@ def run_validate(cfg: Config, root: Path = Path(".")) -> ValidateResult:
     with atomic_dir(root / REPORT_DIR) as report_dir:
         results = run_suite(batches, suites, parameters, report_dir)
         (report_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-        gate = drift.run_gate(cfg, root, report_dir, arrays)  # drift against the last accepted version: data/drift.py
+        gate = drift.run_gate(cfg, root, report_dir, arrays, hashes, baseline)  # drift against the last accepted version: data/drift.py
     failed = [(name, r) for name in batches for r in results[name]["results"] if not r["success"]]
     failures = [f"{name}: {describe(r)}" for name, r in failed if severity(r) != "warning"]
     summary = {
