@@ -376,10 +376,10 @@ def class_list_change(old: Profile, new: Profile, order: ClassOrder) -> dict:
     number = old.info.get("data_version_number", 0)
     if removed:
         why = "a removed class is refused (its label would change meaning): put it back or use a new data.dataset"
-    elif not stable:
-        why = "the accepted classes changed order (labels would change meaning): restore data/classes.json"
-    else:
+    elif added and list(order.classes) != now:
         why = "not accepted: run `imagegen accept-classes` to append them"
+    else:
+        why = "the accepted classes changed order (labels would change meaning): restore data/classes.json"
     result["failure"] = (f"class list changed since data version {number}: added [{', '.join(added)}], removed "
                          f"[{', '.join(removed)}]; {why}")
     return result
