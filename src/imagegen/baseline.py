@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 from imagegen import tracking
@@ -18,6 +19,7 @@ from imagegen.errors import ImagegenError
 log = logging.getLogger(__name__)
 
 KINDS = ("gan", "vae")
+PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
 def log_profile(root: Path) -> None:
@@ -64,11 +66,18 @@ def champion_profile(root: Path, dataset: str, dst: Path) -> tuple[Path, str] | 
             found.append((int(number), f"{version.name} v{version.version}", version.run_id))
     if not found:
         return None
-    number, which, run_id = max(found)
+    number, which, run_id = max(found, key=lambda f: f[0])  # both champions come from one run as a rule
+    bar = os.environ.get(PROGRESS_BAR)
+    os.environ[PROGRESS_BAR] = "false"  # the stage's log says what happened
     try:
         folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=PROFILE_ARTIFACT, dst_path=str(dst))
     except Exception as exc:  # artifact stores raise many kinds
         raise ImagegenError(f"MLflow tracking at {uri}: cannot download the data profile of champion {which} "
                             f"(run {run_id}, {PROFILE_ARTIFACT}/): {type(exc).__name__}") from None
+    finally:
+        if bar is None:
+            os.environ.pop(PROGRESS_BAR, None)
+        else:
+            os.environ[PROGRESS_BAR] = bar
     log.info("drift baseline: the profile of champion %s (data version %d)", which, number)
     return Path(folder), which
