@@ -136,9 +136,11 @@ def cli_env(tracking_uri: str | None, **extra: str) -> dict:
 def mark_validated(root: Path) -> None:
     """metrics/validate.json as a passing validate stage writes it for root's prepared arrays
     (for tests about training or evaluation, not validation: the stages refuse unvalidated data)."""
-    from imagegen.data.validated import HASH_KEY, RECORD, split_hash
+    from imagegen.data.prepared import INFO
+    from imagegen.data.validated import HASH_KEY, RECORD, info_hash, split_hash
 
     hashes = {path.stem: split_hash(path) for path in sorted((root / "data" / "prepared").glob("*.npz"))}
+    hashes[INFO] = info_hash(root)
     write_json(root / RECORD, {"success": True, "failed_expectations": 0, HASH_KEY: hashes})
 
 

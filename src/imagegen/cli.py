@@ -40,12 +40,52 @@ def _prepare(cfg, root, args):
 
 
 def _validate(cfg, root, args):
+    import tempfile
+
+    from imagegen.baseline import champion_profile
     from imagegen.data.validate import run_validate
 
-    result = run_validate(cfg, root)
+    with tempfile.TemporaryDirectory() as tmp:  # the drift baseline: the champion's profile, else data/profile
+        champion = champion_profile(root, cfg.data.dataset, Path(tmp))
+        result = run_validate(cfg, root, champion[0] if champion else None)
     warnings = len(result.summary.get("warnings", []))
     return f"{result.summary['evaluated_expectations']} expectations passed" + (
-        f" ({warnings} warning(s): see metrics/validate.json)" if warnings else "")
+        f" ({warnings} warning(s): see metrics/validate.json)" if warnings else "") + (
+        f"; drift gated against the data profile of champion {champion[1]}" if champion else "")
+
+
+def _accept_classes(cfg, root, args):
+    import tempfile
+
+    from imagegen.baseline import champion_profile
+    from imagegen.data.accepted import PROFILE_DIR, accept_classes
+    from imagegen.data.drift import load_profile
+    from imagegen.data.folder import scan_folder
+
+    if cfg.data.builtin:
+        raise ImagegenError(f"accept-classes: {cfg.data.dataset} is a built-in dataset with a fixed class list; "
+                            "expected a folder dataset (data.dataset, data.folder)")
+    with tempfile.TemporaryDirectory() as tmp:
+        champion = champion_profile(root, cfg.data.dataset, Path(tmp))
+        profile = load_profile(champion[0] if champion else root / PROFILE_DIR)
+    if profile is None or profile.info["dataset"] != cfg.data.dataset:
+        raise ImagegenError(f"accept-classes: no accepted data version of {cfg.data.dataset} yet; the first one "
+                            "that passes validate sets the class list")
+    number = profile.info.get("data_version_number", 0)
+    found = scan_folder(root / cfg.data.folder).classes
+    record = accept_classes(root, cfg.data.dataset, profile.info["classes"], found, args.by, number)
+    return (f"class(es) {', '.join(record['added'])} accepted by {record['by']} at {record['at']}, after data "
+            f"version {number}: appended to data/classes.json (commit it), the next run prepares and checks them")
+
+
+def _accept_classes_args(parser):
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    parser.add_argument("--by", default=user, help=f"who accepts the change, recorded with it (default: {user})")
 
 
 def _train(kind):
@@ -191,6 +231,9 @@ COMMANDS: dict[str, Command] = {
     "fetch": Command(_fetch, "download or copy the dataset's IDX files, verified by checksum"),
     "prepare": Command(_prepare, "IDX files or an image folder -> .npz arrays, dataset.json and a per-image manifest"),
     "validate": Command(_validate, "run the Great Expectations suite over the prepared data"),
+    "accept-classes": Command(_accept_classes, "accept the image folder's new class folders: appended to the class "
+                                               "order in data/classes.json, recorded with who and when",
+                              _accept_classes_args),
     "train-gan": Command(_train("gan"), "train the DCGAN (GPU when present); resumable"),
     "train-vae": Command(_train("vae"), "train the convolutional VAE (GPU when present); resumable"),
     "train-features": Command(_train_features, "train the domain classifier whose features FID, KID and P/R use"),

@@ -1,4 +1,5 @@
-"""Writes that never leave a half-written file or folder behind."""
+"""Writes that never leave a half-written file or folder behind, and survive a power cut: the new content is
+fsynced before the rename, and the folder holding it after (else a crash can leave the new name with no data)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ def atomic_file(path: Path, mode: int | None = None) -> Iterator[Path]:
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~umask() if mode is None else mode)  # mkstemp makes 0600
+        fsync(tmp_path)
         os.replace(tmp_path, path)
+        fsync(path.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -47,16 +50,30 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700
+        for folder, _, files in os.walk(tmp):
+            for name in files:
+                fsync(Path(folder) / name)
+            fsync(Path(folder))
         old = None
         if path.exists():
             old = path.with_name(f"{prefix}old.partial")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
         os.replace(tmp, path)
+        fsync(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def umask() -> int:

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from imagegen import tracking
+from imagegen import baseline, tracking
 from imagegen.config import Config, model_params
 from imagegen.data.prepared import PREPARED_DIR
 from imagegen.errors import ImagegenError
@@ -82,6 +82,7 @@ def run_register(cfg: Config, root: Path = Path(".")) -> RegisterResult:
         with registry_lock(uri), tracking.stage_run(root, f"imagegen-{cfg.data.dataset}", "register", params,
                                                     tracking.lineage_tags(root, params, "cpu")) as run:
             contest = Contest(cfg, root)  # re-scores each champion on today's test split (fair contest)
+            baseline.log_profile(root)  # the accepted data profile travels with the versions (imagegen.baseline)
             decisions = {kind: register_kind(cfg, root, kind, folder, metrics, run, contest)
                          for kind, (folder, metrics) in models.items()}
             import mlflow
@@ -170,6 +171,8 @@ def create_version(client, cfg: Config, root: Path, kind: str, folder: Path, met
         **{f"{METRIC_TAG}{k}": repr(v) for k, v in metrics.items()},
     }
     tags.pop("device")
+    if baseline.profile_number(root) is not None:
+        tags[baseline.VERSION_TAG] = str(baseline.profile_number(root))
     with quiet_mlflow():
         version = mlflow.register_model(info.model_uri, f"{cfg.data.dataset}-{kind}", tags=tags)
     log.info("register: %s version %s created from %s", version.name, version.version, folder)

@@ -203,3 +203,125 @@ def test_a_profile_of_another_dataset_is_replaced_by_a_new_baseline(root, fashio
     assert replaced["baseline"].startswith("the last accepted profile is of fashion-mnist [3, 32, 32]")
     assert replaced["checks"] == {} and replaced["lineage"]["previous_data_version"] is None
     assert json.loads(profile.read_text())["shape"] == [1, 28, 28]
+
+
+# --- the batch view and the class list (issue 27)
+
+def grown(fashion, base: dict, extra_per_class: int, invert: bool) -> dict:
+    """`base` plus `extra_per_class` new images of each class (from further on in Fashion-MNIST), inverted or not."""
+    extra = version(fashion, extra_per_class * 5 // 6, extra_per_class // 6, start=2400)
+    if invert:
+        extra = inverted(extra)
+    return {split: (np.concatenate([base[split][0], extra[split][0]]), np.concatenate([base[split][1], extra[split][1]]))
+            for split in base}
+
+
+def test_a_bad_batch_fails_the_batch_view_that_a_large_folder_dilutes(root, fashion):
+    """24,000 accepted images, then 300 inverted ones: the whole folder's intensity PSI stays far under its
+    failure level, the batch view (the 300 images the accepted version did not hold) fails."""
+    base = version(fashion, 2000, 400)
+    write_version(root, base)
+    first = validate(root, {"train": 20000, "test": 4000})
+    assert first["lineage"]["data_version_number"] == 1 and first["lineage"]["batch_images"] is None
+
+    bad = grown(fashion, base, 30, invert=True)  # 25 train + 5 test of each class
+    write_version(root, bad)
+    with pytest.raises(ImagegenError) as failed:
+        validate(root, {"train": 20250, "test": 4050})
+    message = str(failed.value)
+    assert "\n" not in message and message.startswith("validate: drift gate failed against data version 1 (")
+    assert "batch_intensity_psi" in message and "batch_feature_frechet" in message
+    result = json.loads((root / drift.RESULTS).read_text())
+    checks = result["checks"]
+    assert checks["intensity_psi"]["view"] == "folder" and checks["intensity_psi"]["status"] == "ok", checks
+    assert checks["intensity_psi"]["value"] < 0.1 < 1 < checks["batch_intensity_psi"]["value"]  # diluted vs not
+    assert checks["batch_intensity_psi"]["status"] == "fail" and checks["batch_intensity_psi"]["view"] == "batch"
+    assert result["lineage"]["batch_images"] == 300 and result["lineage"]["data_version_number"] == 2
+    page = (root / "reports" / "validation" / drift.PAGE).read_text()
+    assert "<td>batch</td><td>batch_intensity_psi</td>" in page and "<td>folder</td><td>intensity_psi</td>" in page
+
+    write_version(root, grown(fashion, base, 30, invert=False))  # the same 300, not inverted: both views pass
+    good = validate(root, {"train": 20250, "test": 4050})
+    assert good["passed"] and good["lineage"]["batch_images"] == 300 and good["lineage"]["data_version_number"] == 2
+    assert {c["status"] for name, c in good["checks"].items() if c["view"] == "batch"} <= {"ok", "warn"}
+    assert json.loads((root / drift.PROFILE_DIR / drift.PROFILE).read_text())["data_version_number"] == 2
+
+
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def png_folder(folder: Path, fashion, classes: dict[str, int], per_class: int, start: int = 0, invert: bool = False,
+               prefix: str = "") -> list[Path]:
+    """folder/<name>/*.png: `per_class` Fashion-MNIST training images of class `classes[name]` from `start` on."""
+    from PIL import Image
+
+    images, labels = fashion["train"]
+    written = []
+    for name, label in classes.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in np.flatnonzero(labels == label)[start:start + per_class]:
+            path = folder / name / f"{prefix}{i}.png"
+            Image.fromarray(255 - images[i] if invert else images[i]).save(path)
+            written.append(path)
+    return written
+
+
+def test_a_new_class_fails_until_accepted_and_then_the_shared_classes_still_catch_a_bad_batch(root, fashion):
+    from imagegen.data.accepted import CLASS_ORDER
+    from imagegen.data.prepare import run_prepare
+    from imagegen.data.prepared import read_info
+
+    folder = root / "images"
+    set_params(root, data={"dataset": "digits", "folder": str(folder)}, validate={"min_images_per_class": 20})
+    (root / CLASS_ORDER).parent.mkdir(parents=True, exist_ok=True)
+    (root / CLASS_ORDER).write_text("{}\n")
+    nine = {name: label for label, name in enumerate(DIGITS[:9])}
+    png_folder(folder, fashion, nine, 150)
+
+    def prepare_and_validate() -> dict:
+        cfg = load_config(root / "params.yaml")
+        run_prepare(cfg, root, processes=1)
+        summary = run_validate(cfg, root).summary
+        assert summary["success"]
+        return json.loads((root / drift.RESULTS).read_text())
+
+    assert prepare_and_validate()["lineage"]["data_version_number"] == 1
+    accepted = json.loads((root / drift.PROFILE_DIR / drift.PROFILE).read_text())
+    assert accepted["classes"] == sorted(DIGITS[:9])  # nothing accepted before: in name order
+
+    png_folder(folder, fashion, {"nine": 9}, 150)  # a new class, which sorts between four and one ...
+    bad = png_folder(folder, fashion, nine, 34, start=150, invert=True, prefix="inv")  # ... and 306 inverted images
+    run_prepare(load_config(root / "params.yaml"), root, processes=1)
+    done = subprocess.run(["imagegen", "validate"], cwd=root, capture_output=True, text=True, timeout=600)
+    error = [line for line in done.stderr.splitlines() if line.startswith("imagegen validate: error: ")]
+    assert done.returncode == 1 and len(error) == 1, done.stderr[-2000:]
+    assert ("class list changed since data version 1: added [nine], removed []; not accepted: run "
+            "`imagegen accept-classes` to append them") in error[0]
+    assert json.loads((root / drift.PROFILE_DIR / drift.PROFILE).read_text()) == accepted  # still the baseline
+
+    done = subprocess.run(["imagegen", "accept-classes", "--by", "tester"], cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "class(es) nine accepted by tester at " in done.stdout and "data/classes.json" in done.stdout
+    order = json.loads((root / CLASS_ORDER).read_text())["digits"]
+    assert order["classes"] == [*sorted(DIGITS[:9]), "nine"] and order["accepted"][0]["by"] == "tester"
+
+    cfg = load_config(root / "params.yaml")
+    run_prepare(cfg, root, processes=1)  # accepted: nine appended, no other class moved
+    assert read_info(root / "data" / "prepared", "digits").classes == (*sorted(DIGITS[:9]), "nine")
+    with pytest.raises(ImagegenError) as failed:
+        run_validate(cfg, root)
+    message = str(failed.value)
+    assert "class list" not in message and "batch_intensity_psi" in message  # the shared classes still checked
+    result = json.loads((root / drift.RESULTS).read_text())
+    assert result["class_list"]["accepted"] is True and result["class_list"]["added"] == ["nine"]
+    assert result["checks"]["batch_intensity_psi"]["status"] == "fail"
+
+    for path in bad:  # the bad batch removed: accepted, and the profile records who accepted the new class
+        path.unlink()
+    final = prepare_and_validate()
+    assert final["passed"] and final["lineage"]["data_version_number"] == 2 and final["lineage"]["batch_images"] == 150
+    profile = json.loads((root / drift.PROFILE_DIR / drift.PROFILE).read_text())
+    assert profile["classes"][-1] == "nine" and profile["data_version_number"] == 2
+    assert profile["class_changes"] == [{"data_version_number": 2, "added": ["nine"], "by": "tester",
+                                         "at": order["accepted"][0]["at"]}]

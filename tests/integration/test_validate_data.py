@@ -11,6 +11,7 @@ import pytest
 from imagegen.config import Config, ValidateConfig
 from imagegen.data.fetch import RAW_DIR
 from imagegen.data.prepare import MANIFEST, PREPARED_DIR, run_prepare
+from imagegen.fsutil import sha256_file
 from imagegen.data.validate import METRICS_FILE, REPORT_DIR, run_validate
 from imagegen.data.validated import split_hash
 from imagegen.errors import ImagegenError
@@ -54,7 +55,8 @@ def test_clean_data_passes_and_writes_reports(tmp_path):
     assert metrics["evaluated_expectations"] > 30
     assert metrics["train"]["rows"] == 120 and metrics["test"]["rows"] == 40
     assert metrics["train"]["duplicates_within_split"] == 0 and metrics["train"]["differ_from_manifest"] == 0
-    assert metrics["data_sha256"] == {split: split_hash(root / PREPARED_DIR / f"{split}.npz") for split in ("train", "test")}
+    assert metrics["data_sha256"] == {**{split: split_hash(root / PREPARED_DIR / f"{split}.npz") for split in ("train", "test")},
+                                      "dataset.json": sha256_file(root / PREPARED_DIR / "dataset.json")}
     assert metrics["test"]["near_duplicates_in_other_split"] == 0
     results = json.loads((root / REPORT_DIR / "results.json").read_text())
     assert results["train"]["success"] and results["test"]["success"]
@@ -166,3 +168,28 @@ def test_missing_column_and_missing_file(tmp_path):
     (root / PREPARED_DIR / MANIFEST).unlink()
     with pytest.raises(ImagegenError, match="run the prepare stage first"):
         run_validate(config(), root)
+
+
+def test_dataset_json_changed_after_validation_is_refused_by_the_stages_that_read_it(tmp_path):
+    """dataset.json (class names, shape) is covered by the validated hash like the arrays."""
+    from imagegen.data.validated import require_validated
+
+    root = prepared(tmp_path)
+    run_validate(config(), root)
+    require_validated(root, "train-gan")  # as validated: accepted
+    info = root / PREPARED_DIR / "dataset.json"
+    raw = json.loads(info.read_text())
+    info.write_text(json.dumps({**raw, "classes": raw["classes"][::-1]}))  # classes swapped: labels mean other things
+    with pytest.raises(ImagegenError) as refused:
+        require_validated(root, "train-gan")
+    assert str(refused.value).startswith("train-gan: data/prepared/dataset.json is not the one that passed validation")
+
+
+def test_more_classes_than_the_vae_prior_components_are_refused_at_validate(tmp_path):
+    root = prepared(tmp_path)
+    cfg = Config.model_validate({"validate": {"expected_counts": TINY_COUNTS}, "vae": {"prior_components": 8}})
+    with pytest.raises(ImagegenError, match=r"^validate: data/prepared/dataset.json lists 10 classes; expected at "
+                                            r"most vae.prior_components \(8\) with vae.prior class_mixture"):
+        run_validate(cfg, root)
+    run_validate(Config.model_validate({"validate": {"expected_counts": TINY_COUNTS},
+                                        "vae": {"prior_components": 8, "prior": "mixture"}}), root)

@@ -129,3 +129,51 @@ def test_overrides_are_validated():
 
     with pytest.raises(ValidationError, match="gan.width"):
         with_overrides(Config(), {"gan.width": -1})
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("train:\n  seed: -1\n", "train.seed: Input should be greater than or equal to 0 (got -1)"),
+    ("train:\n  seed: 1180591620717411303424\n",  # 2**70
+     "train.seed: Input should be less than or equal to 4294967295 (got 1180591620717411303424)"),
+    ("eval:\n  seed: 4294967296\n", "eval.seed: Input should be less than or equal to 4294967295 (got 4294967296)"),
+    ("gan:\n  width: 1000000\n", "gan.width: Input should be less than or equal to 512 (got 1000000)"),
+    ("vae:\n  epochs: 1000000\n", "vae.epochs: Input should be less than or equal to 100000 (got 1000000)"),
+    ("features:\n  lr: 5.0\n", "features.lr: Input should be less than or equal to 1 (got 5.0)"),
+    ("validate:\n  drift:\n    sample: 10000000\n",
+     "validate.drift.sample: Input should be less than or equal to 100000 (got 10000000)"),
+])
+def test_numeric_params_out_of_their_documented_range_are_refused_on_load(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ImagegenError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: {expected}"
+
+
+def test_every_numeric_param_has_an_upper_and_a_lower_bound():
+    from annotated_types import Ge, Gt, Le, Lt
+
+    def sections(model):
+        for name, field in model.model_fields.items():
+            kind = field.annotation
+            if isinstance(kind, type) and issubclass(kind, Config.__mro__[1]):
+                yield from sections(kind)
+            else:
+                yield model, name, field
+
+    for model, name, field in sections(Config):
+        text = str(field.annotation)
+        if any(t in text for t in ("int", "float")) and "Literal" not in text and "tuple" not in text:
+            meta = field.metadata + [m for arg in getattr(field.annotation, "__args__", ()) for m in
+                                     getattr(arg, "__metadata__", ())]
+            meta += [m for info in meta for m in getattr(info, "metadata", ())]  # Optional[Annotated[...]]
+            bounds = {type(m) for m in meta}
+            assert bounds & {Ge, Gt} and bounds & {Le, Lt}, f"{model.__name__}.{name} lacks a range"
+
+
+@pytest.mark.parametrize("folder", ["/", ".", ".."])
+def test_a_folder_that_is_the_root_or_holds_the_project_is_refused(tmp_path, folder):
+    path = write(tmp_path, f"data:\n  dataset: mine\n  folder: {folder}\n")
+    with pytest.raises(ImagegenError) as info:
+        load_config(path)
+    assert str(info.value) == (f"{path}: data.folder: {folder} is the file system's root or holds this project; "
+                               "expected the folder of your images (ROOT/<class>/<image files>)")

@@ -52,3 +52,43 @@ def test_a_stage_output_is_readable_by_others_under_the_default_umask(tmp_path):
     assert mode(out) == 0o755
     assert {p.name: mode(p) for p in out.iterdir()} == {
         "train.npz": 0o644, "test.npz": 0o644, "manifest.parquet": 0o644, "dataset.json": 0o644}
+
+
+def fsync_log(monkeypatch) -> list[tuple[str, str]]:
+    """Record fsync and replace calls, in order, by path."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", f"{src} -> {dst}"))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def test_atomic_file_fsyncs_the_content_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    events = fsync_log(monkeypatch)
+    with atomic_file(tmp_path / "weights.pt") as tmp:
+        tmp.write_bytes(b"weights")
+    (renamed,) = [i for i, (kind, _) in enumerate(events) if kind == "replace"]
+    assert ("fsync", str(tmp)) in events[:renamed]
+    assert events[renamed + 1:] == [("fsync", str(tmp_path))]
+
+
+def test_atomic_dir_fsyncs_every_file_before_the_rename(tmp_path, monkeypatch):
+    events = fsync_log(monkeypatch)
+    with atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "a.bin").write_bytes(b"a")
+        (tmp / "sub" / "b.bin").write_bytes(b"b")
+    renamed = next(i for i, (kind, what) in enumerate(events) if kind == "replace" and what.startswith(str(tmp)))
+    synced = {what for kind, what in events[:renamed] if kind == "fsync"}
+    assert {str(tmp / "a.bin"), str(tmp / "sub" / "b.bin"), str(tmp), str(tmp / "sub")} <= synced
+    assert ("fsync", str(tmp_path)) in events[renamed + 1:]
+    assert (tmp_path / "model" / "sub" / "b.bin").read_bytes() == b"b"

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from imagegen.config import Config
 from imagegen.data.fetch import RAW_DIR
@@ -86,3 +90,97 @@ def test_malformed_header_and_missing_file(tmp_path, raw):
     with pytest.raises(ImagegenError, match="file not found \\(run the fetch stage first\\)"):
         run_prepare(Config(), tmp_path)
     assert not (tmp_path / PREPARED_DIR).exists()
+
+
+# --- folder datasets: the accepted class order, a folder changing while prepare reads it, a full disk
+
+def image_folder(folder, classes=("one", "two", "zero"), per_class: int = 6, size: int = 28, seed: int = 0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / name / f"{i}.png")
+    return folder
+
+
+def folder_config(folder, **data) -> Config:
+    return Config.model_validate({"data": {"dataset": "digits", "folder": str(folder), "test_fraction": 0.5, **data}})
+
+
+def labels_by_class(root) -> dict[str, set[int]]:
+    manifest = pd.read_parquet(root / PREPARED_DIR / MANIFEST)
+    return {src.split("/")[0]: {int(label)} for src, label in zip(manifest["source"], manifest["label"])}
+
+
+def test_labels_follow_the_accepted_class_order_and_new_classes_come_last(tmp_path):
+    from imagegen.data.accepted import CLASS_ORDER
+
+    folder = image_folder(tmp_path / "images", classes=("one", "ten", "two", "zero"))
+    (tmp_path / CLASS_ORDER).parent.mkdir(parents=True)
+    (tmp_path / CLASS_ORDER).write_text('{"digits": {"classes": ["zero", "one", "two"], "accepted": []}}')
+    run_prepare(folder_config(folder), tmp_path, processes=1)
+    assert read_info(tmp_path / PREPARED_DIR, "digits").classes == ("zero", "one", "two", "ten")
+    assert labels_by_class(tmp_path) == {"zero": {0}, "one": {1}, "two": {2}, "ten": {3}}
+
+
+def test_a_file_added_during_prepare_fails_it_and_a_rerun_succeeds(tmp_path, monkeypatch):
+    from imagegen.data import folder as folder_module
+
+    folder = image_folder(tmp_path / "images")
+    decode_all = folder_module.decode_all
+
+    def adding_a_file(*args, **kwargs):
+        for i, item in enumerate(decode_all(*args, **kwargs)):
+            if i == 3:
+                image_folder(folder, classes=("two",), per_class=7, seed=1)  # writes two/6.png, a new file
+            yield item
+
+    monkeypatch.setattr(folder_module, "decode_all", adding_a_file)
+    with pytest.raises(ImagegenError) as failed:
+        run_prepare(folder_config(folder), tmp_path, processes=1)
+    assert str(failed.value) == f"prepare: {folder}: folder changed during prepare, run again"
+    assert not (tmp_path / PREPARED_DIR).exists() and not list((tmp_path / "data").glob(".*.partial"))
+    monkeypatch.setattr(folder_module, "decode_all", decode_all)
+    result = run_prepare(folder_config(folder), tmp_path, processes=1)
+    assert sum(result.counts.values()) == 19  # 6 + 7 + 6: the added file is prepared
+
+
+def test_a_full_disk_fails_in_one_line_and_leaves_no_output(tmp_path, monkeypatch):
+    from imagegen.data import prepare
+
+    folder = image_folder(tmp_path / "images")
+
+    def full(self, pixels):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prepare.RawImages, "append", full)
+    with pytest.raises(ImagegenError, match=r"^prepare: no space left on the device of .*data/prepared "
+                                            r"\(No space left on device\); nothing was written"):
+        run_prepare(folder_config(folder), tmp_path, processes=1)
+    assert not (tmp_path / PREPARED_DIR).exists() and not list((tmp_path / "data").glob(".*.partial"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_really_full_disk_fails_in_one_line_and_leaves_no_output(tmp_path):
+    """data/ on a 512 KiB tmpfs; the folder's 64 x 64 RGB images need about 1 MiB prepared."""
+    folder = image_folder(tmp_path / "images", per_class=30, size=64)
+    data = tmp_path / "project" / "data"
+    data.mkdir(parents=True)
+    (tmp_path / "project" / "params.yaml").write_text(yaml.safe_dump(
+        {"data": {"dataset": "digits", "folder": str(folder), "image_size": 64, "channels": 3, "test_fraction": 0.5}}))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(data)], check=True)
+    try:
+        done = subprocess.run([sys.executable, "-m", "imagegen.cli", "prepare"], cwd=tmp_path / "project",
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        assert done.returncode == 1, done.stderr
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert lines[-1].startswith("imagegen prepare: error: prepare: no space left on the device of"), done.stderr
+        assert "Traceback" not in done.stderr
+        assert list(data.iterdir()) == []  # no prepared folder, no partial one
+    finally:
+        subprocess.run(["umount", str(data)], check=True)
+

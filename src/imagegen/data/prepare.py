@@ -8,9 +8,11 @@ decoded on every core and streamed to disk; scan.json lists every file that was 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from imagegen.config import Config
+from imagegen.data.accepted import numbering, read_order
 from imagegen.data.datasets import DATASETS, SPLITS, DatasetSpec
 from imagegen.data.fetch import RAW_DIR
 from imagegen.data.idx import read_idx
@@ -107,7 +110,19 @@ def write_npz(path: Path, images: np.ndarray | RawImages, labels: np.ndarray) ->
 
 
 def prepare_folder(cfg: Config, root: Path, processes: int | None = None) -> PrepareResult:
-    """A labelled image folder -> the prepared arrays, streamed (one decoded image in memory at a time)."""
+    """A labelled image folder -> the prepared arrays, streamed (one decoded image in memory at a time). Labels
+    follow the accepted class order (data/classes.json), new classes after it; the folder must not change while
+    it is read; a full disk fails in one line, leaving no output."""
+    try:
+        return _prepare_folder(cfg, root, processes)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ImagegenError(f"prepare: no space left on the device of {root / PREPARED_DIR} "
+                                f"({exc.strerror}); nothing was written: free space and run again") from None
+        raise
+
+
+def _prepare_folder(cfg: Config, root: Path, processes: int | None) -> PrepareResult:
     import pandas as pd
 
     from imagegen.data.folder import SCAN, decode_all, in_test, scan_folder, shown
@@ -115,6 +130,9 @@ def prepare_folder(cfg: Config, root: Path, processes: int | None = None) -> Pre
     data = cfg.data
     folder = root / data.folder
     scan = scan_folder(folder)
+    before = folder_state(scan)
+    classes = numbering(scan.classes, read_order(root, data.dataset))
+    label_of = [classes.index(name) for name in scan.classes]  # the scan's label -> the accepted numbering
     shape = (data.channels, data.image_size, data.image_size)
     out_dir = root / PREPARED_DIR
     with atomic_dir(out_dir) as tmp:
@@ -130,27 +148,43 @@ def prepare_folder(cfg: Config, root: Path, processes: int | None = None) -> Pre
             images[split].append(pixels)
             flat = pixels.reshape(-1)
             as_float = flat.astype(np.float64)
-            rows[split].append((len(rows[split]), split, label, int(flat.min()), int(flat.max()), as_float.mean(),
+            rows[split].append((len(rows[split]), split, label_of[label], int(flat.min()), int(flat.max()), as_float.mean(),
                                 as_float.std(), hashlib.blake2b(flat.tobytes(), digest_size=16).hexdigest(),
                                 rel, decoded.sha256, decoded.width, decoded.height, decoded.mode))
         for entry in skipped:
             log.warning("prepare: %s/%s: skipped (%s: %s)", folder, entry["path"], entry["reason"], entry["detail"])
-        check_readable(folder, scan, skipped, data.max_unreadable_fraction, rows)
+        check_readable(folder, scan, classes, skipped, data.max_unreadable_fraction, rows)
         for split in SPLITS:
             labels = np.array([row[2] for row in rows[split]], dtype=np.int64)
             write_npz(tmp / f"{split}.npz", images[split], labels)
             log.info("prepare: %s: %d images", split, len(labels))
-        write_info(tmp, DatasetInfo(data.dataset, scan.classes, data.channels, data.image_size))
+        write_info(tmp, DatasetInfo(data.dataset, classes, data.channels, data.image_size))
         frames = [pd.DataFrame(rows[split], columns=list(MANIFEST_COLUMNS)) for split in SPLITS]
         manifest = pd.concat(frames, ignore_index=True).astype({"index": "int64", "label": "int64", "min": "int64",
                                                                 "max": "int64", "width": "int64", "height": "int64"})
         manifest.to_parquet(tmp / MANIFEST, index=False)
         (tmp / SCAN).write_text(json.dumps({"folder": str(folder), "files": len(scan.files) + len(scan.skipped),
                                             "ignored": scan.ignored, "skipped": skipped}, indent=2) + "\n")
+        if folder_state(scan_folder(folder)) != before:  # else DVC would record files that were never read
+            raise ImagegenError(f"prepare: {folder}: folder changed during prepare, run again")
     return PrepareResult(out_dir, {split: len(rows[split]) for split in SPLITS}, len(skipped))
 
 
-def check_readable(folder: Path, scan, skipped: list[dict], max_fraction: float, rows: dict) -> None:
+def folder_state(scan) -> tuple:
+    """The class folders, the skipped files and each image file's path, size and modification time: equal
+    before and after the decoding unless a file was added, removed or rewritten meanwhile."""
+    def stat(rel: str) -> tuple:
+        try:
+            info = os.stat(scan.root / rel)
+        except OSError:
+            return (rel, None)
+        return (rel, info.st_size, info.st_mtime_ns)
+
+    return scan.classes, [s["path"] for s in scan.skipped], [stat(rel) for _, rel in scan.files]
+
+
+def check_readable(folder: Path, scan, classes: tuple[str, ...], skipped: list[dict], max_fraction: float,
+                   rows: dict) -> None:
     """One-line errors: too many skipped files, a class without a readable image, an empty split."""
     total = len(scan.files) + len(scan.skipped)
     if len(skipped) > max_fraction * total:
@@ -160,7 +194,7 @@ def check_readable(folder: Path, scan, skipped: list[dict], max_fraction: float,
             f"above data.max_unreadable_fraction {max_fraction}; all listed with reasons in the log): {first}"
             + (f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""))
     readable = {row[2] for split_rows in rows.values() for row in split_rows}
-    for label, name in enumerate(scan.classes):
+    for label, name in enumerate(classes):
         if label not in readable:
             raise ImagegenError(f"data.folder: {folder / name}: none of its images could be read; "
                                 "expected at least one readable image per class")

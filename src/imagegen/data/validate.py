@@ -29,7 +29,7 @@ from imagegen.data import drift
 from imagegen.data.datasets import DATASETS, SPLITS
 from imagegen.data.prepare import MANIFEST, MANIFEST_COLUMNS, PREPARED_DIR, image_hashes
 from imagegen.data.prepared import read_info
-from imagegen.data.validated import HASH_KEY, RECORD, array_hash
+from imagegen.data.validated import HASH_KEY, RECORD, content_hashes
 from imagegen.errors import ImagegenError
 from imagegen.fsutil import atomic_dir, write_json
 
@@ -46,12 +46,14 @@ class ValidateResult:
     summary: dict
 
 
-def run_validate(cfg: Config, root: Path = Path(".")) -> ValidateResult:
+def run_validate(cfg: Config, root: Path = Path("."), baseline: Path | None = None) -> ValidateResult:
     """Built-ins: the split suite with the published sizes. Folder datasets: the split suite (sizes only when
     validate.expected_counts gives them) plus a `files` batch: skipped files, images per class, class
-    balance (warning and failure levels), original sizes and modes."""
+    balance (warning and failure levels), original sizes and modes. The drift gate compares with the profile
+    in the folder `baseline` (the champion's, fetched by the caller), else with data/profile."""
     folder = not cfg.data.builtin
     info = read_info(root / PREPARED_DIR, cfg.data.dataset)
+    check_class_count(info.num_classes, cfg)
     expected_counts = cfg.validate_.expected_counts or (None if folder else DATASETS[cfg.data.dataset].split_sizes)
     manifest = load_manifest(root / PREPARED_DIR / MANIFEST)
     arrays = {split: load_arrays(root / PREPARED_DIR / f"{split}.npz") for split in SPLITS}
@@ -69,7 +71,7 @@ def run_validate(cfg: Config, root: Path = Path(".")) -> ValidateResult:
     with atomic_dir(root / REPORT_DIR) as report_dir:
         results = run_suite(batches, suites, parameters, report_dir)
         (report_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-        gate = drift.run_gate(cfg, root, report_dir, arrays)  # drift against the last accepted version: data/drift.py
+        gate = drift.run_gate(cfg, root, report_dir, arrays, hashes, baseline)  # drift against the last accepted version: data/drift.py
     failed = [(name, r) for name in batches for r in results[name]["results"] if not r["success"]]
     failures = [f"{name}: {describe(r)}" for name, r in failed if severity(r) != "warning"]
     summary = {
@@ -77,7 +79,7 @@ def run_validate(cfg: Config, root: Path = Path(".")) -> ValidateResult:
         "failed_expectations": len(failures),
         "evaluated_expectations": sum(len(results[name]["results"]) for name in batches),
         **{split: split_summary(batches[split], cfg.validate_.near_duplicate_rms) for split in SPLITS},
-        HASH_KEY: {split: array_hash(*arrays[split]) for split in SPLITS},
+        HASH_KEY: content_hashes(root, arrays),
     }
     if folder:
         summary["files"] = files_summary(batches["files"], scan, info.classes)
@@ -99,6 +101,15 @@ def run_validate(cfg: Config, root: Path = Path(".")) -> ValidateResult:
     gate.raise_if_failed()
     gate.accept(root)  # only a version that passed becomes the reference of the next
     return ValidateResult(summary)
+
+
+def check_class_count(classes: int, cfg: Config) -> None:
+    """The VAE's class_mixture prior needs a component per class: refuse too many classes before any training."""
+    vae = cfg.vae
+    if vae.prior == "class_mixture" and classes > vae.prior_components:
+        raise ImagegenError(f"validate: {PREPARED_DIR / 'dataset.json'} lists {classes} classes; expected at most "
+                            f"vae.prior_components ({vae.prior_components}) with vae.prior class_mixture (raise "
+                            "vae.prior_components, choose another vae.prior, or use fewer class folders)")
 
 
 def load_manifest(path: Path):

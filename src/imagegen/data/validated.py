@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from imagegen.data.prepared import PREPARED_DIR
+from imagegen.data.prepared import INFO, PREPARED_DIR
 from imagegen.errors import ImagegenError
+from imagegen.fsutil import sha256_file
 
 RECORD = Path("metrics/validate.json")
 HASH_KEY = "data_sha256"
@@ -40,6 +41,18 @@ def split_hash(path: Path) -> str:
         raise ImagegenError(f"{path}: expected an .npz holding 'images' and 'labels' ({exc})") from None
 
 
+def info_hash(root: Path) -> str | None:
+    """sha256 of data/prepared/dataset.json (class names and shape), None when there is none (old built-ins)."""
+    path = root / PREPARED_DIR / INFO
+    return sha256_file(path) if path.is_file() else None
+
+
+def content_hashes(root: Path, arrays: dict) -> dict:
+    """What validate records under HASH_KEY: each split's content hash (arrays: split -> (images, labels)) and
+    the sha256 of dataset.json, so a stage refuses class names or a shape that were not validated."""
+    return {**{split: array_hash(*pair) for split, pair in arrays.items()}, INFO: info_hash(root)}
+
+
 def require_validated(root: Path, stage: str, splits: tuple[str, ...] = ("train", "test")) -> None:
     """Refuse (one line) unless metrics/validate.json says the suite passed on exactly these splits' arrays."""
     path = root / RECORD
@@ -63,3 +76,7 @@ def require_validated(root: Path, stage: str, splits: tuple[str, ...] = ("train"
                 f"{stage}: {PREPARED_DIR / file.name} is not the data that passed validation (content sha256 "
                 f"{actual[:12]}, {RECORD} {HASH_KEY}.{split} is {str(recorded.get(split))[:12]}); "
                 "re-run the validate stage")
+    if recorded.get(INFO) != info_hash(root):
+        raise ImagegenError(f"{stage}: {PREPARED_DIR / INFO} is not the one that passed validation (sha256 "
+                            f"{str(info_hash(root))[:12]}, {RECORD} {HASH_KEY}.{INFO} is "
+                            f"{str(recorded.get(INFO))[:12]}); re-run the validate stage")

@@ -1,0 +1,83 @@
+"""The accepted data profile travels with the champion: the register stage logs data/profile with the
+registered versions (artifact folder `data_profile` of the register run, tag `data_version_number` on each
+version), and validate / accept-classes read it back, so every clone and worker gates against the same
+baseline. Without a champion (or one registered before profiles travelled) the local data/profile is it.
+What comes back from the store is untrusted: drift.load_profile checks every part of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from imagegen import tracking
+from imagegen.data.accepted import PROFILE, PROFILE_ARTIFACT, PROFILE_DIR, VERSION_TAG
+from imagegen.errors import ImagegenError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("gan", "vae")
+PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
+def log_profile(root: Path) -> None:
+    """Log data/profile (when there is one) to the active run: the register run, which creates the versions."""
+    import mlflow
+
+    if (root / PROFILE_DIR / PROFILE).is_file():
+        mlflow.log_artifacts(str(root / PROFILE_DIR), PROFILE_ARTIFACT)
+
+
+def profile_number(root: Path) -> int | None:
+    """The data version number of data/profile (None: no profile, or one from before the numbers)."""
+    try:
+        number = json.loads((root / PROFILE_DIR / PROFILE).read_text()).get(VERSION_TAG)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return number if type(number) is int else None
+
+
+def champion_profile(root: Path, dataset: str, dst: Path) -> tuple[Path, str] | None:
+    """Download the profile logged with the champion of <dataset>-gan / -vae (the higher data version number)
+    into dst; (its folder, which champion) or None when there is no champion with a profile. Never creates an
+    embedded store that does not exist yet."""
+    uri = tracking.configure(root)
+    if uri == tracking.embedded_uri(root) and not (root / tracking.EMBEDDED_DB).exists():
+        return None
+    tracking.check_uri(uri)
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    found = []
+    for kind in KINDS:
+        try:
+            version = client.get_model_version_by_alias(f"{dataset}-{kind}", "champion")
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                continue
+            raise ImagegenError(f"MLflow tracking at {uri}: cannot read the champion of {dataset}-{kind} "
+                                f"({exc.error_code})") from None
+        number = version.tags.get(VERSION_TAG, "")
+        if number.isdigit():
+            found.append((int(number), f"{version.name} v{version.version}", version.run_id))
+    if not found:
+        return None
+    number, which, run_id = max(found, key=lambda f: f[0])  # both champions come from one run as a rule
+    bar = os.environ.get(PROGRESS_BAR)
+    os.environ[PROGRESS_BAR] = "false"  # the stage's log says what happened
+    try:
+        folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=PROFILE_ARTIFACT, dst_path=str(dst))
+    except Exception as exc:  # artifact stores raise many kinds
+        raise ImagegenError(f"MLflow tracking at {uri}: cannot download the data profile of champion {which} "
+                            f"(run {run_id}, {PROFILE_ARTIFACT}/): {type(exc).__name__}") from None
+    finally:
+        if bar is None:
+            os.environ.pop(PROGRESS_BAR, None)
+        else:
+            os.environ[PROGRESS_BAR] = bar
+    log.info("drift baseline: the profile of champion %s (data version %d)", which, number)
+    return Path(folder), which
