@@ -496,12 +496,29 @@ def deploy(stack: Stack) -> None:
 def start_worker(stack: Stack) -> int:
     """A worker polling the pool; its flow runs inherit the stack environment (MLflow, S3 keys)."""
     cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process",
-           "--name", f"imagegen-{socket.gethostname()}-{stack.port('prefect')}"]
+           "--name", worker_name(stack)]
     return spawn(stack, "worker", cmd, {**stack.user_env(), **prefect_env(stack)}, cwd=stack.repo)
 
 
+def worker_name(stack: Stack) -> str:
+    return f"imagegen-{socket.gethostname()}-{stack.port('prefect')}"
+
+
+WORKER_FRESH_S = 90  # as pipelines.deploy.HEARTBEAT_FRESH_S: an older heartbeat is a worker gone
+
+
+def heartbeat_age(worker: dict) -> float:
+    from datetime import datetime
+
+    try:
+        return time.time() - datetime.fromisoformat(worker["last_heartbeat_time"]).timestamp()
+    except (KeyError, TypeError, ValueError):
+        return float("inf")
+
+
 def online_workers(stack: Stack) -> list[str] | None:
-    """Names of the workers the Prefect server sees polling the pool; None when the API is unreachable."""
+    """Names of the workers polling the pool: ONLINE with a fresh heartbeat, and not this stack's worker when
+    its process is gone (the server only notices after missed heartbeats); None when the API is unreachable."""
     body = json.dumps({}).encode()
     request = urllib.request.Request(f"{stack.url('prefect')}/work_pools/{POOL}/workers/filter", data=body,
                                      headers={"Content-Type": "application/json"}, method="POST")
@@ -512,7 +529,9 @@ def online_workers(stack: Stack) -> list[str] | None:
         return [] if exc.code == 404 else None
     except (urllib.error.URLError, OSError, ValueError):
         return None
-    return [w["name"] for w in workers if w.get("status") == "ONLINE"]
+    ours_down = running_pid(stack, "worker") is None
+    return [w["name"] for w in workers if w.get("status") == "ONLINE" and heartbeat_age(w) < WORKER_FRESH_S
+            and not (ours_down and w["name"] == worker_name(stack))]
 
 
 def worker_healthy(stack: Stack) -> bool:

@@ -233,7 +233,7 @@ def decide_and_record(client, name: str, version, value: float, margin: float, m
     """The contest with the current champion; its tags, model card and decision written on the version."""
     fairness: dict = {}
     older = older_data(version, champion)
-    if champion is not None and champion.version == version.version:
+    if champion is not None and str(champion.version) == str(version.version):
         decision = Decision(True, "already champion (promoted by an interrupted run)")
     elif older:
         decision = Decision(False, older)
@@ -271,8 +271,8 @@ def recorded_decision(version, champion) -> Decision | None:
     was compared with (or already this version). None: no decision yet, or a stale one to decide again."""
     if DECISION_TAG not in version.tags:
         return None
-    current = champion.version if champion is not None else None
-    if str(current) not in (version.tags.get("champion_before"), version.version):
+    current = str(champion.version) if champion is not None else "None"
+    if current not in (version.tags.get("champion_before"), str(version.version)):
         log.info("register: version %s decided against champion %s, now %s: deciding again",
                  version.version, version.tags.get("champion_before"), current)
         return None

@@ -146,13 +146,14 @@ def gcl_name(uri: str) -> str:
     return f"imagegen-register-{hashlib.sha256(store_key(uri).encode()).hexdigest()[:16]}"
 
 
-def test_two_clones_on_two_machines_register_one_at_a_time(tmp_path, tracking_server, prefect_server):
+def test_two_clones_on_two_machines_register_one_at_a_time(tmp_path, tracking_server, prefect_server, monkeypatch):
     """Separate TMPDIRs (so the host-local file locks differ, as on two machines) and two spellings of the
     server's URI: only the Prefect global concurrency limit can serialise them."""
     from prefect.concurrency.sync import concurrency
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
     url, env = prefect_server
+    monkeypatch.setenv("PREFECT_API_URL", url)
     client = MlflowClient(tracking_uri=tracking_server)
     for name in (GAN, VAE):
         if client.search_model_versions(f"name = '{name}'"):
