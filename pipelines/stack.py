@@ -534,6 +534,25 @@ def online_workers(stack: Stack) -> list[str] | None:
             and not (ours_down and w["name"] == worker_name(stack))]
 
 
+def stop_worker(pid: int) -> None:
+    """The worker's flow runs first (each in its own process group, out of reach of a signal to the
+    worker's: SIGTERM stops its stage and ends it Cancelled while the Prefect server still runs), then it."""
+    for child in children(pid):
+        stop_pid(child, timeout=30)
+    stop_pid(pid)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[-1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
 def worker_healthy(stack: Stack) -> bool:
     return running_pid(stack, "worker") is not None and bool(online_workers(stack))
 
@@ -650,6 +669,8 @@ def down(stack: Stack) -> int:
         started = time.monotonic()
         if name == "postgres":
             stop_pid(pid, signal.SIGINT, group=False, timeout=60)  # SIGINT: PostgreSQL's fast shutdown
+        elif name == "worker":
+            stop_worker(pid)
         else:  # the MLflow server keeps no state of its own: no need to wait long for it
             stop_pid(pid, timeout=10 if name == "mlflow" else 40)
         pid_file(stack, name).unlink(missing_ok=True)

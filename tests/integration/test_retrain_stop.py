@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 
 from imagegen.tracking import embedded_uri
 from imagegen.training.stage import paths
+from pipelines.stack import stop_worker
 from tests.conftest import REPO_ROOT, set_params
 from tests.helpers import stop
 from tests.integration.test_retrain_flow import api
@@ -124,8 +125,9 @@ def apply(root: Path, env: dict) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("death", ["worker-sigterm", "machine-crash"])
 def test_a_worker_dying_mid_training_leaves_no_run_holding_the_slot(prefect_server, train_project, tmp_path, death):
-    """worker-sigterm: `make stack-down` stops the worker (SIGTERM to its group); machine-crash: the worker
-    and the flow's processes are SIGKILLed, nothing reports. Then the worker starts again (its `apply`)."""
+    """worker-sigterm: `make stack-down` stops the worker (SIGTERM to its flow runs, then to it); machine-crash:
+    the worker and the flow's processes are SIGKILLed, nothing reports. Then the worker starts again after
+    `deploy apply`, as `make stack-up` does."""
     url, env = prefect_server
     root, env = train_project, client_env(prefect_server[1])
     shutil.copytree(REPO_ROOT / "pipelines", root / "pipelines", ignore=shutil.ignore_patterns("__pycache__"))
@@ -136,8 +138,8 @@ def test_a_worker_dying_mid_training_leaves_no_run_holding_the_slot(prefect_serv
     try:
         wait_for(paths(root, "gan")["checkpoint"].exists, "a first checkpoint", 300)
         if death == "worker-sigterm":
-            os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(60)
+            stop_worker(worker.pid)  # as `make stack-down` stops it
+            worker.wait(10)
         else:
             for line in stage_processes(root):
                 os.killpg(os.getpgid(int(line.split(":")[0])), signal.SIGKILL)
@@ -150,7 +152,7 @@ def test_a_worker_dying_mid_training_leaves_no_run_holding_the_slot(prefect_serv
                     continue
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait(30)
-        wait_for(lambda: not stage_processes(root), "the stage's processes gone", 30)
+        wait_for(lambda: not stage_processes(root), "the stage's processes gone", 10)
         left = api(url, f"flow_runs/{first['id']}")["state"]
         print(f"{death}: the first run was left {left['type']} ({left.get('message')})")
 
@@ -168,3 +170,23 @@ def test_a_worker_dying_mid_training_leaves_no_run_holding_the_slot(prefect_serv
     assert api(url, f"flow_runs/{second['id']}")["state"]["type"] == "COMPLETED", log[-4000:]
     assert api(url, f"flow_runs/{first['id']}")["state"]["type"] in ("CRASHED", "CANCELLED")
     assert "RUNNING" not in mlflow_runs(root).values(), mlflow_runs(root)
+
+
+def test_worker_health_counts_fresh_heartbeats_only(prefect_server, tmp_path, monkeypatch):
+    """A worker the server still lists ONLINE counts only while its heartbeat is fresh, and the stack's own
+    worker never while its process is down (`make stack-status` printed "worker down" and "1 online")."""
+    import httpx
+
+    import pipelines.stack as stack_module
+    from pipelines.stack import Stack, online_workers, worker_name
+
+    url, _ = prefect_server
+    stack = Stack(tmp_path, REPO_ROOT, {"ports": {"prefect": int(url.split(":")[2].split("/")[0])}})
+    api(url, "work_pools/", {"name": stack_module.POOL, "type": "process"})
+    for name in (worker_name(stack), "imagegen-elsewhere"):  # what a polling worker sends (answer: 204, no body)
+        httpx.post(f"{url}/work_pools/{stack_module.POOL}/workers/heartbeat",
+                   json={"name": name, "heartbeat_interval_seconds": 30}, timeout=30).raise_for_status()
+    assert online_workers(stack) == ["imagegen-elsewhere"]  # ours has no running process (no PID file)
+    monkeypatch.setattr(stack_module, "WORKER_FRESH_S", 1.0)
+    time.sleep(1.5)
+    assert online_workers(stack) == []  # the server still says ONLINE: the heartbeat is what counts
