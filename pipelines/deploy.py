@@ -4,7 +4,10 @@
     python -m pipelines.deploy status   # deployment, schedule, next runs, is a worker polling?
     python -m pipelines.deploy serve    # apply, then run a worker in the foreground (Ctrl-C stops)
 
-A schedule with no worker polling its pool leaves runs Late, silently: `status` exits 1 then.
+A schedule with no worker polling its pool leaves runs Late, silently: `status` exits 1 then (a worker
+counts as polling only with a heartbeat younger than HEARTBEAT_FRESH_S). `apply` (and so `serve` and
+the stack's `up`) first marks Crashed the runs whose flow process is gone (a worker or machine that
+died mid-run): such a run would otherwise stay Running and hold the deployment's only slot.
 Talks to the Prefect API at PREFECT_API_URL (a `prefect server start`; see pipelines/README.md).
 Defaults come from IMAGEGEN_SCHEDULE_CRON, IMAGEGEN_SCHEDULE_TIMEZONE, IMAGEGEN_WORK_POOL,
 IMAGEGEN_DEPLOYMENT.
@@ -17,10 +20,11 @@ import os
 import sys
 from datetime import datetime, timezone
 
-from pipelines.retrain import REPO_ROOT  # also sets the offline Prefect defaults before prefect loads
+from pipelines.retrain import PROCESS_LABEL, REPO_ROOT  # also sets the offline Prefect defaults first
 
 FLOW_NAME = "retrain"
 ENTRYPOINT = "pipelines/retrain.py:retrain"
+HEARTBEAT_FRESH_S = 90  # a worker heartbeats every 30 s (Prefect's default): three missed, it is gone
 
 
 def ensure_pool(client, pool: str, concurrency_limit: int | None = 1) -> bool:
@@ -58,6 +62,8 @@ def apply(args) -> int:
         limit = args.pool_concurrency or None  # 0: no limit
         if ensure_pool(client, args.pool, limit):
             print(f"created process work pool '{args.pool}'")
+        for run in reconcile(client, args.pool):
+            print(f"flow run {run.name} ({run.id}) was {run.state_name} but its process is gone: marked Crashed")
     parameters = {"target": args.target, "only_if_changed": args.only_if_changed, "push": args.push}
     deployment_id = flow.from_source(str(args.repo), ENTRYPOINT).deploy(
         args.name, work_pool_name=args.pool, schedules=[Cron(args.cron, timezone=args.timezone)],
@@ -66,6 +72,27 @@ def apply(args) -> int:
     print(f"deployment {FLOW_NAME}/{args.name} ({deployment_id}): cron '{args.cron}' {args.timezone}, "
           f"pool '{args.pool}' (concurrency limit {args.pool_concurrency or 'none'}), source {args.repo}")
     return 0
+
+
+def reconcile(client, pool: str) -> list:
+    """Mark Crashed the pool's Running / Cancelling runs whose flow process (label PROCESS_LABEL) is gone;
+    return them. Only this host's processes can be judged: a run on another machine is left alone."""
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
+                                                WorkPoolFilter, WorkPoolFilterName)
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    from imagegen.tracking import process_gone
+
+    runs = client.read_flow_runs(
+        work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
+        flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+            type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.CANCELLING]))))
+    gone = [run for run in runs if process_gone(str(run.labels.get(PROCESS_LABEL, "")))]
+    for run in gone:
+        client.set_flow_run_state(run.id, Crashed(message=f"its process ({run.labels[PROCESS_LABEL]}) is gone: "
+                                                          "the worker or machine running it stopped"))
+    return gone
 
 
 def scheduled_runs(client, deployment_id, limit: int) -> list:
@@ -116,11 +143,15 @@ def report_workers(client, pool: str) -> int:
     """Print the workers polling the pool; 1 (with what to do) when none is online."""
     workers = client.read_workers_for_work_pool(pool)
     now = datetime.now(timezone.utc)
-    online = [worker for worker in workers if worker.status == "ONLINE"]
+    ages = {worker.name: (now - worker.last_heartbeat_time).total_seconds() if worker.last_heartbeat_time else None
+            for worker in workers}
+    online = [worker for worker in workers if worker.status == "ONLINE"
+              and ages[worker.name] is not None and ages[worker.name] < HEARTBEAT_FRESH_S]
     for worker in workers:
-        age = (now - worker.last_heartbeat_time).total_seconds() if worker.last_heartbeat_time else None
+        age = ages[worker.name]
         print(f"  worker {worker.name}: {worker.status.value}"
-              + (f", last heartbeat {age:.0f} s ago" if age is not None else ""))
+              + (f", last heartbeat {age:.0f} s ago" if age is not None else "")
+              + ("" if worker in online or worker.status != "ONLINE" else " (stale: not counted)"))
     if online:
         print(f"workers: {len(online)} online polling pool '{pool}'")
         return 0

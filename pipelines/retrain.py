@@ -3,6 +3,12 @@
 DVC decides what is up to date (a stage it finds unchanged is skipped in about a second);
 Prefect adds retries (fetch only), logs and a summary artifact.
 
+Stopping: each `dvc` command runs in its own process group. SIGTERM to the flow process (or a cancel
+from Prefect, which the worker delivers as SIGTERM) ends that whole group within STOP_GRACE_S seconds
+(then SIGKILL), and the flow run ends Cancelled; the next run re-runs the interrupted stage. The flow
+run carries the label PROCESS_LABEL (host:pid:start of its process), by which `pipelines.deploy` marks
+Crashed the runs whose process is gone (a worker that died), freeing the deployment's slot.
+
     python -m pipelines.retrain [--repo DIR] [--target STAGE] [--push] [--only-if-changed]
 """
 
@@ -15,6 +21,7 @@ import graphlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -31,10 +38,11 @@ for _key, _value in {
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.exceptions import TerminationSignal  # noqa: E402
 from prefect.states import Cancelled, Completed, Failed  # noqa: E402
 
 from imagegen.data.folder import folder_name_problem  # noqa: E402
-from imagegen.tracking import flatten  # noqa: E402
+from imagegen.tracking import flatten, process_tag  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOCK = Path(".dvc/tmp/retrain.lock")  # held by the running retrain of a checkout (DVC's own tmp folder, git-ignored)
@@ -42,6 +50,8 @@ ARTIFACT_KEY = "retrain-summary"
 RETRIED_STAGES = {"fetch"}  # the only stage that talks to the outside world
 SKIPPED = re.compile(r"Stage '.+' didn't change, skipping")
 RESTORED = re.compile(r"Stage '.+' is cached - skipping run")
+PROCESS_LABEL = "imagegen.process"  # the flow run's process, host:pid:start (see imagegen.tracking.process_tag)
+STOP_GRACE_S = 5  # SIGTERM to a stage's process group, then SIGKILL after this many seconds
 DOT_LINE = re.compile(r'^\s*"(?P<node>[^"]+)"(?:\s*->\s*"(?P<child>[^"]+)")?;\s*$')
 
 
@@ -73,16 +83,41 @@ def dvc(repo: Path, *args: str) -> str:
 
 
 def stream(repo: Path, args: list[str], logger) -> tuple[int, list[str]]:
-    """Run `dvc ARGS`, logging each output line as it arrives; return (exit code, lines)."""
+    """Run `dvc ARGS` in its own process group, logging each output line as it arrives; return (exit code,
+    lines). Interrupted (SIGTERM, cancel), the whole group is stopped before the interruption goes on."""
     lines: list[str] = []
-    with subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=repo, env=_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, errors="replace", bufsize=1) as proc:
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=repo, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
+                            start_new_session=True)
+    try:
         for raw in proc.stdout:
             if line := raw.rstrip():
                 lines.append(line)
                 logger.info("%s", line)
-    return proc.returncode, lines
+        return proc.wait(), lines
+    except BaseException:
+        stop_group(proc)
+        raise
+    finally:
+        proc.stdout.close()
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group of `proc` (dvc and the stage it runs), SIGKILL it after STOP_GRACE_S."""
+    for sig, wait_s in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, STOP_GRACE_S)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)  # anyone left in the group (the stage outlives dvc for a moment)?
+            except ProcessLookupError:
+                proc.poll()
+                return
+            proc.poll()
+            time.sleep(0.1)
 
 
 def error_line(lines: list[str]) -> str:
@@ -263,7 +298,21 @@ def retrain(repo: str | None = None, target: str | None = None, push: bool = Fal
         if other:
             get_run_logger().warning("another retrain is running in %s (%s): not touching it", root, other)
             return Cancelled(message=f"another retrain is running in this checkout ({other}); this run did nothing")
-        return run_pipeline(root, target, push, only_if_changed, fetch_retries, fetch_retry_delay_s)
+        label_process(flow_run.id)
+        try:
+            return run_pipeline(root, target, push, only_if_changed, fetch_retries, fetch_retry_delay_s)
+        except TerminationSignal as exc:  # SIGTERM or a cancel: the stage's processes are already stopped
+            return Cancelled(message=f"stopped by {signal.Signals(exc.signal).name}: the running stage was ended; "
+                                     "the next run starts it again")
+
+
+def label_process(flow_run_id) -> None:
+    """Label the flow run with its process (PROCESS_LABEL), for the worker start-up's reconciliation."""
+    from prefect.client.orchestration import get_client
+
+    if flow_run_id:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run_labels(flow_run_id, {PROCESS_LABEL: process_tag()})
 
 
 def run_pipeline(root: Path, target: str | None, push: bool, only_if_changed: bool, fetch_retries: int,

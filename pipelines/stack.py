@@ -496,12 +496,29 @@ def deploy(stack: Stack) -> None:
 def start_worker(stack: Stack) -> int:
     """A worker polling the pool; its flow runs inherit the stack environment (MLflow, S3 keys)."""
     cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process",
-           "--name", f"imagegen-{socket.gethostname()}-{stack.port('prefect')}"]
+           "--name", worker_name(stack)]
     return spawn(stack, "worker", cmd, {**stack.user_env(), **prefect_env(stack)}, cwd=stack.repo)
 
 
+def worker_name(stack: Stack) -> str:
+    return f"imagegen-{socket.gethostname()}-{stack.port('prefect')}"
+
+
+WORKER_FRESH_S = 90  # as pipelines.deploy.HEARTBEAT_FRESH_S: an older heartbeat is a worker gone
+
+
+def heartbeat_age(worker: dict) -> float:
+    from datetime import datetime
+
+    try:
+        return time.time() - datetime.fromisoformat(worker["last_heartbeat_time"]).timestamp()
+    except (KeyError, TypeError, ValueError):
+        return float("inf")
+
+
 def online_workers(stack: Stack) -> list[str] | None:
-    """Names of the workers the Prefect server sees polling the pool; None when the API is unreachable."""
+    """Names of the workers polling the pool: ONLINE with a fresh heartbeat, and not this stack's worker when
+    its process is gone (the server only notices after missed heartbeats); None when the API is unreachable."""
     body = json.dumps({}).encode()
     request = urllib.request.Request(f"{stack.url('prefect')}/work_pools/{POOL}/workers/filter", data=body,
                                      headers={"Content-Type": "application/json"}, method="POST")
@@ -512,7 +529,28 @@ def online_workers(stack: Stack) -> list[str] | None:
         return [] if exc.code == 404 else None
     except (urllib.error.URLError, OSError, ValueError):
         return None
-    return [w["name"] for w in workers if w.get("status") == "ONLINE"]
+    ours_down = running_pid(stack, "worker") is None
+    return [w["name"] for w in workers if w.get("status") == "ONLINE" and heartbeat_age(w) < WORKER_FRESH_S
+            and not (ours_down and w["name"] == worker_name(stack))]
+
+
+def stop_worker(pid: int) -> None:
+    """The worker's flow runs first (each in its own process group, out of reach of a signal to the
+    worker's: SIGTERM stops its stage and ends it Cancelled while the Prefect server still runs), then it."""
+    for child in children(pid):
+        stop_pid(child, timeout=30)
+    stop_pid(pid)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[-1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
 
 
 def worker_healthy(stack: Stack) -> bool:
@@ -631,6 +669,8 @@ def down(stack: Stack) -> int:
         started = time.monotonic()
         if name == "postgres":
             stop_pid(pid, signal.SIGINT, group=False, timeout=60)  # SIGINT: PostgreSQL's fast shutdown
+        elif name == "worker":
+            stop_worker(pid)
         else:  # the MLflow server keeps no state of its own: no need to wait long for it
             stop_pid(pid, timeout=10 if name == "mlflow" else 40)
         pid_file(stack, name).unlink(missing_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -264,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -271,9 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("great_expectations", "urllib3", "alembic", "mlflow"):
+    for noisy in ("great_expectations", "urllib3", "alembic", "mlflow", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     command = COMMANDS[args.command]
+    signal.signal(signal.SIGTERM, interrupted)  # a stopped pipeline: end the stage's MLflow run KILLED
     started = time.perf_counter()
     try:
         cfg = load_config(args.params) if command.needs_params else None

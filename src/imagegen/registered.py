@@ -17,6 +17,7 @@ from pathlib import Path
 from imagegen import tracking
 from imagegen.errors import ImagegenError
 
+METRIC_TAG = "metric."  # prefix of a registered version's tags holding its evaluation metrics
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
 

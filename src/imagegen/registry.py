@@ -7,10 +7,17 @@ register.metric by register.margin (relative). The decision lands in metrics/reg
 on the version (tags, description).
 
 Order of writes, so that a failure midway leaves nothing that looks finished: log the model ->
-create the version (tags, no alias) -> set challenger -> set champion -> tag `decision`. A
-version without the `decision` tag is an interrupted registration; the next run finishes it
-instead of creating another version. Registrations are serialized by a host-local file lock
-per tracking URI, and the champion is read inside it, right before the aliases are set.
+create the version (tags, `registration: pending`, no alias) -> write the contest tags, the model card
+and the `decision` tag -> move the aliases (challenger, then champion) -> `registration: complete`.
+An alias therefore never points at a version without a recorded decision. The next run finds a pending
+version by its weights and finishes it: it moves the aliases as recorded when the champion is still the
+one the decision was made against, else it decides again (the recorded decision is rolled back).
+
+A candidate trained on an older data version (`data_version_number`, see data/drift.py) than the
+champion's is never promoted. Registrations against one tracking store are serialised by a lock keyed
+on its normalised URI: a host-local file lock, and with a Prefect API (PREFECT_API_URL: the team stack)
+also a Prefect global concurrency limit, so registrars on different machines wait for each other; both
+give up after IMAGEGEN_REGISTER_LOCK_TIMEOUT_S seconds. The champion is read inside the lock.
 """
 
 from __future__ import annotations
@@ -22,8 +29,12 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
+import signal
 import tempfile
+import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +45,7 @@ from imagegen.data.prepared import PREPARED_DIR
 from imagegen.errors import ImagegenError
 from imagegen.fsutil import sha256_file, write_json
 from imagegen.models.io import META, WEIGHTS, read_description
-from imagegen.registered import describe, load_registered, quiet_mlflow
+from imagegen.registered import METRIC_TAG, describe, load_registered, quiet_mlflow
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +54,12 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 LOWER_IS_BETTER = {"fid": True, "kid_mean": True, "precision": False, "recall": False}
 EVALUATION = Path("metrics") / "evaluate.json"
 OUTPUT = Path("metrics") / "register.json"
-METRIC_TAG = "metric."  # prefix of the version tags holding the evaluation metrics
-DECISION_TAG = "decision"  # written last: its absence marks an interrupted registration
+DECISION_TAG = "decision"  # promoted / kept: written before any alias moves
+REGISTRATION_TAG = "registration"  # pending from creation until the aliases are moved, then complete
+DATA_NUMBER_TAG = "data_version_number"  # the monotonic data version a version was trained on
+DRIFT = Path("metrics") / "drift.json"
+FAULT_ENV = "IMAGEGEN_FAULT"  # register:<step>: the process dies (SIGKILL) at that step, for tests
+LOCK_TIMEOUT_ENV, LOCK_TIMEOUT_S = "IMAGEGEN_REGISTER_LOCK_TIMEOUT_S", 1800.0
 
 
 @dataclass(frozen=True)
@@ -135,17 +150,31 @@ def register_kind(cfg: Config, root: Path, kind: str, folder: Path, metrics: dic
     metric = cfg.register_.metric
     sha = sha256_file(folder / WEIGHTS)
     version = find_version(client, name, sha)
-    if version is not None and DECISION_TAG in version.tags:
+    if version is not None and not interrupted(version):
         champion = alias_version(client, name, CHAMPION)
         return record(name, version, False, metrics[metric], champion, metric,
                       Decision(False, f"unchanged: these weights are version {version.version}"))
     new = version is None
     if new:
         version = create_version(client, cfg, root, kind, folder, metrics, sha, run)
+        fault("version")
     else:
-        log.info("register: %s version %s was interrupted before its decision; finishing it", name, version.version)
+        log.info("register: %s version %s was interrupted before its aliases moved; finishing it", name,
+                 version.version)
     card = ModelCard(client, root, kind, metrics, run)
     return promote(client, name, version, metrics[metric], cfg.register_.margin, metric, new, card, contest)
+
+
+def interrupted(version) -> bool:
+    """A registration that did not finish: no decision yet, or aliases not yet moved (see the module doc)."""
+    return DECISION_TAG not in version.tags or version.tags.get(REGISTRATION_TAG) == "pending"
+
+
+def fault(step: str) -> None:
+    """Die here, hard, when IMAGEGEN_FAULT=register:<step> (the fault-injection tests)."""
+    if os.environ.get(FAULT_ENV) == f"register:{step}":
+        log.warning("register: %s=register:%s: killing this process", FAULT_ENV, step)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def create_version(client, cfg: Config, root: Path, kind: str, folder: Path, metrics: dict, sha: str, run):
@@ -169,7 +198,11 @@ def create_version(client, cfg: Config, root: Path, kind: str, folder: Path, met
         "training_run_id": training_run,
         "training_run_source": source,
         **{f"{METRIC_TAG}{k}": repr(v) for k, v in metrics.items()},
+        REGISTRATION_TAG: "pending",
     }
+    number = data_version_number(root)
+    if number is not None:
+        tags[DATA_NUMBER_TAG] = str(number)
     tags.pop("device")
     if baseline.profile_number(root) is not None:
         tags[baseline.VERSION_TAG] = str(baseline.profile_number(root))
@@ -182,9 +215,31 @@ def create_version(client, cfg: Config, root: Path, kind: str, folder: Path, met
 def promote(client, name: str, version, value: float, margin: float, metric: str, new: bool,
             card: ModelCard | None = None, contest: Contest | None = None) -> dict:
     champion = alias_version(client, name, CHAMPION)
+    decision = recorded_decision(version, champion)
+    if decision is not None:  # interrupted after the decision was written: finish as recorded
+        result = record(name, version, new, value, previous_champion(client, name, version), metric, decision)
+    else:
+        result = decide_and_record(client, name, version, value, margin, metric, new, champion, card, contest)
+        decision = Decision(result["promoted"], result["reason"])
+    fault("decision")
+    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    fault("challenger")
+    if decision.promote:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    fault("champion")
+    client.set_model_version_tag(name, version.version, REGISTRATION_TAG, "complete")
+    return result
+
+
+def decide_and_record(client, name: str, version, value: float, margin: float, metric: str, new: bool, champion,
+                      card: ModelCard | None, contest: Contest | None) -> dict:
+    """The contest with the current champion; its tags, model card and decision written on the version."""
     fairness: dict = {}
-    if champion is not None and champion.version == version.version:
+    older = older_data(version, champion)
+    if champion is not None and str(champion.version) == str(version.version):
         decision = Decision(True, "already champion (promoted by an interrupted run)")
+    elif older:
+        decision = Decision(False, older)
     else:
         fairness = contest.champion_score(name, champion) if contest and champion is not None else {}
         champion_value = fairness.get("champion_value", tag_float(champion, metric))
@@ -193,9 +248,6 @@ def promote(client, name: str, version, value: float, margin: float, metric: str
             decision = Decision(decision.promote, decision.reason + f"; both scored on test split "
                                 f"{fairness['scored_on']['test_sha256'][:12]} with feature net "
                                 f"{fairness['scored_on']['features_sha256'][:12]}")
-    client.set_registered_model_alias(name, CHALLENGER, version.version)
-    if decision.promote:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
     result = record(name, version, new, value, champion, metric, decision, fairness)
     before = result["champion_before"]
     outcome = "champion" if decision.promote else f"challenger (champion stays version {before})"
@@ -210,10 +262,51 @@ def promote(client, name: str, version, value: float, margin: float, metric: str
             client.set_model_version_tag(name, version.version, tag, str(fairness[key]))
     description = card.write(name, version, champion, decision, summary) if card else summary
     client.update_model_version(name, version.version, description=description)
+    fault("card")
     client.set_model_version_tag(name, version.version, "decision_reason", decision.reason)
     client.set_model_version_tag(name, version.version, "champion_before", str(before))
     client.set_model_version_tag(name, version.version, DECISION_TAG, "promoted" if decision.promote else "kept")
     return result
+
+
+def recorded_decision(version, champion) -> Decision | None:
+    """The decision an interrupted registration wrote, while it still holds: the champion is still the one it
+    was compared with (or already this version). None: no decision yet, or a stale one to decide again."""
+    if DECISION_TAG not in version.tags:
+        return None
+    current = str(champion.version) if champion is not None else "None"
+    if current not in (version.tags.get("champion_before"), str(version.version)):
+        log.info("register: version %s decided against champion %s, now %s: deciding again",
+                 version.version, version.tags.get("champion_before"), current)
+        return None
+    return Decision(version.tags[DECISION_TAG] == "promoted", version.tags.get("decision_reason", ""))
+
+
+def previous_champion(client, name: str, version):
+    """The champion a recorded decision was made against (tag champion_before), or None."""
+    before = version.tags.get("champion_before", "")
+    return client.get_model_version(name, before) if before.isdigit() else None
+
+
+def older_data(version, champion) -> str | None:
+    """Why `version` cannot replace `champion`: trained on an older data version; None when it is not older
+    or either number is unknown (a version registered before data versions were numbered)."""
+    if champion is None:
+        return None
+    mine, theirs = tag_int(version, DATA_NUMBER_TAG), tag_int(champion, DATA_NUMBER_TAG)
+    if mine is None or theirs is None or mine >= theirs:
+        return None
+    return (f"trained on data version {mine}, older than the champion's data version {theirs}: "
+            "an older-data model never becomes champion")
+
+
+def data_version_number(root: Path) -> int | None:
+    """The data version number the validate stage recorded (metrics/drift.json lineage), or None."""
+    try:
+        number = json.loads((root / DRIFT).read_text()).get("lineage", {}).get(DATA_NUMBER_TAG)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return number if isinstance(number, int) and not isinstance(number, bool) and number >= 0 else None
 
 
 INTENDED_USE = """\
@@ -383,6 +476,13 @@ def alias_version(client, name: str, alias: str):
         raise
 
 
+def tag_int(version, tag: str) -> int | None:
+    try:
+        return int(version.tags[tag])
+    except (KeyError, ValueError):
+        return None
+
+
 def tag_float(version, metric: str) -> float | None:
     if version is None:
         return None
@@ -419,21 +519,106 @@ def summary_line(kind: str, d: dict) -> str:
     return f"{kind}: version {d['version']} is {state} ({d['reason']})"
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
+LOOPBACK = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
+
+
+def store_key(uri: str) -> str:
+    """One spelling per tracking store: a database file by its resolved path; a server or database by
+    scheme (no driver), lower-case host (loopback names as 127.0.0.1), port and path, without credentials."""
+    parsed = urllib.parse.urlsplit(uri)
+    scheme = parsed.scheme.lower().split("+")[0]
+    if scheme in ("sqlite", "file", ""):
+        path = urllib.parse.unquote(parsed.path) if scheme else uri
+        path = path[1:] if scheme == "sqlite" else path  # sqlite:///rel.db, sqlite:////abs/x.db
+        return f"{scheme or 'file'}://{Path(path).resolve()}"
+    host = (parsed.hostname or "").lower()
+    host = "127.0.0.1" if host in LOOPBACK else host
+    return f"{scheme}://{host}:{parsed.port or DEFAULT_PORTS.get(scheme, 0)}{parsed.path.rstrip('/')}"
+
+
 def lock_path(uri: str) -> Path:
-    return Path(tempfile.gettempdir()) / f"imagegen-registry-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"
+    return Path(tempfile.gettempdir()) / f"imagegen-registry-{hashlib.sha256(store_key(uri).encode()).hexdigest()[:16]}.lock"
+
+
+def lock_timeout() -> float:
+    text = os.environ.get(LOCK_TIMEOUT_ENV, "")
+    try:
+        value = float(text) if text else LOCK_TIMEOUT_S
+    except ValueError:
+        value = -1.0
+    if not 0 < value < math.inf:
+        raise ImagegenError(f"{LOCK_TIMEOUT_ENV}={text!r}: expected a positive number of seconds")
+    return value
 
 
 @contextlib.contextmanager
 def registry_lock(uri: str) -> Iterator[None]:
-    """One registration at a time per tracking URI on this host (flock: released if the process dies)."""
-    path = lock_path(uri)
+    """One registration at a time per tracking store: on this host (flock, released if the process dies),
+    and across machines through the Prefect API when one is configured (a tracking server or database)."""
+    timeout = lock_timeout()
+    deadline = time.monotonic() + timeout
+    with file_lock(lock_path(uri), timeout):
+        remote = os.environ.get("PREFECT_API_URL") and not store_key(uri).startswith(("sqlite:", "file:"))
+        with prefect_lock(uri, max(deadline - time.monotonic(), 1.0)) if remote else contextlib.nullcontext():
+            yield
+
+
+def busy(where: str, timeout: float) -> ImagegenError:
+    return ImagegenError(f"another registration has held the registry lock ({where}) for more than {timeout:g} s; "
+                         f"expected it to finish (wait and re-run, or raise {LOCK_TIMEOUT_ENV})")
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, timeout: float) -> Iterator[None]:
     with path.open("a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("register: waiting for another registration to finish (lock %s)", path)
-            fcntl.flock(f, fcntl.LOCK_EX)
+        deadline, waiting = time.monotonic() + timeout, False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waiting:
+                    log.info("register: waiting for another registration to finish (lock %s)", path)
+                    waiting = True
+                if time.monotonic() > deadline:
+                    raise busy(f"file {path}", timeout) from None
+                time.sleep(0.2)
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+PREFECT_LOCK_LEASE_S = 60  # a registrar that dies frees the slot when its lease runs out
+
+
+@contextlib.contextmanager
+def prefect_lock(uri: str, timeout: float) -> Iterator[None]:
+    """A Prefect global concurrency limit of 1 named after the store (created when missing): registrars
+    on every machine that share the Prefect API wait for each other."""
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists
+
+    name = f"imagegen-register-{hashlib.sha256(store_key(uri).encode()).hexdigest()[:16]}"
+    where = f"Prefect global concurrency limit {name} at {os.environ['PREFECT_API_URL']}"
+    try:
+        with get_client(sync_client=True) as client:
+            try:
+                client.upsert_global_concurrency_limit_by_name(name, 1)
+            except ObjectAlreadyExists:  # created meanwhile by another registrar
+                pass
+            if client.read_global_concurrency_limit_by_name(name).active_slots:
+                log.info("register: waiting for another registration to finish (%s)", where)
+    except (httpx.HTTPError, OSError) as exc:
+        raise ImagegenError(f"the Prefect API that serialises registrations is not usable ({where}): "
+                            f"{describe(exc)}; start it, or unset PREFECT_API_URL to lock on this host only") from None
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(concurrency(name, occupy=1, timeout_seconds=timeout,
+                                           lease_duration=PREFECT_LOCK_LEASE_S, strict=True))
+        except TimeoutError:
+            raise busy(where, timeout) from None
+        yield

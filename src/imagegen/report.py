@@ -198,19 +198,20 @@ def champion_metrics(cfg: Config, root: Path, registered: dict) -> dict[str, dic
         label = f"champion (v{before}: this version)" if before == version else f"champion before (v{before})"
         out[kind] = {"label": label, "version": before, "metrics": {registered.get("metric"): d.get("champion_value")}}
     if out:
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        from imagegen.registered import METRIC_TAG, describe, tracking_store
+
         try:
-            from imagegen.registered import tracking_store
-
             tracking_store(root)
-            from mlflow import MlflowClient
-
             client = MlflowClient()
             for kind, entry in out.items():
                 version = client.get_model_version(f"{cfg.data.dataset}-{kind}", str(entry["version"]))
-                entry["metrics"] = {k[len(registry.METRIC_TAG):]: float(v) for k, v in version.tags.items()
-                                    if k.startswith(registry.METRIC_TAG)}
-        except Exception as exc:  # no store, no server, no such version: the report still renders
-            log.info("report: champion metrics from metrics/register.json only (%s)", str(exc).splitlines()[0][:120])
+                entry["metrics"] = {k[len(METRIC_TAG):]: float(v) for k, v in version.tags.items()
+                                    if k.startswith(METRIC_TAG)}
+        except (ImagegenError, MlflowException, ValueError) as exc:  # no store, no such version, a bad tag
+            log.warning("report: champion metrics from metrics/register.json only (%s)", describe(exc))
     return out
 
 

@@ -370,8 +370,8 @@ def object_store_hint() -> str:
 
 def pipeline_parent(exp_id: str, key: str | None, root: Path) -> str | None:
     """The id of the parent run of pipeline `key` (None: a stage on its own): found by its tags, else
-    created with the pipeline's params. Marked RUNNING while a stage runs; each stage's end sets its
-    status and end time, so the parent spans the pipeline's stages."""
+    created with the pipeline's params. Marked RUNNING while a stage runs, owned by that stage's process;
+    each stage's end sets its status and end time, so the parent spans the pipeline's stages."""
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
@@ -380,15 +380,18 @@ def pipeline_parent(exp_id: str, key: str | None, root: Path) -> str | None:
     client = MlflowClient()
     found = client.search_runs([exp_id], f"tags.pipeline_run = '{key}' and tags.run_kind = 'pipeline'",
                                max_results=1)
+    owner = {PROCESS_TAG: process_tag(), WORKDIR_TAG: str(root.resolve())}  # a killed stage: closed by the next
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
+        for tag, value in owner.items():
+            client.set_tag(found[0].info.run_id, tag, value)
         return found[0].info.run_id
     exp = dvc_exp_tags()
     name = (os.environ.get(PIPELINE_NAME_ENV) or (f"dvc exp {exp['dvc_exp_name']}" if exp else None)
             or f"dvc repro {time.strftime('%Y-%m-%d %H:%M')}")
     tags = {"pipeline_run": key, "run_kind": "pipeline", "git_commit": git_commit(root), **exp,
             "dvc_data_md5": dvc_out_md5(root, "prepare", "data/prepared"), **data_lineage_tags(root),
-            "mlflow.note.content": "One pipeline run: its stages are the nested runs below."}
+            "mlflow.note.content": "One pipeline run: its stages are the nested runs below.", **owner}
     run = client.create_run(exp_id, run_name=name, tags=tags)
     try:
         params = flatten(yaml.safe_load((root / "params.yaml").read_text()) or {})

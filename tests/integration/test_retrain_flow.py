@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -94,48 +93,6 @@ def data_project(project: Path) -> Path:
     pipeline["stages"] = {name: pipeline["stages"][name] for name in STAGES}
     path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
     return project
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def prefect_server(tmp_path: Path):
-    """A real `prefect server start` on loopback (own PREFECT_HOME, fast scheduler); yields (url, client env)."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    base.update(DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    server_env = dict(base, PREFECT_HOME=str(tmp_path / "server-home"), PREFECT_UI_ENABLED="false",
-                      PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5")
-    log_path = tmp_path / "server.log"
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                   "--port", str(port)], env=server_env, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_healthy(url, server, log_path)
-        yield url, dict(base, PREFECT_HOME=str(tmp_path / "client-home"), PREFECT_API_URL=url)
-    finally:
-        stop(server)
-
-
-def wait_healthy(url: str, server: subprocess.Popen, log_path: Path, timeout: float = 90) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert server.poll() is None, f"prefect server exited: {log_path.read_text()[-2000:]}"
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"prefect server not healthy after {timeout} s: {log_path.read_text()[-2000:]}")
 
 
 def stop(process: subprocess.Popen) -> None:
