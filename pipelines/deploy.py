@@ -20,29 +20,45 @@ import os
 import sys
 from datetime import datetime, timezone
 
-from pipelines.retrain import PROCESS_LABEL, REPO_ROOT  # also sets the offline Prefect defaults first
+from imagegen.errors import redact
+from pipelines.retrain import PROCESS_LABEL, REPO_ROOT  # also sets the offline Prefect defaults before prefect loads
 
 FLOW_NAME = "retrain"
 ENTRYPOINT = "pipelines/retrain.py:retrain"
 HEARTBEAT_FRESH_S = 90  # a worker heartbeats every 30 s (Prefect's default): three missed, it is gone
 
 
-def ensure_pool(client, pool: str, concurrency_limit: int | None = 1) -> bool:
-    """Create the process work pool when missing, with at most `concurrency_limit` runs at a time
-    (set on an existing pool too); True when it was created."""
-    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+def locked_job_template() -> dict:
+    """The process pool's base job template with nothing a flow run can change but its name and labels:
+    the command (the worker's own `prefect flow-run execute`), environment and working folder are fixed,
+    and job variables outside the schema are refused by the server (a run's job_variables
+    {"command": ...} would otherwise run that command as the worker)."""
     from prefect.workers.process import ProcessWorker
 
+    template = ProcessWorker.get_default_base_job_template()  # local: no registry look-up
+    template["job_configuration"] = {"name": "{{ name }}", "labels": "{{ labels }}", "stream_output": True}
+    variables = template["variables"]
+    variables["properties"] = {key: variables["properties"][key] for key in ("name", "labels")}
+    variables["additionalProperties"] = False
+    return template
+
+
+def ensure_pool(client, pool: str, concurrency_limit: int | None = 1) -> bool:
+    """Create the process work pool when missing, with at most `concurrency_limit` runs at a time and the
+    locked job template (both set on an existing pool too); True when it was created."""
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    template = locked_job_template()
     try:
         existing = client.read_work_pool(pool)
     except ObjectNotFound:
         existing = None
     if existing is not None:
-        if existing.concurrency_limit != concurrency_limit:
-            client.update_work_pool(pool, WorkPoolUpdate(concurrency_limit=concurrency_limit))
+        if existing.concurrency_limit != concurrency_limit or existing.base_job_template != template:
+            client.update_work_pool(pool, WorkPoolUpdate(concurrency_limit=concurrency_limit,
+                                                         base_job_template=template))
         return False
-    template = ProcessWorker.get_default_base_job_template()  # local: no registry look-up
     try:
         client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template,
                                                concurrency_limit=concurrency_limit))
@@ -69,6 +85,7 @@ def apply(args) -> int:
         args.name, work_pool_name=args.pool, schedules=[Cron(args.cron, timezone=args.timezone)],
         parameters=parameters, build=False, push=False, print_next_steps=False, ignore_warnings=True,
         concurrency_limit=1)  # one run at a time: DVC locks the repo, a second `dvc repro` would fail
+    refuse_unknown_parameters(deployment_id)
     print(f"deployment {FLOW_NAME}/{args.name} ({deployment_id}): cron '{args.cron}' {args.timezone}, "
           f"pool '{args.pool}' (concurrency limit {args.pool_concurrency or 'none'}), source {args.repo}")
     return 0
@@ -95,6 +112,19 @@ def reconcile(client, pool: str) -> list:
     return gone
 
 
+def refuse_unknown_parameters(deployment_id) -> None:
+    """The server refuses a flow run whose parameters the flow does not have (409 naming the key),
+    rather than a worker's run crashing on them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    with get_client(sync_client=True) as client:
+        schema = client.read_deployment(deployment_id).parameter_openapi_schema
+        if schema.get("additionalProperties") is not False:
+            client.update_deployment(deployment_id, DeploymentUpdate(
+                parameter_openapi_schema={**schema, "additionalProperties": False}))
+
+
 def scheduled_runs(client, deployment_id, limit: int) -> list:
     """The deployment's next runs still waiting to start (state type SCHEDULED: Scheduled or Late)."""
     from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
@@ -115,7 +145,7 @@ def status(args) -> int:
     from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
-        print(f"API: {client.api_url}")
+        print(f"API: {redact(str(client.api_url))}")
         try:
             deployment = client.read_deployment_by_name(f"{FLOW_NAME}/{args.name}")
         except ObjectNotFound:
@@ -207,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"apply": apply, "status": status, "serve": serve}[args.command](args)
     except httpx.TransportError as exc:
-        print(f"deploy: error: cannot reach the Prefect API at {api_url}: {exc}", file=sys.stderr)
+        print(f"deploy: error: cannot reach the Prefect API at {redact(api_url)}: {redact(str(exc))}", file=sys.stderr)
         return 2
 
 

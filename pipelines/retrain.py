@@ -42,6 +42,7 @@ from prefect.exceptions import TerminationSignal  # noqa: E402
 from prefect.states import Cancelled, Completed, Failed  # noqa: E402
 
 from imagegen.data.folder import folder_name_problem  # noqa: E402
+from imagegen.errors import redact  # noqa: E402
 from imagegen.tracking import flatten, process_tag  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +54,8 @@ RESTORED = re.compile(r"Stage '.+' is cached - skipping run")
 PROCESS_LABEL = "imagegen.process"  # the flow run's process, host:pid:start (see imagegen.tracking.process_tag)
 STOP_GRACE_S = 5  # SIGTERM to a stage's process group, then SIGKILL after this many seconds
 DOT_LINE = re.compile(r'^\s*"(?P<node>[^"]+)"(?:\s*->\s*"(?P<child>[^"]+)")?;\s*$')
+STAGE_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,99}")  # a dvc.yaml stage name; never an option such as -R
+MAX_FETCH_RETRIES, MAX_RETRY_DELAY_S = 10, 3600.0
 
 
 class DvcError(RuntimeError):
@@ -91,7 +94,7 @@ def stream(repo: Path, args: list[str], logger) -> tuple[int, list[str]]:
                             start_new_session=True)
     try:
         for raw in proc.stdout:
-            if line := raw.rstrip():
+            if line := redact(raw.rstrip()):  # never a password in a flow log
                 lines.append(line)
                 logger.info("%s", line)
         return proc.wait(), lines
@@ -285,13 +288,31 @@ def checkout_lock(root: Path, holder: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def rejected_parameter(repo: str | None, target: str | None, fetch_retries: int, fetch_retry_delay_s: float,
+                       deployed: bool) -> str | None:
+    """Why a flow-run parameter is refused (naming it), or None. Flow-run parameters come from whoever can
+    reach the Prefect API: a deployment's run works only in the checkout it was deployed from (this one)."""
+    if deployed and repo is not None and Path(repo).resolve() != REPO_ROOT:
+        return f"parameter 'repo': {repo!r} is not this deployment's checkout {REPO_ROOT}; refused"
+    if target is not None and not STAGE_NAME.fullmatch(target):
+        return f"parameter 'target': {target[:60]!r} is not a stage name (letters, digits, '_', '.', '-')"
+    if isinstance(fetch_retries, bool) or not 0 <= fetch_retries <= MAX_FETCH_RETRIES:
+        return f"parameter 'fetch_retries': {fetch_retries!r}; expected an integer 0..{MAX_FETCH_RETRIES}"
+    if isinstance(fetch_retry_delay_s, bool) or not 0 <= fetch_retry_delay_s <= MAX_RETRY_DELAY_S:
+        return f"parameter 'fetch_retry_delay_s': {fetch_retry_delay_s!r}; expected seconds 0..{MAX_RETRY_DELAY_S:g}"
+    return None
+
+
 @flow(name="retrain", description="Run the DVC pipeline stage by stage (fetch retried); publish a summary.")
 def retrain(repo: str | None = None, target: str | None = None, push: bool = False,
             only_if_changed: bool = False, fetch_retries: int = 3, fetch_retry_delay_s: float = 10.0):
     """One task per DVC stage in dependency order; a failed stage fails the run with its error.
     One run at a time per checkout: a run that finds another one running ends Cancelled, having done nothing."""
-    from prefect.runtime import flow_run
+    from prefect.runtime import deployment, flow_run
 
+    refused = rejected_parameter(repo, target, fetch_retries, fetch_retry_delay_s, bool(deployment.id))
+    if refused:
+        return Failed(message=refused)
     root = Path(repo or REPO_ROOT).resolve()
     holder = f"flow run {flow_run.name or '?'} ({flow_run.id or 'no id'}), pid {os.getpid()}"
     with checkout_lock(root, holder) as other:

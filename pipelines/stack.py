@@ -4,6 +4,7 @@
     python -m pipelines.stack status   # each service: up/down and URL; is a worker polling? (exit 1: not all up)
     python -m pipelines.stack down     # stop what `up` started, by PID; data kept
     python -m pipelines.stack env      # print the environment to use (the same as `.stack/env`)
+    python -m pipelines.stack reader NAME  # a read-only MLflow user for a colleague: .stack/readers/NAME.env
 
 Real servers, all bound to 127.0.0.1:
 - PostgreSQL (Debian's `postgresql` package, run as the `postgres` user when started by root):
@@ -27,6 +28,7 @@ import glob
 import json
 import os
 import pwd
+import re
 import secrets
 import shlex
 import signal
@@ -39,6 +41,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from imagegen.errors import redact
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PORTS = {"postgres": 15432, "s3": 8333, "mlflow": 5000, "prefect": 4200,
          "weed_master": 9333, "weed_volume": 9340, "weed_filer": 9350}  # weed also uses each port + 10000 (gRPC)
@@ -46,7 +50,7 @@ HOST = "127.0.0.1"
 DB_USER = "imagegen"
 DATABASES = ("mlflow", "mlflow_auth", "prefect")
 BUCKETS = {"mlflow": "imagegen-mlflow", "dvc": "imagegen-dvc"}
-MLFLOW_USER = "imagegen"
+MLFLOW_USER = "pipeline"  # the worker's and `imagegen register`'s user: the only one that moves aliases
 POOL = os.environ.get("IMAGEGEN_WORK_POOL", "imagegen")
 DVC_REMOTE = "stack"
 SERVICES = ("postgres", "s3", "mlflow", "prefect", "worker")  # start order; stopped in reverse
@@ -70,23 +74,18 @@ class Stack:
         path = folder / "config.json"
         if path.exists():
             try:
-                return cls(folder, repo, json.loads(path.read_text()))
+                config = json.loads(path.read_text())
             except ValueError as exc:
                 raise StackError(f"{path}: not valid JSON ({exc}); remove it to generate new credentials") from None
-        if not create:
+        elif not create:
             raise StackError(f"no stack at {folder} (run: python -m pipelines.stack up)")
-        folder.mkdir(parents=True, exist_ok=True)
-        ports = {name: env_port(name, default) for name, default in PORTS.items()}
-        config = {
-            "ports": ports,
-            "postgres_password": secrets.token_hex(16),
-            "s3_access_key": "IMG" + secrets.token_hex(8).upper(),
-            "s3_secret_key": secrets.token_urlsafe(30),
-            "mlflow_admin_password": secrets.token_urlsafe(18),
-            "mlflow_password": secrets.token_urlsafe(18),
-            "mlflow_secret_key": secrets.token_hex(24),
-        }
-        write_private(path, json.dumps(config, indent=2) + "\n")
+        else:
+            config = {"ports": {name: env_port(name, default) for name, default in PORTS.items()}}
+        missing = {key: make() for key, make in SECRETS.items() if key not in config}  # a stack from before them
+        if missing:
+            make_private_dir(folder)
+            config.update(missing)
+            write_private(path, json.dumps(config, indent=2) + "\n")
         return cls(folder, repo, config)
 
     def port(self, name: str) -> int:
@@ -106,6 +105,7 @@ class Stack:
             "MLFLOW_TRACKING_USERNAME": MLFLOW_USER,
             "MLFLOW_TRACKING_PASSWORD": self.config["mlflow_password"],
             "PREFECT_API_URL": self.url("prefect"),
+            "PREFECT_API_AUTH_STRING": self.config["prefect_auth_string"],
             "AWS_ACCESS_KEY_ID": self.config["s3_access_key"],
             "AWS_SECRET_ACCESS_KEY": self.config["s3_secret_key"],
             "AWS_ENDPOINT_URL_S3": self.url("s3"),
@@ -122,12 +122,34 @@ class Stack:
         return self.dir.joinpath(*parts)
 
 
+SECRETS = {  # generated at the first `up`, kept in config.json (mode 600)
+    "postgres_password": lambda: secrets.token_hex(16),
+    "s3_access_key": lambda: "IMG" + secrets.token_hex(8).upper(),
+    "s3_secret_key": lambda: secrets.token_urlsafe(30),
+    "mlflow_admin_password": lambda: secrets.token_urlsafe(18),
+    "mlflow_password": lambda: secrets.token_urlsafe(18),
+    "mlflow_secret_key": lambda: secrets.token_hex(24),
+    "prefect_auth_string": lambda: "imagegen:" + secrets.token_urlsafe(24),
+}
+
+
 def env_port(name: str, default: int) -> int:
     key = f"IMAGEGEN_STACK_PORT_{name.upper()}"
     value = os.environ.get(key, str(default))
     if not value.isdigit() or not 0 < int(value) < 65536:
         raise StackError(f"{key}={value!r}: expected a port number")
     return int(value)
+
+
+def make_private_dir(folder: Path) -> None:
+    """The stack dir: 0700. Run by root, PostgreSQL runs as `postgres` and must reach its data dir
+    below: then 0710 with group postgres (it may enter, not list)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0 and pg_owner() == "postgres":
+        os.chown(folder, 0, pwd.getpwnam("postgres").pw_gid)
+        folder.chmod(0o710)
+    else:
+        folder.chmod(0o700)
 
 
 def write_private(path: Path, text: str) -> None:
@@ -180,13 +202,15 @@ def running_pid(stack: Stack, name: str) -> int | None:
 def spawn(stack: Stack, name: str, cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> int:
     """Start `cmd` in its own process group with its output in logs/NAME.log; record its PID."""
     log_path = stack.path("logs", f"{name}.log")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     full_env = {**os.environ, **env, "IMAGEGEN_STACK_SERVICE": f"{stack.dir}:{name}"}
-    with log_path.open("ab") as log:
+    with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
+        os.fchmod(log.fileno(), 0o600)  # a log from before this rule
         log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}\n".encode())
         log.flush()
         proc = subprocess.Popen(cmd, env=full_env, cwd=cwd or stack.dir, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                umask=0o077)  # what the service writes (volume files, logs) is private
     pid_file(stack, name).parent.mkdir(parents=True, exist_ok=True)
     pid_file(stack, name).write_text(f"{proc.pid}\n")
     return proc.pid
@@ -241,15 +265,17 @@ def tail(log: Path | None) -> str:
     if log is None or not log.exists():
         return ""
     lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-1][:300] if lines else ""
+    return redact(lines[-1][:300]) if lines else ""
+
+
+def basic_auth(user: str, password: str) -> dict[str, str]:
+    import base64
+
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
 def http_ok(url: str, auth: tuple[str, str] | None = None, timeout: float = 3) -> bool:
-    request = urllib.request.Request(url)
-    if auth:
-        import base64
-
-        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+    request = urllib.request.Request(url, headers=basic_auth(*auth) if auth else {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status == 200
@@ -332,9 +358,10 @@ def start_postgres(stack: Stack) -> None:
 
 
 def psql(stack: Stack, owner: str, sql: str, database: str = "postgres") -> str:
+    """Run `sql` as the server's owner; the SQL goes in on stdin (it may hold a password: never argv)."""
     cmd = [pg_bin("psql"), "-h", str(stack.path("postgres")), "-p", str(stack.port("postgres")), "-U", owner,
-           "-d", database, "-v", "ON_ERROR_STOP=1", "-qAtc", sql]
-    return run(as_owner(cmd), "psql")
+           "-d", database, "-v", "ON_ERROR_STOP=1", "-qAt"]
+    return run(as_owner(cmd), "psql", input=sql)
 
 
 def setup_databases(stack: Stack, owner: str) -> None:
@@ -370,7 +397,8 @@ def start_s3(stack: Stack) -> int:
                                                    "secretKey": stack.config["s3_secret_key"]}]}]}
     write_private(stack.path("s3.json"), json.dumps(identities, indent=2))
     data = stack.path("s3")
-    data.mkdir(parents=True, exist_ok=True)
+    data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    data.chmod(0o700)  # the raw volume files: the owner's only
     for name in ("s3", "weed_master", "weed_volume", "weed_filer"):
         require_free(stack.port(name), name)
     ports = stack.config["ports"]
@@ -415,10 +443,11 @@ def ensure_buckets(stack: Stack) -> None:
 
 def start_mlflow(stack: Stack) -> int:
     auth_db = stack.db_url("mlflow_auth")
-    # default_permission EDIT: every team member may log runs and register versions; only the admin
-    # manages users (POST /api/2.0/mlflow/users/create with the admin's credentials).
+    # default_permission READ: a user sees everything and changes only what it created (MLflow gives the
+    # creator MANAGE). The `pipeline` user creates the experiment and the registered models, so it alone
+    # logs runs there and moves `champion`/`challenger`; only the admin manages users.
     write_private(stack.path("mlflow-auth.ini"), "\n".join([
-        "[mlflow]", "default_permission = EDIT", f"database_uri = {auth_db}", "admin_username = admin",
+        "[mlflow]", "default_permission = READ", f"database_uri = {auth_db}", "admin_username = admin",
         f"admin_password = {stack.config['mlflow_admin_password']}",
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth", ""]))
     require_free(stack.port("mlflow"), "mlflow")
@@ -443,28 +472,42 @@ def mlflow_healthy(stack: Stack) -> bool:
     return http_ok(f"{stack.url('mlflow')}/health")
 
 
-def ensure_mlflow_user(stack: Stack) -> None:
-    """The team's user (the env file's MLFLOW_TRACKING_USERNAME), created by the admin once."""
-    import base64
-
+def ensure_mlflow_user(stack: Stack, name: str = MLFLOW_USER, password: str | None = None) -> None:
+    """An MLflow user (default: `pipeline`, the env file's MLFLOW_TRACKING_USERNAME), created by the admin once."""
     search = f"{stack.url('mlflow')}/api/2.0/mlflow/experiments/search?max_results=1"
-    user = (MLFLOW_USER, stack.config["mlflow_password"])
+    user = (name, password or stack.config["mlflow_password"])
     if http_ok(search, user, timeout=30):
         return
-    body = json.dumps({"username": MLFLOW_USER, "password": stack.config["mlflow_password"]}).encode()
+    body = json.dumps({"username": name, "password": user[1]}).encode()
     request = urllib.request.Request(f"{stack.url('mlflow')}/api/2.0/mlflow/users/create", data=body,
-                                     headers={"Content-Type": "application/json"}, method="POST")
-    admin = base64.b64encode(f"admin:{stack.config['mlflow_admin_password']}".encode()).decode()
-    request.add_header("Authorization", f"Basic {admin}")
+                                     headers={"Content-Type": "application/json", **basic_auth(
+                                         "admin", stack.config["mlflow_admin_password"])}, method="POST")
     try:
         urllib.request.urlopen(request, timeout=30).close()
     except urllib.error.HTTPError as exc:
         if b"RESOURCE_ALREADY_EXISTS" not in exc.read():
-            raise StackError(f"MLflow at {stack.url('mlflow')}: creating user '{MLFLOW_USER}' failed: "
-                             f"HTTP {exc.code}") from None
+            raise StackError(f"MLflow at {stack.url('mlflow')}: creating user '{name}' failed: HTTP {exc.code}") from None
+        if password is not None:
+            raise StackError(f"MLflow at {stack.url('mlflow')}: user '{name}' exists already; choose another name")
     if not http_ok(search, user, timeout=30):
-        raise StackError(f"MLflow at {stack.url('mlflow')}: user '{MLFLOW_USER}' cannot log in with the password "
+        raise StackError(f"MLflow at {stack.url('mlflow')}: user '{name}' cannot log in with the password "
                          f"in {stack.path('config.json')}")
+
+
+def add_reader(stack: Stack, name: str) -> Path:
+    """A read-only colleague: an MLflow user with a new password (READ on everything, the default
+    permission), written with the stack's addresses to readers/NAME.env (mode 600) to hand over."""
+    if not re.fullmatch(r"[a-z][a-z0-9_.-]{1,31}", name) or name in (MLFLOW_USER, "admin"):
+        raise StackError(f"reader name {name!r}: expected 2-32 lower-case letters, digits, '.', '_' or '-', "
+                         f"not '{MLFLOW_USER}' or 'admin'")
+    password = secrets.token_urlsafe(18)
+    ensure_mlflow_user(stack, name, password)
+    env = {"MLFLOW_TRACKING_URI": stack.url("mlflow"), "MLFLOW_TRACKING_USERNAME": name,
+           "MLFLOW_TRACKING_PASSWORD": password}
+    path = stack.path("readers", f"{name}.env")
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    write_private(path, "".join(f"export {key}={shlex.quote(value)}\n" for key, value in env.items()))
+    return path
 
 
 # --- Prefect
@@ -476,7 +519,10 @@ def prefect_env(stack: Stack) -> dict[str, str]:
 
 def start_prefect(stack: Stack) -> int:
     require_free(stack.port("prefect"), "prefect")
-    env = {**prefect_env(stack), "PREFECT_API_DATABASE_CONNECTION_URL": stack.db_url("prefect", "postgresql+asyncpg")}
+    env = {**prefect_env(stack), "PREFECT_API_DATABASE_CONNECTION_URL": stack.db_url("prefect", "postgresql+asyncpg"),
+           # basic auth on every request but GET /api/health (the events websocket excepted: see README)
+           "PREFECT_SERVER_API_AUTH_STRING": stack.config["prefect_auth_string"],
+           "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true"}
     env.pop("PREFECT_API_URL")
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(stack.port("prefect"))]
     return spawn(stack, "prefect", cmd, env)
@@ -516,15 +562,26 @@ def heartbeat_age(worker: dict) -> float:
         return float("inf")
 
 
+def prefect_post(stack: Stack, path: str, body: dict, timeout: float = 5):
+    """POST to the Prefect API with the stack's credentials and a CSRF token (both required)."""
+    import uuid
+
+    auth, client = basic_auth(*stack.config["prefect_auth_string"].split(":", 1)), str(uuid.uuid4())
+    token_request = urllib.request.Request(f"{stack.url('prefect')}/csrf-token?client={client}", headers=auth)
+    with urllib.request.urlopen(token_request, timeout=timeout) as response:
+        token = json.loads(response.read())["token"]
+    request = urllib.request.Request(f"{stack.url('prefect')}/{path}", data=json.dumps(body).encode(), method="POST",
+                                     headers={**auth, "Content-Type": "application/json",
+                                              "Prefect-Csrf-Token": token, "Prefect-Csrf-Client": client})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
 def online_workers(stack: Stack) -> list[str] | None:
     """Names of the workers polling the pool: ONLINE with a fresh heartbeat, and not this stack's worker when
     its process is gone (the server only notices after missed heartbeats); None when the API is unreachable."""
-    body = json.dumps({}).encode()
-    request = urllib.request.Request(f"{stack.url('prefect')}/work_pools/{POOL}/workers/filter", data=body,
-                                     headers={"Content-Type": "application/json"}, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            workers = json.loads(response.read())
+        workers = prefect_post(stack, f"work_pools/{POOL}/workers/filter", {})
     except urllib.error.HTTPError as exc:
         return [] if exc.code == 404 else None
     except (urllib.error.URLError, OSError, ValueError):
@@ -590,6 +647,7 @@ def up(stack: Stack) -> int:
     """Start what is not running: the servers together (MLflow's and Prefect's database migrations
     overlap), then wait for each in order; the deployment and the worker last."""
     starters = {"postgres": start_postgres, "s3": start_s3, "mlflow": start_mlflow, "prefect": start_prefect}
+    make_private_dir(stack.dir)  # also a stack dir made before this rule
     started: dict[str, tuple[int | None, float]] = {}  # name -> (pid, start time), for what this call starts
     for name, start in starters.items():
         if running_pid(stack, name) is None or not HEALTH[name](stack):
@@ -607,8 +665,10 @@ def up(stack: Stack) -> int:
     print(f"\nDVC remote '{DVC_REMOTE}': s3://{BUCKETS['dvc']}/store (in {stack.repo / '.dvc' / 'config.local'})")
     print(f"environment ({env_path}, mode 600): use it with  . {env_path}")
     for key, value in stack.user_env().items():
-        shown = "********" if "PASSWORD" in key or "SECRET" in key else value
+        shown = "********" if any(word in key for word in ("PASSWORD", "SECRET", "AUTH")) else value
         print(f"  {key}={shown}")
+    print(f"it is the `{MLFLOW_USER}` role (moves champion/challenger; runs flows): keep it to the stack's owners.\n"
+          "a read-only MLflow user for a colleague:  python -m pipelines.stack reader NAME")
     return 0
 
 
@@ -682,12 +742,20 @@ def down(stack: Stack) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.stack", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("up", "status", "down", "env"))
+    parser.add_argument("command", choices=("up", "status", "down", "env", "reader"))
+    parser.add_argument("name", nargs="?", help="reader: the colleague's user name")
     args = parser.parse_args(argv)
+    if (args.command == "reader") != (args.name is not None):
+        parser.error("a NAME goes with `reader` only")
     try:
         stack = Stack.load(create=args.command == "up")
         if args.command == "env":
             print(write_env_file(stack).read_text(), end="")
+            return 0
+        if args.command == "reader":
+            path = add_reader(stack, args.name)
+            print(f"reader '{args.name}' (MLflow: read only) in {path} (mode 600): hand it over privately; "
+                  f"they use it with  . {path.name}")
             return 0
         return {"up": up, "status": status, "down": down}[args.command](stack)
     except StackError as exc:

@@ -52,3 +52,18 @@ def test_unavailable_device_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "imagegen train-gan: error: params.yaml train.device: 'cuda' is not available on this machine; use auto or cpu"
     ]
+
+
+def test_a_password_in_a_tracking_uri_is_never_printed(tmp_path):
+    import os
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on: the server "is down"
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://team:s3cret-pw@127.0.0.1:{port}"}
+    result = subprocess.run([sys.executable, "-m", "imagegen.cli", "sample", "--model", "models:/m@champion",
+                             "--out", "x.npy"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "s3cret-pw" not in result.stdout + result.stderr
+    assert f"http://team:***@127.0.0.1:{port}" in result.stderr.strip().splitlines()[-1]
