@@ -188,3 +188,30 @@ def test_the_pipeline_note_lists_what_ran_what_dvc_skipped_and_what_is_still_to_
     assert tracking.change_reason(status["train-gan"]) == "changed deps: params.yaml gan.epochs modified"
     unknown = tracking.stage_summary({"evaluate"}, None)  # not under DVC: no reason known
     assert unknown["skipped"] == [] and "train-gan" in unknown["unknown"]
+
+
+# --- the model card's pieces
+
+@pytest.mark.parametrize("metric, direction", [("fid", "lower ↓"), ("fid_inception", "lower ↓"), ("kid_mean", "lower ↓"),
+                                               ("nll_iwae_per_dim", "lower ↓"), ("recall", "higher ↑"),
+                                               ("class_entropy", "higher ↑"), ("kid_std", ""), ("n_samples", "")])
+def test_each_card_metric_has_its_better_direction(metric, direction):
+    from imagegen.registry import better
+
+    assert better(metric) == direction
+
+
+def test_card_numbers_have_one_format():
+    from imagegen.registry import number
+
+    assert [number(v) for v in (4.80088, "4.80088", 0.05633, 274.41882, 10000, "30.0", None, float("nan"))] == [
+        "4.801", "4.801", "0.05633", "274.4", "10000", "30", "—", "nan"]
+
+
+def test_params_diff_lists_only_what_changed():
+    from imagegen.registry import params_diff
+
+    champion = {"vae.beta": "0.05", "vae.epochs": "16", "train.limit": "None"}
+    mine = {"vae.beta": "0.5", "vae.epochs": "16", "vae.prior": "mixture"}
+    assert params_diff(mine, champion) == [("train.limit", "None", "—"), ("vae.beta", "0.05", "0.5"),
+                                           ("vae.prior", "—", "mixture")]
