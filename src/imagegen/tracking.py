@@ -542,9 +542,11 @@ def end_pipeline_stage(parent: str, status: str) -> None:
         MlflowClient().set_terminated(parent, status)
 
 
-def log_dataset(root: Path, dataset: str, context: str) -> None:
+def log_dataset(root: Path, dataset: str, context: str, limit: int | None = None) -> None:
     """The prepared data as the active run's dataset input: digest = its DVC hash (dvc.lock), source =
-    the folder, profile = images per split and class, schema = the per-image manifest's columns."""
+    the folder, profile = images per split and class, schema = the per-image manifest's columns.
+    `limit` (train.limit): only the first N training images count, in the profile and, for a training run,
+    in its tags data_images / data_images_per_class (what it was trained on)."""
     import mlflow
     import pandas as pd
     from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -555,15 +557,18 @@ def log_dataset(root: Path, dataset: str, context: str) -> None:
 
     folder = (root / PREPARED_DIR).resolve()
     try:
-        manifest = pd.read_parquet(folder / MANIFEST, columns=["split", "label"])
+        manifest = pd.read_parquet(folder / MANIFEST)
     except (OSError, ValueError):  # no manifest (a hand-made folder): count the labels of the arrays
         import numpy as np
 
         frames = []
         for split in ("train", "test"):
             with contextlib.suppress(OSError, KeyError, ValueError), np.load(folder / f"{split}.npz") as f:
-                frames.append(pd.DataFrame({"split": split, "label": f["labels"]}))
-        manifest = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"split": [], "label": []})
+                frames.append(pd.DataFrame({"split": split, "label": f["labels"], "index": range(len(f["labels"]))}))
+        manifest = (pd.concat(frames, ignore_index=True) if frames
+                    else pd.DataFrame({"split": [], "label": [], "index": []}))
+    if limit:  # load_split's first `limit` images of the train split
+        manifest = manifest[(manifest["split"] != "train") | (manifest["index"] < limit)]
     try:
         classes = read_info(folder, dataset).classes
     except ImagegenError:  # no dataset.json and not a built-in: label numbers
@@ -573,9 +578,13 @@ def log_dataset(root: Path, dataset: str, context: str) -> None:
                  for split, group in manifest.groupby("split", sort=False)}
     digest = dvc_out_md5(root, "prepare", str(PREPARED_DIR))
     profile = {"images": {split: sum(counts.values()) for split, counts in per_class.items()},
-               "images_per_class": per_class, "dvc_md5": digest}
+               "images_per_class": per_class, "dvc_md5": digest, **({"train_limit": limit} if limit else {})}
     if digest == "untracked":
         digest = "untracked-" + hashlib.sha256(json.dumps(profile, sort_keys=True).encode()).hexdigest()[:26]
+    if context == "training":
+        trained = per_class.get("train", {})
+        mlflow.set_tags({"data_images": str(sum(trained.values())),
+                         "data_images_per_class": json.dumps(trained, sort_keys=True)[:4000]})
 
     class ImageData(PandasDataset):
         @property
@@ -594,6 +603,15 @@ def log_dataset(root: Path, dataset: str, context: str) -> None:
 
         mlflow.MlflowClient().log_inputs(parent, [DatasetInput(data._to_mlflow_entity(),
                                                                [InputTag("mlflow.data.context", "pipeline")])])
+
+
+def log_summary(metrics: dict, per_epoch) -> None:
+    """A stage's end-of-run numbers as `summary/<name>` metrics (one chart section of their own), leaving out
+    those logged per epoch (`per_epoch`: their last values are already the run's values) and non-numbers."""
+    import mlflow
+
+    mlflow.log_metrics({f"summary/{k}": float(v) for k, v in metrics.items()
+                        if k not in per_epoch and isinstance(v, (int, float)) and not isinstance(v, bool)})
 
 
 def flatten(tree: dict, sep: str = ".", prefix: str = "") -> dict[str, object]:
