@@ -1,19 +1,18 @@
 """The accepted data profile travels with the champion: the register stage logs data/profile with the
-registered versions (artifact folder `data_profile` of the register run, tag `data_version_number` on each
-version), and validate / accept-classes read it back, so every clone and worker gates against the same
+registered versions (artifact folder `data_profile` of the register run, tags `data_version_number` and
+`data_profile_run_id` on each version), and validate / accept-classes read it back, so every clone and worker gates against the same
 baseline. Without a champion (or one registered before profiles travelled) the local data/profile is it.
 What comes back from the store is untrusted: drift.load_profile checks every part of it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
 from imagegen import tracking
-from imagegen.data.accepted import PROFILE, PROFILE_ARTIFACT, PROFILE_DIR, VERSION_TAG
+from imagegen.data.accepted import PROFILE, PROFILE_ARTIFACT, PROFILE_DIR, PROFILE_RUN_TAG, VERSION_TAG
 from imagegen.errors import ImagegenError
 
 log = logging.getLogger(__name__)
@@ -28,15 +27,6 @@ def log_profile(root: Path) -> None:
 
     if (root / PROFILE_DIR / PROFILE).is_file():
         mlflow.log_artifacts(str(root / PROFILE_DIR), PROFILE_ARTIFACT)
-
-
-def profile_number(root: Path) -> int | None:
-    """The data version number of data/profile (None: no profile, or one from before the numbers)."""
-    try:
-        number = json.loads((root / PROFILE_DIR / PROFILE).read_text()).get(VERSION_TAG)
-    except (OSError, ValueError, AttributeError):
-        return None
-    return number if type(number) is int else None
 
 
 def champion_profile(root: Path, dataset: str, dst: Path) -> tuple[Path, str] | None:
@@ -63,7 +53,8 @@ def champion_profile(root: Path, dataset: str, dst: Path) -> tuple[Path, str] | 
                                 f"({exc.error_code})") from None
         number = version.tags.get(VERSION_TAG, "")
         if number.isdigit():
-            found.append((int(number), f"{version.name} v{version.version}", version.run_id))
+            found.append((int(number), f"{version.name} v{version.version}",
+                          version.tags.get(PROFILE_RUN_TAG, version.run_id)))
     if not found:
         return None
     number, which, run_id = max(found, key=lambda f: f[0])  # both champions come from one run as a rule

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from imagegen import baseline, tracking
 from imagegen.config import Config, model_params
+from imagegen.data.accepted import PROFILE_RUN_TAG, VERSION_TAG
 from imagegen.data.prepared import PREPARED_DIR
 from imagegen.errors import ImagegenError
 from imagegen.fsutil import sha256_file, write_json
@@ -56,7 +57,7 @@ EVALUATION = Path("metrics") / "evaluate.json"
 OUTPUT = Path("metrics") / "register.json"
 DECISION_TAG = "decision"  # promoted / kept: written before any alias moves
 REGISTRATION_TAG = "registration"  # pending from creation until the aliases are moved, then complete
-DATA_NUMBER_TAG = "data_version_number"  # the monotonic data version a version was trained on
+DATA_NUMBER_TAG = VERSION_TAG  # the monotonic data version a version was trained on
 DRIFT = Path("metrics") / "drift.json"
 FAULT_ENV = "IMAGEGEN_FAULT"  # register:<step>: the process dies (SIGKILL) at that step, for tests
 LOCK_TIMEOUT_ENV, LOCK_TIMEOUT_S = "IMAGEGEN_REGISTER_LOCK_TIMEOUT_S", 1800.0
@@ -179,6 +180,7 @@ def fault(step: str) -> None:
 
 def create_version(client, cfg: Config, root: Path, kind: str, folder: Path, metrics: dict, sha: str, run):
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     from imagegen import serving
 
@@ -204,10 +206,15 @@ def create_version(client, cfg: Config, root: Path, kind: str, folder: Path, met
     if number is not None:
         tags[DATA_NUMBER_TAG] = str(number)
     tags.pop("device")
-    if baseline.profile_number(root) is not None:
-        tags[baseline.VERSION_TAG] = str(baseline.profile_number(root))
-    with quiet_mlflow():
-        version = mlflow.register_model(info.model_uri, f"{cfg.data.dataset}-{kind}", tags=tags)
+    tags[PROFILE_RUN_TAG] = run.info.run_id  # the register run, which holds the data profile (imagegen.baseline)
+    name = f"{cfg.data.dataset}-{kind}"
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    # run_id: the training run that wrote the weights (the model itself is logged in the register run)
+    version = client.create_model_version(name, info.model_uri, run_id=training_run, tags=tags, model_id=info.model_id)
     log.info("register: %s version %s created from %s", version.name, version.version, folder)
     return client.get_model_version(version.name, version.version)
 
@@ -321,10 +328,48 @@ A GAN can miss rare modes (see recall and `class_entropy`); a VAE's samples are 
 likelihood suggests."""
 
 
+MODEL_DESCRIPTION = """\
+{kind_text} trained on `{dataset}` by the imagegen pipeline (DVC stages train-{kind}, evaluate, register).
+Each version's description is its model card: metrics against the champion it was compared with, the params
+that differ from the champion's, the data version and the runs. Aliases: `champion` (the best by the
+register stage's metric), `challenger` (the latest registered)."""
+KIND_TEXT = {"gan": "A DCGAN-style image generator (EMA generator weights)",
+             "vae": "A convolutional VAE with a fitted prior"}
+# Each metric's better direction in the model card (by name, then by prefix); none: a count or a diagnostic.
+LOWER, HIGHER = "lower ↓", "higher ↑"
+BETTER = {"fid": LOWER, "kid_mean": LOWER, "nelbo": LOWER, "nll_iwae": LOWER, "recon_bce": LOWER, "recon_mse": LOWER,
+          "precision": HIGHER, "recall": HIGHER, "class_entropy": HIGHER, "min_class_ratio": HIGHER,
+          "domain_is": HIGHER}
+
+
+def better(metric: str) -> str:
+    """'lower ↓', 'higher ↑' or '' for a metric of the card (fid_inception, nll_iwae_per_dim: as their stem)."""
+    stem = next((k for k in sorted(BETTER, key=len, reverse=True) if metric == k or metric.startswith(k + "_")), None)
+    return BETTER[stem] if stem else ""
+
+
+def number(value) -> str:
+    """One format for every number of the card: whole numbers as they are, others with 4 significant digits."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "—"
+    if not math.isfinite(value):
+        return str(value)
+    return f"{int(value):d}" if value.is_integer() and abs(value) < 1e15 else f"{value:.4g}"
+
+
+def params_diff(mine: dict[str, str], theirs: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(param, the champion's value, this version's value) for each param whose values differ ('—': absent)."""
+    return [(key, theirs.get(key, "—"), mine.get(key, "—")) for key in sorted(mine.keys() | theirs.keys())
+            if mine.get(key) != theirs.get(key)]
+
+
 class ModelCard:
-    """The model card of a registered version: markdown with data version, metrics against the previous
-    champion, the decision, a sample grid, links to the training and evaluation runs, intended use and
-    known limits. It becomes the version's description and `<kind>/model_card.md` in the register run."""
+    """The model card of a registered version: markdown with the experiment that made it, data version, metrics
+    against the previous champion (each with its better direction), the params that differ from the champion's,
+    the decision, a sample grid, links to the training and evaluation runs, intended use and known limits. It
+    becomes the version's description and `<kind>/model_card.md` in the register run."""
 
     def __init__(self, client, root: Path, kind: str, metrics: dict[str, float], run):
         self.client, self.root, self.kind, self.metrics, self.run = client, root, kind, metrics, run
@@ -341,14 +386,25 @@ class ModelCard:
         mlflow.log_text(text, f"{folder}/model_card.md")
         self.client.set_model_version_tag(name, version.version, "model_card",
                                           f"runs:/{self.run.info.run_id}/{folder}/model_card.md")
+        self.describe_model(name)
         return text
+
+    def describe_model(self, name: str) -> None:
+        """The registered model's own description and tags, once (a description written by hand stays)."""
+        if self.client.get_registered_model(name).description:
+            return
+        dataset = name.rsplit("-", 1)[0]
+        self.client.update_registered_model(name, description=MODEL_DESCRIPTION.format(
+            kind_text=KIND_TEXT.get(self.kind, self.kind), dataset=dataset, kind=self.kind))
+        for key, value in {"dataset": dataset, "kind": self.kind, "pipeline": "imagegen"}.items():
+            self.client.set_registered_model_tag(name, key, value)
 
     def markdown(self, name: str, version, champion, decision: Decision, summary: str) -> str:
         tags, exp = version.tags, self.run.info.experiment_id
         before = {k[len(METRIC_TAG):]: v for k, v in (champion.tags if champion else {}).items()
                   if k.startswith(METRIC_TAG)}
         head = f"champion before (v{champion.version})" if champion else "champion before"
-        rows = [f"| {k} | {v:.6g} | {before.get(k, '—')} |" for k, v in sorted(self.metrics.items())]
+        rows = [f"| {k} | {better(k)} | {number(v)} | {number(before.get(k))} |" for k, v in sorted(self.metrics.items())]
         training = tags.get("training_run_id", "?")
         evaluation = self.evaluation_run(tags.get("weights_sha256", ""))
         folder = f"model_cards/{name}-v{version.version}"
@@ -356,9 +412,11 @@ class ModelCard:
                 f"&run_uuid={self.run.info.run_id})")
         lines = [
             f"# {name} version {version.version}", "",
+            f"**Experiment: {self.experiment(tags)}.**", "",
             f"**Decision: {'champion' if decision.promote else 'challenger'}.** {summary}", "",
             "## Metrics (test split, this version vs the champion it was compared with)", "",
-            f"| metric | this version | {head} |", "| --- | --- | --- |", *rows, "",
+            f"| metric | better | this version | {head} |", "| :--- | :---: | ---: | ---: |", *rows, "",
+            *self.params_section(tags, champion),
             "## Data", "",
             f"- dataset `{name.rsplit('-', 1)[0]}`, prepared data DVC md5 `{tags.get('dvc_data_md5', '?')}`",
             f"- images {self.description.shape_text} (C x H x W = "
@@ -376,6 +434,40 @@ class ModelCard:
                                 classes=", ".join(self.description.classes) or "unnamed"), "",
         ]
         return "\n".join(lines)
+
+    def experiment(self, tags: dict) -> str:
+        """What made this version: the `dvc exp run` experiment, the pipeline run (linked), or a lone stage."""
+        exp = self.run.info.experiment_id
+        parent = self.client.get_run(self.run.info.run_id).data.tags.get("mlflow.parentRunId")
+        pipeline = (f"pipeline run [{self.client.get_run(parent).info.run_name}](#/experiments/{exp}/runs/{parent})"
+                    if parent else "a register run outside a pipeline")
+        if name := tags.get("dvc_exp_name"):
+            return f"DVC experiment `{name}` (`dvc exp show --rev {name}`), {pipeline}"
+        return pipeline
+
+    def params_section(self, tags: dict, champion) -> list[str]:
+        """The params of the training run that differ from those of the champion's training run."""
+        title = "## Params that differ from the champion's"
+        if champion is None:
+            return [title, "", "No champion to compare with.", ""]
+        mine, theirs = self.training_params(tags), self.training_params(champion.tags)
+        if mine is None or theirs is None:
+            return [title, "", "Not known: a training run is missing (trained with mlflow off?).", ""]
+        diff = params_diff(mine, theirs)
+        if not diff:
+            return [f"{title} (v{champion.version})", "", "None: the same params.", ""]
+        return [f"{title} (v{champion.version})", "", f"| param | champion v{champion.version} | this version |",
+                "| :--- | ---: | ---: |", *(f"| {k} | {a} | {b} |" for k, a, b in diff), ""]
+
+    def training_params(self, tags: dict) -> dict[str, str] | None:
+        """The params of the training run a version's tag `training_run_id` names (None: not a training run)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(tags.get("training_run_id", ""))
+        except MlflowException:
+            return None
+        return run.data.params if run.data.tags.get("weights_sha256") else None
 
     def evaluation_run(self, sha: str) -> str | None:
         """The latest evaluate run that scored these weights (tag <kind>_weights_sha256)."""

@@ -17,9 +17,11 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -50,6 +52,18 @@ STANDALONE = "standalone"  # the pipeline_run tag of a stage run outside any pip
 PROCESS_TAG = "imagegen.process"  # host:pid:start-time of the process that owns a RUNNING run
 WORKDIR_TAG = "imagegen.workdir"  # the project folder it runs in
 DB_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+STAGE_TAG = "stage"  # the bare stage name of a stage run (its run name also names the pipeline run)
+# The pipeline (parent) run's row in the runs table: a few headline metrics, read from the evaluate stage's
+# output (metrics/evaluate.json) whenever one of its stages ends, and the params that tell variants apart.
+# Every other param stays on the stage runs.
+HEADLINE_METRICS = {"gan_fid": ("gan", "fid"), "vae_fid": ("vae", "fid"), "vae_nll": ("vae", "nll_iwae")}
+VARIANT_PARAMS = ("data.dataset", "train.limit", "gan.epochs", "gan.lr_g", "gan.width", "vae.epochs", "vae.beta",
+                  "vae.latent_dim", "vae.prior")
+# The stages that log a run; the pipeline run lists which of them ran and which DVC skipped.
+RUN_STAGES = ("train-features", "train-gan", "train-vae", "evaluate", "register")
+# A saved view of the runs table with the headline columns (MLflow >= 3.15 keeps saved views as experiment tags
+# mlflow.sharedViewState.<key>); the README's link opens it: #/experiments/<id>?viewStateShareKey=headline
+VIEW_KEY, VIEW_NAME = "headline", "Headline metrics"
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +103,34 @@ def experiment_id(name: str, root: Path) -> str:
 
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
+        client = mlflow.MlflowClient()
         if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made by an older version, or by hand
-            mlflow.MlflowClient().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        view = found.tags.get(view_tag())
+        if view is None or json.loads(view).get("state") != view_state():  # missing, or from an older version
+            client.set_experiment_tag(found.experiment_id, view_tag(), saved_view())
         return found.experiment_id
     embedded = mlflow.get_tracking_uri() == embedded_uri(root)
     location = (root / EMBEDDED_ARTIFACTS).resolve().as_uri() if embedded else None
-    return mlflow.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    return mlflow.create_experiment(name, artifact_location=location,
+                                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, view_tag(): saved_view()})
+
+
+def view_tag() -> str:
+    return f"mlflow.sharedViewState.{VIEW_KEY}"
+
+
+def view_state() -> str:
+    """The saved view's runs-table state, as MLflow's UI stores it (JSON text): the data version, the headline
+    metrics and the variant params as columns."""
+    columns = ["attributes.`Dataset`", *(f"metrics.`{m}`" for m in HEADLINE_METRICS),
+               *(f"params.`{p}`" for p in VARIANT_PARAMS)]
+    return json.dumps({"selectedColumns": columns, "orderByKey": "attributes.start_time", "orderByAsc": False})
+
+
+def saved_view() -> str:
+    now = int(time.time() * 1000)
+    return json.dumps({"name": VIEW_NAME, "createdAt": now, "updatedAt": now, "state": view_state()})
 
 
 def lineage_tags(root: Path, params: dict, device: str) -> dict[str, str]:
@@ -320,8 +356,8 @@ def stage_run(root: Path, experiment: str, run_name: str, params: dict, tags: di
             log.info("continuing MLflow run %s (%s)", run_id, run_name)
         else:
             parent = os.environ.get(PARENT_RUN_ENV) or pipeline_parent(exp_id, tags.get("pipeline_run"), root)
-            run = mlflow.start_run(experiment_id=exp_id, run_name=run_name,
-                                   tags={**tags, **owner, "run_kind": "stage"},
+            run = mlflow.start_run(experiment_id=exp_id, run_name=stage_run_name(client, parent, run_name),
+                                   tags={**tags, **owner, "run_kind": "stage", STAGE_TAG: run_name},
                                    parent_run_id=parent, log_system_metrics=system_metrics)
             mlflow.log_params(params)
     except Exception as exc:  # MLflow raises many kinds for an unreachable or broken store
@@ -339,7 +375,17 @@ def stage_run(root: Path, experiment: str, run_name: str, params: dict, tags: di
     finally:
         end_run(status)
         if parent and not os.environ.get(PARENT_RUN_ENV):
+            update_pipeline(root, parent)
             end_pipeline_stage(parent, status)
+
+
+def stage_run_name(client, parent: str | None, stage: str) -> str:
+    """`<experiment or pipeline run> · <stage>`: what tells two pipelines' runs of a stage apart in
+    compare views (the `dvc exp run` experiment's name, else the parent run's); the stage alone without one."""
+    if not parent:
+        return stage
+    label = os.environ.get(DVC_EXP_NAME_ENV) or client.get_run(parent).info.run_name
+    return f"{label} · {stage}"
 
 
 def end_run(status: str) -> None:
@@ -397,10 +443,98 @@ def pipeline_parent(exp_id: str, key: str | None, root: Path) -> str | None:
         params = flatten(yaml.safe_load((root / "params.yaml").read_text()) or {})
     except (OSError, yaml.YAMLError):
         params = {}
-    items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
-    for start in range(0, len(items), 100):
-        client.log_batch(run.info.run_id, params=items[start:start + 100])
+    client.log_batch(run.info.run_id, params=[Param(k, str(params[k])) for k in VARIANT_PARAMS if k in params])
     return run.info.run_id
+
+
+def update_pipeline(root: Path, parent: str) -> None:
+    """After each stage run: the parent carries the current headline metrics (from metrics/evaluate.json, also
+    when evaluate was up to date and did not run) and says which stages ran and which DVC skipped (best effort)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
+
+    client = MlflowClient()
+    try:
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, 0) for k, v in headline_metrics(root).items()]
+        ran = {r.data.tags.get(STAGE_TAG) for r in client.search_runs(
+            [client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=100)}
+        summary = stage_summary(ran, dvc_changes(root))
+        tags = [RunTag("stages_ran", ", ".join(summary["ran"]) or "none"),
+                RunTag("stages_skipped", ", ".join(summary["skipped"]) or "none"),
+                RunTag("mlflow.note.content", pipeline_note(summary))]
+        client.log_batch(parent, metrics=metrics, tags=tags)
+    except Exception as exc:
+        log.warning("could not update the pipeline run %s: %s: %s", parent, type(exc).__name__, str(exc)[:200])
+
+
+def headline_metrics(root: Path) -> dict[str, float]:
+    """HEADLINE_METRICS from metrics/evaluate.json: those present as finite numbers ({} before evaluate has run)."""
+    try:
+        evaluation = json.loads((root / "metrics" / "evaluate.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    found = {}
+    for name, (kind, key) in HEADLINE_METRICS.items():
+        value = evaluation.get(kind, {}).get(key) if isinstance(evaluation, dict) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            found[name] = float(value)
+    return found
+
+
+def dvc_changes(root: Path) -> dict[str, list] | None:
+    """`dvc status --json` of the project: the stages that are not up to date and why, or None outside a DVC
+    stage or when it fails. (DVC unlocks the repository while a stage's command runs, so a stage may ask.)"""
+    if not os.environ.get(DVC_STAGE_ENV):
+        return None
+    try:
+        done = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True,
+                              text=True, timeout=120)
+        changes = json.loads(done.stdout) if done.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+    return changes if isinstance(changes, dict) else None
+
+
+def stage_summary(ran: set, changes: dict | None) -> dict[str, list[str]]:
+    """Which RUN_STAGES ran in this pipeline run (they have a run under it), which DVC skipped as unchanged,
+    and which are still to run with DVC's reason (the stages `dvc status` lists); unknown without `changes`."""
+    ran_now = [s for s in RUN_STAGES if s in ran]
+    if changes is None:
+        return {"ran": ran_now, "skipped": [], "pending": [], "unknown": [s for s in RUN_STAGES if s not in ran]}
+    pending = [f"{stage} ({change_reason(why)})" for stage, why in changes.items() if stage not in ran]
+    skipped = [s for s in RUN_STAGES if s not in ran and s not in changes]
+    return {"ran": ran_now, "skipped": skipped, "pending": pending, "unknown": []}
+
+
+def change_reason(entries) -> str:
+    """DVC's status entries of a stage, e.g. [{"changed deps": {"params.yaml": {"gan.epochs": "modified"}}}],
+    as one phrase: "changed deps: params.yaml gan.epochs modified"."""
+    def words(value) -> str:
+        if isinstance(value, dict):
+            return ", ".join(f"{key} {words(inner)}" for key, inner in value.items())
+        return str(value)
+
+    entries = entries if isinstance(entries, list) else [entries]
+    parts = [f"{what}: {words(items)}" for entry in entries if isinstance(entry, dict) for what, items in entry.items()]
+    parts += [str(entry) for entry in entries if not isinstance(entry, dict)]  # e.g. "always changed"
+    return "; ".join(parts)[:300] or "changed"
+
+
+def pipeline_note(summary: dict[str, list[str]]) -> str:
+    """The parent run's description: what ran and what DVC skipped, so a row with few stages explains itself."""
+    lines = ["One pipeline run: its stages are the nested runs below.", "",
+             f"- **Ran:** {', '.join(summary['ran']) or 'none'}"]
+    if summary["skipped"]:
+        lines.append(f"- **Skipped by DVC, up to date** (\"didn't change\": deps, params and outputs match "
+                     f"dvc.lock): {', '.join(summary['skipped'])}")
+    if summary["pending"]:
+        lines.append(f"- **Still to run** (DVC status): {'; '.join(summary['pending'])}")
+    if summary["unknown"]:
+        lines.append(f"- **No run here** (not run under DVC, so no reason known): {', '.join(summary['unknown'])}")
+    lines += ["", "The headline metrics are those of the current outputs (metrics/evaluate.json), also when "
+              "evaluate was up to date."]
+    return "\n".join(lines)
 
 
 def end_pipeline_stage(parent: str, status: str) -> None:
@@ -411,21 +545,11 @@ def end_pipeline_stage(parent: str, status: str) -> None:
         MlflowClient().set_terminated(parent, status)
 
 
-def log_to_pipeline(metrics: dict[str, float]) -> None:
-    """Headline metrics of a stage also on its pipeline's parent run, so the runs table compares pipelines."""
-    import mlflow
-    from mlflow.entities import Metric
-
-    run = mlflow.active_run()
-    parent = mlflow.get_run(run.info.run_id).data.tags.get("mlflow.parentRunId") if run else None
-    if parent:
-        now = int(time.time() * 1000)
-        mlflow.MlflowClient().log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
-
-
-def log_dataset(root: Path, dataset: str, context: str) -> None:
+def log_dataset(root: Path, dataset: str, context: str, limit: int | None = None) -> None:
     """The prepared data as the active run's dataset input: digest = its DVC hash (dvc.lock), source =
-    the folder, profile = images per split and class, schema = the per-image manifest's columns."""
+    the folder, profile = images per split and class, schema = the per-image manifest's columns.
+    `limit` (train.limit): only the first N training images count, in the profile and, for a training run,
+    in its tags data_images / data_images_per_class (what it was trained on)."""
     import mlflow
     import pandas as pd
     from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -436,15 +560,18 @@ def log_dataset(root: Path, dataset: str, context: str) -> None:
 
     folder = (root / PREPARED_DIR).resolve()
     try:
-        manifest = pd.read_parquet(folder / MANIFEST, columns=["split", "label"])
+        manifest = pd.read_parquet(folder / MANIFEST)
     except (OSError, ValueError):  # no manifest (a hand-made folder): count the labels of the arrays
         import numpy as np
 
         frames = []
         for split in ("train", "test"):
             with contextlib.suppress(OSError, KeyError, ValueError), np.load(folder / f"{split}.npz") as f:
-                frames.append(pd.DataFrame({"split": split, "label": f["labels"]}))
-        manifest = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"split": [], "label": []})
+                frames.append(pd.DataFrame({"split": split, "label": f["labels"], "index": range(len(f["labels"]))}))
+        manifest = (pd.concat(frames, ignore_index=True) if frames
+                    else pd.DataFrame({"split": [], "label": [], "index": []}))
+    if limit:  # load_split's first `limit` images of the train split
+        manifest = manifest[(manifest["split"] != "train") | (manifest["index"] < limit)]
     try:
         classes = read_info(folder, dataset).classes
     except ImagegenError:  # no dataset.json and not a built-in: label numbers
@@ -454,9 +581,13 @@ def log_dataset(root: Path, dataset: str, context: str) -> None:
                  for split, group in manifest.groupby("split", sort=False)}
     digest = dvc_out_md5(root, "prepare", str(PREPARED_DIR))
     profile = {"images": {split: sum(counts.values()) for split, counts in per_class.items()},
-               "images_per_class": per_class, "dvc_md5": digest}
+               "images_per_class": per_class, "dvc_md5": digest, **({"train_limit": limit} if limit else {})}
     if digest == "untracked":
         digest = "untracked-" + hashlib.sha256(json.dumps(profile, sort_keys=True).encode()).hexdigest()[:26]
+    if context == "training":
+        trained = per_class.get("train", {})
+        mlflow.set_tags({"data_images": str(sum(trained.values())),
+                         "data_images_per_class": json.dumps(trained, sort_keys=True)[:4000]})
 
     class ImageData(PandasDataset):
         @property
@@ -475,6 +606,15 @@ def log_dataset(root: Path, dataset: str, context: str) -> None:
 
         mlflow.MlflowClient().log_inputs(parent, [DatasetInput(data._to_mlflow_entity(),
                                                                [InputTag("mlflow.data.context", "pipeline")])])
+
+
+def log_summary(metrics: dict, per_epoch) -> None:
+    """A stage's end-of-run numbers as `summary/<name>` metrics (one chart section of their own), leaving out
+    those logged per epoch (`per_epoch`: their last values are already the run's values) and non-numbers."""
+    import mlflow
+
+    mlflow.log_metrics({f"summary/{k}": float(v) for k, v in metrics.items()
+                        if k not in per_epoch and isinstance(v, (int, float)) and not isinstance(v, bool)})
 
 
 def flatten(tree: dict, sep: str = ".", prefix: str = "") -> dict[str, object]:

@@ -185,7 +185,7 @@ def test_resumed_run_continues_its_mlflow_run_and_abandoned_runs_are_marked(tmp_
     assert "resuming from" in resumed.stderr and f"continuing MLflow run {killed.info.run_id}" in resumed.stderr
     client, (run,) = train_runs(root)
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "d_loss")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/d")] == [1, 2, 3]
     assert torch.load(checkpoint, weights_only=True)["run"] == {"mlflow_run_id": run.info.run_id}
 
     # other params: killed again; its checkpoint is then discarded by a third set of params

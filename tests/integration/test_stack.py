@@ -294,7 +294,7 @@ def test_3_tracking_in_postgres_and_artifacts_in_the_object_store(team):
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     assert {"train-gan", "train-vae", "evaluate", "register"} <= runs.keys()
     assert all(runs[name].info.status == "FINISHED" for name in ("train-gan", "train-vae", "evaluate", "register"))
-    assert [m.step for m in client.get_metric_history(runs["train-gan"].info.run_id, "d_loss")] == [1]
+    assert [m.step for m in client.get_metric_history(runs["train-gan"].info.run_id, "loss/d")] == [1]
     assert "gan/fid" in runs["evaluate"].data.metrics
     assert team.registry() == {GAN: {"aliases": {"champion": 1, "challenger": 1}, "versions": [1]},
                                VAE: {"aliases": {"champion": 1, "challenger": 1}, "versions": [1]}}

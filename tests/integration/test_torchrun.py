@@ -88,7 +88,7 @@ def test_two_nodes_train_resume_under_ddp_and_only_rank0_writes(tmp_path):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{reference[0] / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("imagegen-fashion-mnist").experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name == "train-gan"  # one run: rank 0's
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "d_loss")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/d")] == [1, 2, 3]
 
     # The same run killed after its first checkpoints, then launched again: it resumes under DDP.
     folders = nodes(tmp_path / "resumed", mlflow=False)

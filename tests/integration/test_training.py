@@ -227,7 +227,7 @@ def test_mlflow_run_in_real_sqlite_store(tmp_path, monkeypatch):
     assert run.data.tags["device"] == "cpu"
     weights = (root / "models/gan/weights.pt").read_bytes()
     assert run.data.tags["weights_sha256"] == hashlib.sha256(weights).hexdigest()
-    history = client.get_metric_history(run.info.run_id, "d_loss")
+    history = client.get_metric_history(run.info.run_id, "loss/d")
     assert [m.step for m in history] == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert artifacts == {"samples/samples-epoch-001.png", "samples/samples-epoch-002.png"}
@@ -239,6 +239,22 @@ def test_mlflow_run_in_real_sqlite_store(tmp_path, monkeypatch):
     (dataset,) = run.inputs.dataset_inputs
     assert dataset.dataset.digest.startswith("untracked-")  # no dvc.lock here
     assert json.loads(dataset.dataset.profile)["images"] == {"train": 128}
+    assert run.data.tags["data_images"] == "128" and sum(json.loads(run.data.tags["data_images_per_class"]).values()) == 128
+    assert run.data.metrics["summary/epochs"] == 2 and not any(k.startswith("final_") for k in run.data.metrics)
+    assert "loss/d" in run.data.metrics and "summary/d_loss" not in run.data.metrics  # per epoch, not again
+
+
+def test_a_limited_run_counts_what_it_trained_on(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root, cfg = make_root(tmp_path, train={"mlflow": True, "limit": 40}, vae={"epochs": 1})
+    run_train(cfg, "vae", root)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("imagegen-fashion-mnist").experiment_id])
+    profile = json.loads(run.inputs.dataset_inputs[0].dataset.profile)
+    assert profile["images"] == {"train": 40} and profile["train_limit"] == 40
+    assert run.data.tags["data_images"] == "40" and sum(json.loads(run.data.tags["data_images_per_class"]).values()) == 40
 
 
 def test_stage_runs_of_one_pipeline_nest_under_one_parent(tmp_path, monkeypatch):
@@ -257,11 +273,13 @@ def test_stage_runs_of_one_pipeline_nest_under_one_parent(tmp_path, monkeypatch)
     (parent,) = [r for r in runs if r.data.tags.get("run_kind") == "pipeline"]
     stages = [r for r in runs if r.data.tags.get("run_kind") == "stage"]
     assert len(runs) == 3
-    assert sorted(r.info.run_name for r in stages) == ["train-gan", "train-vae"]
+    assert sorted(r.data.tags["stage"] for r in stages) == ["train-gan", "train-vae"]
+    assert {r.info.run_name for r in stages} == {f"{parent.info.run_name} · {s}" for s in ("train-gan", "train-vae")}
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in stages)
     assert parent.data.tags["pipeline_run"] == "test-pipeline-1" and parent.info.status == "FINISHED"
     assert parent.info.end_time >= max(r.info.end_time for r in stages)
-    assert parent.data.params["gan.epochs"] == "1"  # the pipeline's params.yaml
+    assert parent.data.params["gan.epochs"] == "1"  # the pipeline's params.yaml: the variant's params only
+    assert "gan.batch_size" not in parent.data.params and parent.data.tags["stages_ran"] == "train-gan, train-vae"
 
 
 def test_gan_ships_the_epoch_with_the_best_fid_probe(tmp_path):

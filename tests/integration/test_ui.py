@@ -37,6 +37,8 @@ TINY = {
 STAGE_RUNS = {"train-features", "train-gan", "train-vae", "evaluate", "register"}
 EXPERIMENT = "imagegen-fashion-mnist"
 ML_VIEW = "workflowType=machine_learning"  # the README's link: MLflow 3.17 opens the runs table with it
+HEADLINE_VIEW = "viewStateShareKey=headline"  # ... and the saved view with the headline columns
+HEADLINES = {"gan_fid", "vae_fid", "vae_nll"}
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 
 
@@ -86,14 +88,23 @@ def children(runs, parent) -> list:
     return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
 
 
+def stage(run) -> str | None:
+    return run.data.tags.get("stage")
+
+
+def stage_runs(runs, name: str) -> list:
+    return sorted((r for r in runs if stage(r) == name), key=lambda r: r.info.start_time)
+
+
 # --- the store, through MLflow's client
 
-def test_one_parent_run_per_pipeline_run_with_the_stage_runs_nested(runs, client):
+def test_one_parent_run_per_pipeline_run_with_the_stage_runs_nested(pipeline, runs, client):
     experiment = client.get_experiment_by_name(EXPERIMENT)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     repro, exp = parents(runs)
-    assert {r.info.run_name for r in children(runs, repro)} == STAGE_RUNS
-    assert {r.info.run_name for r in children(runs, exp)} == {"train-vae", "evaluate", "register"}
+    assert {stage(r) for r in children(runs, repro)} == STAGE_RUNS
+    assert {stage(r) for r in children(runs, exp)} == {"train-vae", "evaluate", "register"}
+    assert {r.info.run_name for r in children(runs, repro)} == {f"{repro.info.run_name} · {s}" for s in STAGE_RUNS}
     assert len(runs) == 2 + 5 + 3  # nothing else: no stray, un-nested stage runs
     for parent in (repro, exp):
         stages = children(runs, parent)
@@ -103,7 +114,17 @@ def test_one_parent_run_per_pipeline_run_with_the_stage_runs_nested(runs, client
         assert parent.info.end_time >= max(s.info.end_time for s in stages)  # it spans its stages
     assert repro.data.tags["pipeline_run"] != exp.data.tags["pipeline_run"]
     assert repro.info.run_name.startswith("dvc repro ") and repro.data.params["gan.epochs"] == "2"
-    assert exp.data.metrics["vae/fid"] > 0  # headline metrics on the pipeline's row
+    # the pipeline's row: the headline metrics and the variant's few params (all params stay on the stage runs)
+    evaluation = json.loads((pipeline / "metrics/evaluate.json").read_text())  # the workspace: the experiment's
+    assert set(repro.data.metrics) == set(exp.data.metrics) == HEADLINES
+    assert exp.data.metrics["vae_fid"] == pytest.approx(evaluation["vae"]["fid"])
+    assert exp.data.metrics["gan_fid"] == repro.data.metrics["gan_fid"]  # GAN up to date: its current FID
+    assert exp.data.params["vae.beta"] == "0.5" and len(repro.data.params) < 12
+    assert all(r.data.params["gan.batch_size"] == "32" for r in stage_runs(runs, "train-gan"))
+    # what ran and what DVC skipped as up to date
+    assert exp.data.tags["stages_ran"] == "train-vae, evaluate, register"
+    assert exp.data.tags["stages_skipped"] == "train-features, train-gan"
+    assert "didn't change" in exp.data.tags["mlflow.note.content"]
 
 
 def test_dvc_exp_runs_carry_the_experiment_name_and_baseline(pipeline, runs, client):
@@ -113,6 +134,8 @@ def test_dvc_exp_runs_carry_the_experiment_name_and_baseline(pipeline, runs, cli
     head = run(pipeline, "git", "rev-parse", "HEAD").strip()
     _, exp = parents(runs)
     assert exp.info.run_name == f"dvc exp {names[0]}"
+    assert {r.info.run_name for r in children(runs, exp)} == {f"{names[0]} · {s}" for s in ("train-vae", "evaluate",
+                                                                                           "register")}
     # the README's search filter finds the experiment's pipeline run and its three stage runs
     found = client.search_runs([exp.info.experiment_id], f"tags.dvc_exp_name = '{names[0]}'")
     assert len(found) == 4 and all(r.data.tags["dvc_exp_baseline_rev"] == head for r in found)
@@ -123,26 +146,30 @@ def test_dvc_exp_runs_carry_the_experiment_name_and_baseline(pipeline, runs, cli
 def test_stages_that_read_data_log_it_as_a_dataset_with_the_dvc_hash(pipeline, runs):
     lock = yaml.safe_load((pipeline / "dvc.lock").read_text())
     md5 = next(o["md5"] for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/prepared")
-    readers = [r for r in runs if r.info.run_name in {"train-features", "train-gan", "train-vae", "evaluate"}]
+    readers = [r for r in runs if stage(r) in {"train-features", "train-gan", "train-vae", "evaluate"}]
     assert len(readers) == 6
     for r in readers:
         (dataset,) = [d.dataset for d in r.inputs.dataset_inputs]
         assert dataset.name == "fashion-mnist-prepared" and dataset.digest == md5[:36]
         assert json.loads(dataset.source)["uri"].endswith("data/prepared")
         profile = json.loads(dataset.profile)
-        assert profile["images"] == {"train": 60000, "test": 10000}
-        assert profile["images_per_class"]["train"]["Ankle boot"] == 6000
-    contexts = {r.info.run_name: r.inputs.dataset_inputs[0].tags[0].value for r in readers}
+        if stage(r) == "evaluate":
+            assert profile["images"] == {"train": 60000, "test": 10000}
+            assert profile["images_per_class"]["train"]["Ankle boot"] == 6000
+        else:  # train.limit: 256 images trained on, and the run says so
+            assert profile["images"] == {"train": 256, "test": 10000} and r.data.tags["data_images"] == "256"
+    contexts = {stage(r): r.inputs.dataset_inputs[0].tags[0].value for r in readers}
     assert contexts["evaluate"] == "evaluation" and contexts["train-gan"] == "training"
 
 
 def test_train_features_logs_its_run_and_evaluate_spans_its_work(pipeline, runs, client):
-    (features,) = [r for r in runs if r.info.run_name == "train-features"]
+    (features,) = stage_runs(runs, "train-features")
     assert features.data.params["features.epochs"] == "2"
     assert [m.step for m in client.get_metric_history(features.info.run_id, "test_accuracy")] == [1, 2]
     accuracy = json.loads((pipeline / "metrics/features.json").read_text())["test_accuracy"]
-    assert features.data.metrics["final_test_accuracy"] == pytest.approx(accuracy)
-    evaluate = max((r for r in runs if r.info.run_name == "evaluate"), key=lambda r: r.info.start_time)
+    assert features.data.metrics["test_accuracy"] == pytest.approx(accuracy)
+    assert features.data.metrics["summary/epochs"] == 2 and not any(k.startswith("final_") for k in features.data.metrics)
+    evaluate = stage_runs(runs, "evaluate")[-1]
     scoring_s = json.loads((pipeline / "metrics/evaluate.json").read_text())["seconds"]
     assert (evaluate.info.end_time - evaluate.info.start_time) / 1000 >= scoring_s
 
@@ -151,7 +178,7 @@ def test_sample_grids_are_readable_and_the_evaluate_run_shows_both_models(pipeli
     from PIL import Image
 
     assert Image.open(pipeline / "reports/gan/samples-epoch-002.png").size == (8 * 86 + 2, 8 * 86 + 2)
-    evaluate = next(r for r in runs if r.info.run_name == "evaluate")
+    evaluate = stage_runs(runs, "evaluate")[0]
     logged = {a.path for a in client.list_artifacts(evaluate.info.run_id, "evaluate")}
     assert "evaluate/gan-vs-vae.png" in logged
 
@@ -163,6 +190,9 @@ def test_each_registered_version_has_a_model_card(runs, client):
                  "prepared data DVC md5", "## Runs", "Intended use", "Known limits", "get-artifact?path="):
         assert part in card, part
     assert f"runs/{version.tags['training_run_id']})" in card
+    assert version.run_id == version.tags["training_run_id"] == stage_runs(runs, "train-vae")[-1].info.run_id
+    assert "| vae.beta | 0.05 | 0.5 |" in card  # the param that differs from the champion's (v1)
+    assert "| fid | lower ↓ |" in card and "DVC experiment `" in card
     register_run, path = version.tags["model_card"].removeprefix("runs:/").split("/", 1)
     assert client.download_artifacts(register_run, path).endswith("model_card.md")
     assert {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(register_run, path.rsplit("/", 1)[0])} == {
@@ -233,8 +263,9 @@ def close_assistant(page) -> None:
 
 
 def open_runs_table(page, ui: str, client) -> None:
+    """The runs table as the README's link opens it: the saved view with the headline columns."""
     experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
-    page.goto(f"{ui}/#/experiments/{experiment}?{ML_VIEW}")
+    page.goto(f"{ui}/#/experiments/{experiment}?{HEADLINE_VIEW}&{ML_VIEW}")
     page.get_by_text("matching runs").wait_for()
 
 
@@ -246,8 +277,11 @@ def test_experiment_opens_on_the_runs_table_and_a_pipeline_row_expands(page, ui,
     assert not page.get_by_text("train-gan", exact=True).count()  # collapsed: one row per pipeline run
     expand = page.locator('button[data-component-id*="runnamecellrenderer"]')
     assert expand.count() == 2
+    for column in (*HEADLINES, "vae.beta"):  # the headline columns, shown by the saved view
+        page.get_by_role("columnheader", name=column).first.wait_for()
     expand.last.click()  # the older pipeline run: `dvc repro`
-    page.get_by_text("train-gan", exact=True).wait_for()
+    repro, _ = parents(runs)
+    page.get_by_text(f"{repro.info.run_name} · train-gan", exact=True).wait_for()
     texts = " ".join(rows.all_inner_texts())
     assert all(name in texts for name in STAGE_RUNS)
     # the Dataset column names the data and its DVC hash
@@ -258,7 +292,7 @@ def test_experiment_opens_on_the_runs_table_and_a_pipeline_row_expands(page, ui,
 
 
 def test_a_runs_metric_charts_render(page, ui, client, runs, tmp_path):
-    gan = next(r for r in runs if r.info.run_name == "train-gan")
+    (gan,) = stage_runs(runs, "train-gan")
     page.goto(f"{ui}/#/experiments/{gan.info.experiment_id}/runs/{gan.info.run_id}/model-metrics?{ML_VIEW}")
     page.get_by_text("fid_probe").first.wait_for()
     charts = page.locator("svg.main-svg")
@@ -266,6 +300,7 @@ def test_a_runs_metric_charts_render(page, ui, client, runs, tmp_path):
     assert charts.count() >= 4
     traces = page.locator("svg.main-svg g.trace path, svg.main-svg g.trace .point")
     assert traces.count() > 0  # lines/points drawn, not empty axes
+    page.get_by_text("loss/d").first.wait_for()  # the losses in one section
     close_assistant(page)
     screenshot(page, "mlflow-run-charts.png", tmp_path)
 
@@ -325,3 +360,47 @@ def test_the_report_renders_offline(page, pipeline, tmp_path):
     assert "<td>champion</td>" in report.read_text()  # GAN: unchanged, still the champion
     page.set_viewport_size({"width": 1300, "height": 1250})
     screenshot(page, "report.png", tmp_path)
+
+
+def test_two_runs_of_a_stage_have_distinct_names_in_the_compare_view(page, ui, runs):
+    first, second = stage_runs(runs, "train-vae")
+    assert first.info.run_name != second.info.run_name
+    ids = ",".join(f'"{r.info.run_id}"' for r in (first, second))
+    page.goto(f"{ui}/#/compare-runs?runs=[{ids}]&experiments=[\"{first.info.experiment_id}\"]&{ML_VIEW}")
+    for r in (first, second):
+        page.get_by_text(r.info.run_name).first.wait_for()
+
+
+def test_the_second_versions_card_lists_the_changed_param_and_links_its_training_run(page, ui, runs):
+    training = stage_runs(runs, "train-vae")[-1]
+    page.goto(f"{ui}/#/models/fashion-mnist-vae/versions/2?{ML_VIEW}")
+    page.get_by_text("Params that differ from the champion's").wait_for()
+    row = page.get_by_role("row").filter(has=page.get_by_role("cell", name="vae.beta", exact=True))
+    assert row.first.inner_text().split() == ["vae.beta", "0.05", "0.5"]
+    assert page.get_by_role("cell", name="lower ↓").count() >= 1
+    link = page.locator(f'a[href*="/runs/{training.info.run_id}"]')
+    assert link.count() >= 1  # the version's source run and the card's training link
+
+
+def test_a_pipeline_run_says_which_stages_dvc_skipped(page, ui, runs):
+    _, exp = parents(runs)
+    page.goto(f"{ui}/#/experiments/{exp.info.experiment_id}/runs/{exp.info.run_id}?{ML_VIEW}")
+    page.get_by_text("Skipped by DVC").first.wait_for()
+    assert "train-features, train-gan" in page.inner_text("body")
+
+
+@pytest.fixture(scope="module")
+def noop_exp(pipeline, client) -> list:
+    """A third pipeline run whose training stages re-run (a param they read changed) but produce the same
+    weights, so that evaluate and register are up to date: the last tests of this module use it."""
+    run(pipeline, "dvc", "exp", "run", "-S", "train.system_metrics=false")
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    return client.search_runs([experiment.experiment_id], max_results=100)
+
+
+def test_a_pipeline_run_whose_evaluation_was_up_to_date_still_has_the_headline_metrics(noop_exp, client):
+    earlier, noop = parents(noop_exp)[1:]
+    assert noop.data.tags["stages_ran"] == "train-gan, train-vae"
+    assert noop.data.tags["stages_skipped"] == "train-features, evaluate, register"
+    assert noop.data.metrics == earlier.data.metrics  # the current outputs' numbers: the row stays comparable
+    assert len(client.search_model_versions("name = 'fashion-mnist-vae'")) == 2  # nothing new registered

@@ -140,3 +140,78 @@ def test_report_without_evaluation_is_a_one_line_error_and_writes_nothing(tmp_pa
     with pytest.raises(ImagegenError, match=r"metrics/evaluate.json: missing; run the pipeline"):
         run_report(Config(), tmp_path)
     assert not (tmp_path / OUTPUT).exists()
+
+
+# --- the pipeline run's row: headline metrics, stage names, what ran and what DVC skipped
+
+def test_headline_metrics_come_from_the_evaluation_file(tmp_path):
+    assert tracking.headline_metrics(tmp_path) == {}  # before evaluate has run
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/evaluate.json").write_text(
+        '{"gan": {"fid": 4.8, "recall": 0.4}, "vae": {"fid": NaN, "nll_iwae": 274.4}, "seconds": 3}')
+    assert tracking.headline_metrics(tmp_path) == {"gan_fid": 4.8, "vae_nll": 274.4}  # NaN left out
+
+
+def test_the_saved_view_shows_the_headline_columns_as_mlflows_ui_reads_it():
+    import json
+
+    view = json.loads(tracking.saved_view())
+    assert view["name"] == "Headline metrics" and isinstance(view["createdAt"], int)
+    state = json.loads(view["state"])  # the UI expects the state as JSON text inside the envelope
+    assert state["selectedColumns"][:4] == ["attributes.`Dataset`", "metrics.`gan_fid`", "metrics.`vae_fid`",
+                                            "metrics.`vae_nll`"]
+    assert "params.`vae.beta`" in state["selectedColumns"]
+    assert tracking.view_tag() == "mlflow.sharedViewState.headline"
+
+
+def test_stage_runs_are_named_after_their_pipeline_run(clean_env, tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("e", artifact_location=tmp_path.as_uri())
+    parent = client.create_run(experiment, run_name="dvc repro 2026-12-03 09:00").info.run_id
+    assert tracking.stage_run_name(client, None, "train-gan") == "train-gan"  # a stage on its own
+    assert tracking.stage_run_name(client, parent, "train-gan") == "dvc repro 2026-12-03 09:00 · train-gan"
+    clean_env.setenv("DVC_EXP_NAME", "hefty-moth")
+    assert tracking.stage_run_name(client, parent, "train-gan") == "hefty-moth · train-gan"
+
+
+def test_the_pipeline_note_lists_what_ran_what_dvc_skipped_and_what_is_still_to_run():
+    status = {"report": [{"changed deps": {"metrics/train-gan.json": "modified"}}],
+              "train-gan": [{"changed deps": {"params.yaml": {"gan.epochs": "modified"}}}]}
+    summary = tracking.stage_summary({"train-gan", None}, status)
+    assert summary == {"ran": ["train-gan"], "skipped": ["train-features", "train-vae", "evaluate", "register"],
+                       "pending": ["report (changed deps: metrics/train-gan.json modified)"], "unknown": []}
+    note = tracking.pipeline_note(summary)
+    assert "**Ran:** train-gan" in note
+    assert "didn't change" in note and "train-features, train-vae, evaluate, register" in note
+    assert tracking.change_reason(status["train-gan"]) == "changed deps: params.yaml gan.epochs modified"
+    unknown = tracking.stage_summary({"evaluate"}, None)  # not under DVC: no reason known
+    assert unknown["skipped"] == [] and "train-gan" in unknown["unknown"]
+
+
+# --- the model card's pieces
+
+@pytest.mark.parametrize("metric, direction", [("fid", "lower ↓"), ("fid_inception", "lower ↓"), ("kid_mean", "lower ↓"),
+                                               ("nll_iwae_per_dim", "lower ↓"), ("recall", "higher ↑"),
+                                               ("class_entropy", "higher ↑"), ("kid_std", ""), ("n_samples", "")])
+def test_each_card_metric_has_its_better_direction(metric, direction):
+    from imagegen.registry import better
+
+    assert better(metric) == direction
+
+
+def test_card_numbers_have_one_format():
+    from imagegen.registry import number
+
+    assert [number(v) for v in (4.80088, "4.80088", 0.05633, 274.41882, 10000, "30.0", None, float("nan"))] == [
+        "4.801", "4.801", "0.05633", "274.4", "10000", "30", "—", "nan"]
+
+
+def test_params_diff_lists_only_what_changed():
+    from imagegen.registry import params_diff
+
+    champion = {"vae.beta": "0.05", "vae.epochs": "16", "train.limit": "None"}
+    mine = {"vae.beta": "0.5", "vae.epochs": "16", "vae.prior": "mixture"}
+    assert params_diff(mine, champion) == [("train.limit", "None", "—"), ("vae.beta", "0.05", "0.5"),
+                                           ("vae.prior", "—", "mixture")]

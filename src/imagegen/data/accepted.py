@@ -26,6 +26,7 @@ PROFILE = "profile.json"
 CLASS_ORDER = Path("data/classes.json")
 PROFILE_ARTIFACT = "data_profile"  # the folder of the register run holding the accepted profile
 VERSION_TAG = "data_version_number"  # the registered version's tag: the data version it was trained on
+PROFILE_RUN_TAG = "data_profile_run_id"  # the registered version's tag: the run holding its PROFILE_ARTIFACT
 
 
 @dataclass(frozen=True)

@@ -93,14 +93,13 @@ def tracked_run(cfg: Config, root: Path, device) -> Iterator[Callable[[dict | No
               **flat_section("features", cfg.features)}
     tags = tracking.lineage_tags(root, params, str(device))
     with tracking.stage_run(root, f"imagegen-{cfg.data.dataset}", "train-features", params, tags):
-        tracking.log_dataset(root, cfg.data.dataset, "training")
+        tracking.log_dataset(root, cfg.data.dataset, "training", cfg.train.limit)
 
         def on_epoch(row: dict | None, final: dict) -> None:
             if row is not None:
                 mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=row["epoch"])
             else:
-                mlflow.log_metrics({f"final_{k}": float(v) for k, v in final.items()
-                                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
+                tracking.log_summary(final, per_epoch={"loss", "test_accuracy"})
                 mlflow.log_artifact(str(root / "plots" / "train-features.csv"))
 
         yield on_epoch

@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 KINDS = GENERATORS  # gan, vae
 REPORTS = Path("reports/evaluate")
 METRICS = Path("metrics/evaluate.json")
-HEADLINE = ("fid", "kid_mean", "precision", "recall", "nll_iwae")  # also logged on the pipeline's parent run
 
 
 @dataclass(frozen=True)
@@ -250,6 +249,5 @@ def log_results(root: Path, results: dict) -> None:
     metrics = {name: value for name, value in tracking.flatten(results, "/").items()
                if isinstance(value, (int, float)) and not isinstance(value, bool)}
     mlflow.log_metrics(metrics)
-    tracking.log_to_pipeline({k: v for k, v in metrics.items() if k.split("/")[-1] in HEADLINE})
     mlflow.log_artifacts(str(root / REPORTS), artifact_path="evaluate")
     mlflow.log_artifact(str(root / METRICS))

@@ -115,7 +115,7 @@ def run_train(cfg: Config, kind: str, root: Path = Path(".")) -> TrainResult:
         previous_run = (state or {}).get("run", {}).get("mlflow_run_id")
         with tracking.stage_run(root, f"imagegen-{cfg.data.dataset}", f"train-{kind}", params, tags,
                                 system_metrics=cfg.train.system_metrics, resume_run_id=previous_run) as run:
-            tracking.log_dataset(root, cfg.data.dataset, "training")
+            tracking.log_dataset(root, cfg.data.dataset, "training", cfg.train.limit)
             loop_cfg = replace(loop_cfg, run_info={"mlflow_run_id": run.info.run_id})
             history = train(task, data, loop_cfg, runtime, Chain(probe, grids, MlflowLogger(grids)), state)
             result = finish(task, history, cfg, kind, runtime, out, data, info, loop_cfg)
@@ -208,6 +208,11 @@ class BestByFid(TrainingLogger):
         self.task.keep_if_best(epoch, metrics["fid_probe"])
 
 
+# MLflow names of per-epoch metrics: MLflow's chart tab puts the metrics of one prefix in one section,
+# so a model's losses are side by side (the plots CSV keeps the plain names).
+EPOCH_METRICS = {"d_loss": "loss/d", "g_loss": "loss/g", "loss": "loss/total", "recon": "loss/recon", "kl": "loss/kl"}
+
+
 class MlflowLogger(TrainingLogger):
     def __init__(self, grids: GridWriter):
         self.grids = grids
@@ -215,7 +220,7 @@ class MlflowLogger(TrainingLogger):
     def on_epoch_end(self, epoch, metrics, samples):
         import mlflow
 
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        mlflow.log_metrics({EPOCH_METRICS.get(k, k): float(v) for k, v in metrics.items() if k != "epoch"}, step=epoch)
         mlflow.log_artifact(str(self.grids.last), artifact_path="samples")
 
 
@@ -284,7 +289,9 @@ def write_plot(path: Path, rows: list[dict]) -> None:
 def log_outputs(result: TrainResult, out: dict) -> None:
     import mlflow
 
-    mlflow.log_metrics({f"final_{k}": v for k, v in result.metrics.items() if isinstance(v, (int, float)) and v is not None})
+    from imagegen import tracking
+
+    tracking.log_summary(result.metrics, per_epoch=EPOCH_METRICS.keys() | {"d_real", "d_fake", "fid_probe"})
     # The register stage finds the run that trained a model by this tag.
     mlflow.set_tag("weights_sha256", sha256_file(out["model"] / WEIGHTS))
     mlflow.log_artifacts(str(out["model"]), artifact_path="model")
