@@ -237,17 +237,17 @@ def decode_image(f, suffix: str, size: int, channels: int, background: str) -> t
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     expected = FORMATS[suffix]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is lower
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is lower
+        try:
             image = Image.open(f, formats=[expected])  # reads the header only
-    except UnidentifiedImageError:
-        raise Skipped("content", content_detail(f, expected, suffix)) from None
-    except Image.DecompressionBombError as exc:
-        raise Skipped("too-large", str(exc)) from None
+        except UnidentifiedImageError:
+            raise Skipped("content", content_detail(f, expected, suffix)) from None
+        except Image.DecompressionBombError as exc:
+            raise Skipped("too-large", str(exc)) from None
     with image:
         width, height, mode = image.width, image.height, image.mode
-        if image.format == "JPEG":
+        if expected == "JPEG":  # MPO (a camera's multi-picture JPEG) too
             image.draft(None, (size, size))  # let the JPEG decoder downscale by 2, 4 or 8 (never below size)
         limit = (MAX_SCALE * size) ** 2
         if image.width * image.height > limit:
