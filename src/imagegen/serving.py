@@ -20,6 +20,7 @@ A bad request raises MlflowException(INVALID_PARAMETER_VALUE), which the scoring
 answers with HTTP 400 and the message (no traceback). No error message repeats more than a few
 hundred characters of the request (MAX_ERROR_CHARS): MLflow's own "not valid JSON" message would
 echo the whole body, so loading the model caps the scoring server's error messages too.
+A body over MAX_BODY_BYTES is answered with HTTP 413 and one line, before it is read whole or parsed.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ MODEL_ARTIFACT = "model"  # the key of the models/<kind> folder among the pyfunc
 OUTPUT_COLUMNS = ["request", "index", "label", "png"]
 MAX_ERROR_CHARS = 500  # an error answer's message, at most
 MAX_VALUE_CHARS = 40  # a request value quoted in an error message, at most
+MAX_BODY_BYTES = 1 << 20  # a request body, at most (MAX_IMAGES images take a few KB of JSON)
+DRAIN_BYTES = 64 << 20  # of a body over the limit, read (and dropped) at most this much before answering
 
 
 # MLflow warns at class creation that predict has no type hints: the signature is given explicitly instead.
@@ -54,6 +57,7 @@ with warnings.catch_warnings():
             from imagegen.models.io import load_model
 
             cap_scoring_server_errors()
+            limit_scoring_server_body()
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
             self.module, self.description = load_model(Path(context.artifacts[MODEL_ARTIFACT]), self.device)
 
@@ -115,6 +119,69 @@ def cap_scoring_server_errors() -> None:
 
     capped_catch.imagegen_capped = True
     scoring_server._async_catch_mlflow_exception = capped_catch
+
+
+def limit_scoring_server_body() -> None:
+    """Make the MLflow scoring server answer 413 to a body over MAX_BODY_BYTES: by its Content-Length before
+    reading it, else (chunked) as soon as the bytes streamed pass the limit; MLflow's handler, which reads the
+    whole body and parses it, then gets the body read here. Hooked in as cap_scoring_server_errors is."""
+    from functools import wraps
+
+    from mlflow.pyfunc import scoring_server
+
+    original = scoring_server._async_catch_mlflow_exception
+    if getattr(original, "imagegen_body_limit", False):
+        return
+
+    def limited_catch(func):
+        @wraps(func)
+        async def handler(request):
+            body = await bounded_body(request)
+            if body is None:
+                return body_too_large()
+            return await func(replayed(request, body))
+
+        return original(handler)
+
+    limited_catch.imagegen_body_limit = True
+    scoring_server._async_catch_mlflow_exception = limited_catch
+
+
+async def bounded_body(request) -> bytes | None:
+    """The request's body, or None when it is over MAX_BODY_BYTES (by its Content-Length, else counted as it
+    streams). Bytes past the limit are read and dropped, up to DRAIN_BYTES, so that a client still sending
+    gets the 413 rather than a reset connection."""
+    length = request.headers.get("content-length", "")
+    over = length.isdigit() and int(length) > MAX_BODY_BYTES
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        over = over or size > MAX_BODY_BYTES
+        if not over:
+            chunks.append(chunk)
+        elif size > DRAIN_BYTES:
+            break
+    return None if over else b"".join(chunks)
+
+
+def replayed(request, body: bytes):
+    """A request like `request` whose body (already read) is `body`."""
+    from starlette.requests import Request
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(request.scope, receive)
+
+
+def body_too_large():
+    import json
+
+    from starlette.responses import Response
+
+    message = f"request: body over {MAX_BODY_BYTES} bytes; expected at most that ({MAX_IMAGES} images take a few KB)"
+    return Response(json.dumps({"error_code": "REQUEST_LIMIT_EXCEEDED", "message": message}), status_code=413,
+                    media_type="application/json")
 
 
 def parse_requests(model_input, description) -> list[tuple[int, int, int | None]]:

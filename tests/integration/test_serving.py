@@ -108,14 +108,42 @@ def post_raw(url: str, body: bytes) -> tuple[int, bytes]:
 
 
 def test_a_bad_request_is_not_echoed_back(served):
-    """5 MB of garbage, or a 5 MB value, is answered with a short 400, not with the input."""
+    """900 KB of garbage, or a 900 KB value, is answered with a short 400, not with the input."""
     from imagegen.serving import MAX_ERROR_CHARS
 
     url, _ = served
-    garbage = np.random.default_rng(0).integers(0, 256, 5 << 20, dtype=np.uint8).tobytes()
-    for body in (garbage, json.dumps({"dataframe_records": [{"n": "x" * (5 << 20)}]}).encode()):
+    garbage = np.random.default_rng(0).integers(0, 256, 900 << 10, dtype=np.uint8).tobytes()
+    for body in (garbage, json.dumps({"dataframe_records": [{"n": "x" * (900 << 10)}]}).encode()):
         status, answer = post_raw(url, body)
         assert status == 400
         assert len(answer) < 2048, answer[:300]
         assert len(json.loads(answer)["message"]) < MAX_ERROR_CHARS + 40
         assert json.loads(answer)["error_code"] in ("BAD_REQUEST", "INVALID_PARAMETER_VALUE")
+
+
+def test_an_oversized_body_is_413_before_it_is_parsed(served):
+    """11 MB of valid rows (parsed, they would cost about 700 MB and seconds): refused by the Content-Length, and
+    sent chunked (no length), by the bytes counted as they stream; 413 and one line, not 400 after parsing."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    from imagegen.serving import MAX_BODY_BYTES
+
+    url, _ = served
+    body = b'{"dataframe_records": [' + b'{"n": 1}, ' * (11 * 2**20 // 10) + b'{"n": 1}]}'
+    expected = {"error_code": "REQUEST_LIMIT_EXCEEDED",
+                "message": f"request: body over {MAX_BODY_BYTES} bytes; expected at most that (1024 images take a few KB)"}
+    status, answer = post_raw(url, body)
+    assert (status, json.loads(answer)) == (413, expected)
+
+    address = urlsplit(url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=120)
+    try:
+        connection.request("POST", "/invocations", body=(body[i:i + (1 << 20)] for i in range(0, len(body), 1 << 20)),
+                           headers={"Content-Type": "application/json"}, encode_chunked=True)
+        response = connection.getresponse()
+        assert (response.status, json.loads(response.read())) == (413, expected)
+    finally:
+        connection.close()
+    status, answer = post(url, {"dataframe_records": [{"n": 1}]})  # the server is still there
+    assert status == 200, answer

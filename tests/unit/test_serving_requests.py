@@ -85,7 +85,7 @@ def test_the_scoring_server_caps_error_answers(tmp_path):
                              signature=serving.signature(), pip_requirements=["torch"])
     app = scoring_server.init(mlflow.pyfunc.load_model(str(tmp_path / "pyfunc")))
     client = TestClient(app)
-    garbage = b"\xff" + bytes(range(256)) * 4096  # 1 MB, not JSON, not UTF-8
+    garbage = b"\xff" + bytes(range(256)) * 2048  # 512 KB, not JSON, not UTF-8
     answer = client.post("/invocations", content=garbage, headers={"Content-Type": "application/json"})
     assert answer.status_code == 400
     assert len(answer.content) < 2048
@@ -93,3 +93,11 @@ def test_the_scoring_server_caps_error_answers(tmp_path):
     assert len(message) < serving.MAX_ERROR_CHARS + 40 and message.endswith("more characters)")
     good = client.post("/invocations", json={"dataframe_records": [{"n": 2}]})
     assert good.status_code == 200 and len(good.json()["predictions"]) == 2
+
+    # 11 MB of valid rows: 413 and one line, with a Content-Length and sent chunked (counted as it streams)
+    body = b'{"dataframe_records": [' + b'{"n": 1}, ' * (11 * 2**20 // 10) + b'{"n": 1}]}'
+    for content in (body, (body[i:i + (1 << 20)] for i in range(0, len(body), 1 << 20))):
+        answer = client.post("/invocations", content=content, headers={"Content-Type": "application/json"})
+        assert answer.status_code == 413
+        assert answer.json()["message"] == (f"request: body over {serving.MAX_BODY_BYTES} bytes; expected at most "
+                                            "that (1024 images take a few KB)")

@@ -45,8 +45,8 @@ def builtin_arrays(dataset: str, data: DataConfig) -> dict[str, tuple[np.ndarray
     spec = DATASETS[dataset]
     data = data.model_copy(update={"dataset": dataset})
     with tempfile.TemporaryDirectory(prefix="imagegen-export-") as tmp:
-        for file_spec in spec.files.values():
-            fetch_file(file_spec, expand_sources(data), Path(tmp), data, dataset)
+        for key, file_spec in spec.files.items():
+            fetch_file(file_spec, expand_sources(data), Path(tmp), data, dataset, spec.file_size(key))
         return {split: load_split(Path(tmp), spec, split) for split in SPLITS}
 
 

@@ -12,8 +12,9 @@ The folder is untrusted input (filled by other people and tools), so nothing in 
   folders are ignored (counted only).
 - Split: a file goes to test when its sha256, read as a fraction of 2**256, is below
   data.test_fraction. So adding images never moves an existing one, and identical files share a split.
-- Decoding (Pillow): EXIF orientation applied; 16-bit grey resized while 16-bit, then scaled to 8 bits;
-  palette, CMYK and the rest converted; transparency composited on data.background; then the central
+- Decoding (Pillow): EXIF orientation applied; a large image first box-reduced by an integer factor
+  (to 3 x image_size or more); 16-bit grey resized while 16-bit, then scaled to 8 bits; palette, CMYK
+  and the rest converted; transparency composited on data.background; then the central
   square (side = the shorter side) resized to image_size x image_size with Lanczos (antialiased) and
   converted to the configured channels.
 - Decoding runs on every core (order-preserving), streaming into per-split memory-mapped arrays, so
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 FORMATS = {".bmp": "BMP", ".jpeg": "JPEG", ".jpg": "JPEG", ".png": "PNG", ".webp": "WEBP"}  # extension -> Pillow's
 IMAGE_SUFFIXES = tuple(FORMATS)
 MAX_SCALE = 128  # an image decodes to at most (MAX_SCALE * image_size)**2 pixels: 64 Mpx at 64 x 64
+REDUCE_GAP = 3  # a large image is first box-reduced to no less than REDUCE_GAP x image_size (then Lanczos)
 WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # more than 8 bits per pixel
 SCAN = "scan.json"  # beside the arrays: what the scan found (every skipped file, with its reason)
 CHUNK = 16  # files per task handed to a decoding process
@@ -235,26 +237,27 @@ def decode_image(f, suffix: str, size: int, channels: int, background: str) -> t
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     expected = FORMATS[suffix]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is lower
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is lower
+        try:
             image = Image.open(f, formats=[expected])  # reads the header only
-    except UnidentifiedImageError:
-        raise Skipped("content", content_detail(f, expected, suffix)) from None
-    except Image.DecompressionBombError as exc:
-        raise Skipped("too-large", str(exc)) from None
+        except UnidentifiedImageError:
+            raise Skipped("content", content_detail(f, expected, suffix)) from None
+        except Image.DecompressionBombError as exc:
+            raise Skipped("too-large", str(exc)) from None
     with image:
         width, height, mode = image.width, image.height, image.mode
-        if image.format == "JPEG":
+        if expected == "JPEG":  # MPO (a camera's multi-picture JPEG) too
             image.draft(None, (size, size))  # let the JPEG decoder downscale by 2, 4 or 8 (never below size)
         limit = (MAX_SCALE * size) ** 2
         if image.width * image.height > limit:
             raise Skipped("too-large", f"{width} x {height} pixels, over the limit of {limit / 1e6:.1f} Mpx "
                                        f"for image_size {size} ({MAX_SCALE} x image_size per side); downscale it")
         image.load()  # a truncated or damaged file fails here
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no full-size copy when there is nothing to turn
         if image.mode in WIDE_MODES:
             image = central_square(image, size)  # resized while 16-bit: no wide copy of the full image
+        image = reduced(image, size)
         image = central_square(to_rgb_or_grey(image, channels, background), size)
         pixels = np.asarray(image, dtype=np.uint8)
     pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
@@ -272,6 +275,16 @@ def content_detail(f, expected: str, suffix: str) -> str:
             return f"content is {image.format}, not {expected} as its extension {suffix} says"
     except (UnidentifiedImageError, Image.DecompressionBombError):
         return f"content is not {expected} as its extension {suffix} says (nor {', '.join(others)})"
+
+
+def reduced(image, size: int):
+    """A large image box-reduced by an integer factor, its shorter side still REDUCE_GAP x size or more, so that
+    the conversions and the resize after it copy a small image, not the full one (palettes and colour keys:
+    as they are, averaging them would be wrong)."""
+    factor = min(image.size) // (REDUCE_GAP * size)
+    if factor < 2 or image.mode in ("1", "P", "PA") or "transparency" in image.info:
+        return image
+    return image.reduce(factor)
 
 
 def central_square(image, size: int):

@@ -5,9 +5,9 @@ here from the arrays training reads (each image's content hash, which must equal
 manifest's, duplicate flags from those hashes, the label stored in the .npz, class share).
 The suite is the same for both splits; the expected row count comes in as a suite parameter.
 A folder dataset adds a third batch, `files` (one row per file, skipped ones included), with
-its own suite: skipped fraction (the notes count them per reason), images per class, class balance (a failure level, and a warning
-level whose expectations have severity "warning": reported, not failing), and the original sizes and
-modes as observed values in the Data Docs.
+its own suite: skipped fraction (the notes count them per reason), images per class, class balance
+(a failure level, and a warning level whose expectations have severity "warning": reported, not
+failing), and the original sizes and modes as observed values in the Data Docs.
 The content hash of each split goes to metrics/validate.json, so that the stages reading the
 data can tell that these very arrays passed (imagegen.data.validated). Results and Data
 Docs go to reports/validation/, a summary to metrics/validate.json. Any failed expectation
