@@ -108,7 +108,7 @@ class DataConfig(Section):
 class DriftConfig(Section):
     """The drift gate (data/drift.py): each check warns at `*_warn` and fails the stage at `*_fail`."""
 
-    enabled: bool = True  # false: profile and lineage only, no comparison
+    enabled: bool = True  # false: profile, lineage and the class-list check only (labels keep their meaning)
     sample: Annotated[int, Field(ge=100, le=100_000)] = 2000  # images embedded for the feature mean/covariance
     class_shift_warn: Annotated[float, Field(ge=0, le=1)] = 0.03  # total variation distance of class shares
     class_shift_fail: Annotated[float, Field(ge=0, le=1)] = 0.08

@@ -195,6 +195,8 @@ def check_profile(info, mean, cov, state, hashes) -> None:
     need(isinstance(state, dict) and set(state) == set(expected)
          and all(getattr(state[k], "shape", None) == v.shape and state[k].dtype == v.dtype for k, v in expected.items()),
          f"{EMBEDDING}: expected the embedding network's weights")
+    need(isinstance(info.get("class_changes", []), list) and all(isinstance(c, dict) for c in info.get("class_changes", [])),
+         "class_changes: expected a list of records")
     need(hashes is None or (hashes.dtype == np.uint64 and hashes.ndim == 1), f"{HASHES}: expected uint64 hashes")
 
 
@@ -332,7 +334,7 @@ def run_gate(cfg, root: Path, report_dir: Path, splits: dict, hashes: dict, base
         labels = np.concatenate([splits[s][1] for s in SPLITS])
         if reference.hashes is not None:
             batch = added_images([h for s in SPLITS for h in hashes[s]], reference.hashes)
-        if drift.enabled:
+        if drift.enabled and class_list["shared"]:
             checks = compare_views(reference, images, labels, new.info["classes"], class_list["shared"], picked,
                                    batch, net, drift) + mix_checks(reference, new)
     gate = Gate(checks, lineage(reference, new, batch, class_list), new, baseline_note,
