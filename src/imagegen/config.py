@@ -204,7 +204,8 @@ class VAEConfig(Section):
     batch_size: BatchSize = 128
     latent_dim: LatentDim = 32
     width: Width = 32
-    decoder_blocks: Annotated[int, Field(ge=0, le=8)] = 0  # residual blocks at each decoder resolution below the image's
+    decoder_blocks: Annotated[int, Field(ge=0, le=8)] = 0  # residual blocks at each decoder resolution below the image
+
     conditional: bool = False
     beta: Annotated[float, Field(gt=0, le=100)] = 0.05
     lr: LearningRate = 1e-3

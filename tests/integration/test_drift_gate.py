@@ -212,8 +212,7 @@ def grown(fashion, base: dict, extra_per_class: int, invert: bool) -> dict:
     extra = version(fashion, extra_per_class * 5 // 6, extra_per_class // 6, start=2400)
     if invert:
         extra = inverted(extra)
-    return {split: (np.concatenate([base[split][0], extra[split][0]]), np.concatenate([base[split][1], extra[split][1]]))
-            for split in base}
+    return {split: tuple(np.concatenate([base[split][i], extra[split][i]]) for i in (0, 1)) for split in base}
 
 
 def test_a_bad_batch_fails_the_batch_view_that_a_large_folder_dilutes(root, fashion):

@@ -149,8 +149,9 @@ def _prepare_folder(cfg: Config, root: Path, processes: int | None) -> PrepareRe
             images[split].append(pixels)
             flat = pixels.reshape(-1)
             as_float = flat.astype(np.float64)
-            rows[split].append((len(rows[split]), split, label_of[label], int(flat.min()), int(flat.max()), as_float.mean(),
-                                as_float.std(), hashlib.blake2b(flat.tobytes(), digest_size=16).hexdigest(),
+            rows[split].append((len(rows[split]), split, label_of[label], int(flat.min()), int(flat.max()),
+                                as_float.mean(), as_float.std(),
+                                hashlib.blake2b(flat.tobytes(), digest_size=16).hexdigest(),
                                 rel, decoded.sha256, decoded.width, decoded.height, decoded.mode))
         check_readable(folder, scan, classes, unreadable, data.max_unreadable_fraction, rows)
         for split in SPLITS:
