@@ -34,8 +34,10 @@ def main(sizes: list[int]) -> None:
             batch = images[n:n + BATCH] if kind == "clean" else 255 - images[n:n + BATCH]
             folder = np.concatenate([accepted, batch])
             sample = folder[rng.permutation(len(folder))[:SAMPLE]]
-            row = [drift.psi(old_hist, drift.histograms(folder)[0]), drift.relative_frechet(*old_moments, *moments(net, sample)),
-                   drift.psi(old_hist, drift.histograms(batch)[0]), drift.relative_frechet(*old_moments, *moments(net, batch))]
+            row = [drift.psi(old_hist, drift.histograms(folder)[0]),
+                   drift.relative_frechet(*old_moments, *moments(net, sample)),
+                   drift.psi(old_hist, drift.histograms(batch)[0]),
+                   drift.relative_frechet(*old_moments, *moments(net, batch))]
             print(f"{n:>8}  {kind:<8}  " + "  ".join(f"{v:>10.4f}" for v in row))
 
 

@@ -13,7 +13,8 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # What a copy of the project needs for `dvc repro`: the pipeline definition and the code its stages hash.
-PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config", "data/classes.json", "src", "plots/template.html")
+PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config", "data/classes.json", "src",
+                 "plots/template.html")
 
 
 @pytest.fixture(autouse=True, scope="session")

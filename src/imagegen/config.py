@@ -109,7 +109,7 @@ class DataConfig(Section):
 class DriftConfig(Section):
     """The drift gate (data/drift.py): each check warns at `*_warn` and fails the stage at `*_fail`."""
 
-    enabled: bool = True  # false: profile and lineage only, no comparison
+    enabled: bool = True  # false: profile, lineage and the class-list check only (labels keep their meaning)
     sample: Annotated[int, Field(ge=100, le=100_000)] = 2000  # images embedded for the feature mean/covariance
     class_shift_warn: Annotated[float, Field(ge=0, le=1)] = 0.03  # total variation distance of class shares
     class_shift_fail: Annotated[float, Field(ge=0, le=1)] = 0.08
@@ -222,7 +222,8 @@ class VAEConfig(Budgeted):
     batch_size: BatchSize = 128
     latent_dim: LatentDim = 32
     width: Width = 32
-    decoder_blocks: Annotated[int, Field(ge=0, le=8)] = 0  # residual blocks at each decoder resolution below the image's
+    decoder_blocks: Annotated[int, Field(ge=0, le=8)] = 0  # residual blocks at each decoder resolution below the image
+
     conditional: bool = False
     beta: Annotated[float, Field(gt=0, le=100)] = 0.05
     lr: LearningRate = 1e-3

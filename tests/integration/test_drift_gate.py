@@ -198,9 +198,9 @@ def test_a_profile_of_another_dataset_is_replaced_by_a_new_baseline(root, fashio
     validate(root, {"train": 1500, "test": 400})
     profile = root / drift.PROFILE_DIR / drift.PROFILE
     info = json.loads(profile.read_text())
-    profile.write_text(json.dumps({**info, "shape": [3, 32, 32]}))  # as if accepted for RGB 32 x 32 images
+    profile.write_text(json.dumps({**info, "shape": [1, 32, 32]}))  # as if accepted for 32 x 32 images
     replaced = validate(root, {"train": 1500, "test": 400})
-    assert replaced["baseline"].startswith("the last accepted profile is of fashion-mnist [3, 32, 32]")
+    assert replaced["baseline"].startswith("the last accepted profile is of fashion-mnist [1, 32, 32]")
     assert replaced["checks"] == {} and replaced["lineage"]["previous_data_version"] is None
     assert json.loads(profile.read_text())["shape"] == [1, 28, 28]
 
@@ -212,8 +212,7 @@ def grown(fashion, base: dict, extra_per_class: int, invert: bool) -> dict:
     extra = version(fashion, extra_per_class * 5 // 6, extra_per_class // 6, start=2400)
     if invert:
         extra = inverted(extra)
-    return {split: (np.concatenate([base[split][0], extra[split][0]]), np.concatenate([base[split][1], extra[split][1]]))
-            for split in base}
+    return {split: tuple(np.concatenate([base[split][i], extra[split][i]]) for i in (0, 1)) for split in base}
 
 
 def test_a_bad_batch_fails_the_batch_view_that_a_large_folder_dilutes(root, fashion):

@@ -55,7 +55,8 @@ def test_clean_data_passes_and_writes_reports(tmp_path):
     assert metrics["evaluated_expectations"] > 30
     assert metrics["train"]["rows"] == 120 and metrics["test"]["rows"] == 40
     assert metrics["train"]["duplicates_within_split"] == 0 and metrics["train"]["differ_from_manifest"] == 0
-    assert metrics["data_sha256"] == {**{split: split_hash(root / PREPARED_DIR / f"{split}.npz") for split in ("train", "test")},
+    assert metrics["data_sha256"] == {"train": split_hash(root / PREPARED_DIR / "train.npz"),
+                                      "test": split_hash(root / PREPARED_DIR / "test.npz"),
                                       "dataset.json": sha256_file(root / PREPARED_DIR / "dataset.json")}
     assert metrics["test"]["near_duplicates_in_other_split"] == 0
     results = json.loads((root / REPORT_DIR / "results.json").read_text())

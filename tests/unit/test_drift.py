@@ -197,3 +197,12 @@ def test_a_tampered_profile_is_refused_in_one_line(tmp_path, tamper):
     with pytest.raises(ImagegenError) as refused:
         drift.load_profile(folder)
     assert "damaged drift profile" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_order_changed_without_new_classes_fails_naming_the_order():
+    from imagegen.data.accepted import ClassOrder
+
+    swapped = drift.class_list_change(profile(["zero", "one"]), profile(["one", "zero"]), ClassOrder((), ()))
+    assert swapped["added"] == [] and swapped["removed"] == []
+    assert swapped["failure"].endswith("the accepted classes changed order (labels would change meaning): "
+                                       "restore data/classes.json")

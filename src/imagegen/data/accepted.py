@@ -49,8 +49,8 @@ def read_order(root: Path, dataset: str) -> ClassOrder:
     if entry is None:
         return ClassOrder((), ())
     classes, accepted = (entry.get("classes"), entry.get("accepted")) if isinstance(entry, dict) else (None, None)
-    if (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes)
-            or not isinstance(accepted, list) or not all(isinstance(a, dict) for a in accepted)):
+    names = isinstance(classes, list) and all(isinstance(c, str) for c in classes) and len(set(classes)) == len(classes)
+    if not names or not isinstance(accepted, list) or not all(isinstance(a, dict) for a in accepted):
         raise ImagegenError(f"{path}: {dataset}: expected classes (distinct names) and accepted (a list of records)")
     return ClassOrder(tuple(classes), tuple(accepted))
 

@@ -172,7 +172,8 @@ def check_profile(info, mean, cov, state, hashes) -> None:
             raise ValueError(what)
 
     def counts(value) -> bool:
-        return isinstance(value, dict) and all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in value.items())
+        return isinstance(value, dict) and all(isinstance(k, str) and type(v) is int and v >= 0
+                                               for k, v in value.items())
 
     need(isinstance(info, dict), "profile.json is not an object")
     for key, kind in (("dataset", str), ("data_version", str), ("content_sha256", str), ("classes", list),
@@ -188,13 +189,17 @@ def check_profile(info, mean, cov, state, hashes) -> None:
          f"histograms: expected {info['shape'][0]} x {BINS} counts")
     need(isinstance(info.get("mix", {}), dict) and all(counts(v) for v in info.get("mix", {}).values()),
          "mix: expected counts per column")
-    need(mean.dtype == np.float64 and mean.shape == (FEATURES,) and np.isfinite(mean).all(), f"{MEAN}: expected {FEATURES} floats")
+    need(mean.dtype == np.float64 and mean.shape == (FEATURES,) and np.isfinite(mean).all(),
+         f"{MEAN}: expected {FEATURES} floats")
     need(cov.dtype == np.float64 and cov.shape == (FEATURES, FEATURES) and np.isfinite(cov).all(),
          f"{COV}: expected {FEATURES} x {FEATURES} floats")
     expected = embedding_net(info["shape"][0]).state_dict()
     need(isinstance(state, dict) and set(state) == set(expected)
-         and all(getattr(state[k], "shape", None) == v.shape and state[k].dtype == v.dtype for k, v in expected.items()),
+         and all(getattr(state[k], "shape", None) == v.shape and state[k].dtype == v.dtype
+                 for k, v in expected.items()),
          f"{EMBEDDING}: expected the embedding network's weights")
+    changes = info.get("class_changes", [])
+    need(isinstance(changes, list) and all(isinstance(c, dict) for c in changes), "class_changes: expected records")
     need(hashes is None or (hashes.dtype == np.uint64 and hashes.ndim == 1), f"{HASHES}: expected uint64 hashes")
 
 
@@ -332,7 +337,7 @@ def run_gate(cfg, root: Path, report_dir: Path, splits: dict, hashes: dict, base
         labels = np.concatenate([splits[s][1] for s in SPLITS])
         if reference.hashes is not None:
             batch = added_images([h for s in SPLITS for h in hashes[s]], reference.hashes)
-        if drift.enabled:
+        if drift.enabled and class_list["shared"]:
             checks = compare_views(reference, images, labels, new.info["classes"], class_list["shared"], picked,
                                    batch, net, drift) + mix_checks(reference, new)
     gate = Gate(checks, lineage(reference, new, batch, class_list), new, baseline_note,
@@ -496,8 +501,8 @@ def page(gate: Gate, old: Profile | None) -> str:
 tr.fail{{background:#fdd}}tr.warn{{background:#ffd}}</style></head><body>
 <h1>Drift gate: {html.escape(verdict)}</h1>
 <p>Previous accepted version {lin['previous_data_version_number']} <code>{lin['previous_data_version']}</code>
-({total_old} images) vs this version {lin['data_version_number']} <code>{lin['data_version']}</code> ({total_new} images,
-{lin['images_added']:+d}).</p>
+({total_old} images) vs this version {lin['data_version_number']} <code>{lin['data_version']}</code>
+({total_new} images, {lin['images_added']:+d}).</p>
 <p>Class list: {html.escape(class_text)}</p>
 <h2>Checks</h2><p>Two views against the accepted version, on the classes both share: <b>folder</b>, every image of
 this version; <b>batch</b>, the {batch_text} whose content the accepted version did not hold (a bad batch is not

@@ -148,8 +148,9 @@ def _prepare_folder(cfg: Config, root: Path, processes: int | None) -> PrepareRe
             images[split].append(pixels)
             flat = pixels.reshape(-1)
             as_float = flat.astype(np.float64)
-            rows[split].append((len(rows[split]), split, label_of[label], int(flat.min()), int(flat.max()), as_float.mean(),
-                                as_float.std(), hashlib.blake2b(flat.tobytes(), digest_size=16).hexdigest(),
+            rows[split].append((len(rows[split]), split, label_of[label], int(flat.min()), int(flat.max()),
+                                as_float.mean(), as_float.std(),
+                                hashlib.blake2b(flat.tobytes(), digest_size=16).hexdigest(),
                                 rel, decoded.sha256, decoded.width, decoded.height, decoded.mode))
         for entry in skipped:
             log.warning("prepare: %s/%s: skipped (%s: %s)", folder, entry["path"], entry["reason"], entry["detail"])

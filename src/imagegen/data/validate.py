@@ -71,7 +71,7 @@ def run_validate(cfg: Config, root: Path = Path("."), baseline: Path | None = No
     with atomic_dir(root / REPORT_DIR) as report_dir:
         results = run_suite(batches, suites, parameters, report_dir)
         (report_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-        gate = drift.run_gate(cfg, root, report_dir, arrays, hashes, baseline)  # drift against the last accepted version: data/drift.py
+        gate = drift.run_gate(cfg, root, report_dir, arrays, hashes, baseline)  # the drift gate: data/drift.py
     failed = [(name, r) for name in batches for r in results[name]["results"] if not r["success"]]
     failures = [f"{name}: {describe(r)}" for name, r in failed if severity(r) != "warning"]
     summary = {
