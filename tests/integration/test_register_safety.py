@@ -5,8 +5,8 @@ against one server take turns through the Prefect API; an older-data candidate n
 
 from __future__ import annotations
 
+import hashlib
 import json
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from imagegen import tracking
 from imagegen.config import load_config
-from imagegen.registry import DATA_NUMBER_TAG, DECISION_TAG, REGISTRATION_TAG, run_register
+from imagegen.registry import DATA_NUMBER_TAG, DECISION_TAG, REGISTRATION_TAG, registry_lock, run_register, store_key
 from imagegen.report import champion_metrics
 from tests.helpers import cli_env, make_project
 
@@ -139,17 +139,12 @@ def test_the_report_shows_every_metric_of_the_champion(tmp_path, sqlite_store):
 
 
 def gcl_name(uri: str) -> str:
-    import hashlib
-
-    from imagegen.registry import store_key
-
     return f"imagegen-register-{hashlib.sha256(store_key(uri).encode()).hexdigest()[:16]}"
 
 
 def test_two_clones_on_two_machines_register_one_at_a_time(tmp_path, tracking_server, prefect_server, monkeypatch):
     """Separate TMPDIRs (so the host-local file locks differ, as on two machines) and two spellings of the
     server's URI: only the Prefect global concurrency limit can serialise them."""
-    from prefect.concurrency.sync import concurrency
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
     url, env = prefect_server
@@ -161,8 +156,6 @@ def test_two_clones_on_two_machines_register_one_at_a_time(tmp_path, tracking_se
     spellings = [tracking_server, tracking_server.replace("127.0.0.1", "localhost") + "/"]
     clones = [make_project(tmp_path / c, seed=s, fid={"gan": f, "vae": f}) for c, s, f in (("x", 0, 30.0), ("y", 1, 20.0))]
     logs = [tmp_path / "x.log", tmp_path / "y.log"]
-    from imagegen.registry import registry_lock
-
     with temporary_settings({PREFECT_API_URL: url, PREFECT_HOME: str(tmp_path / "home")}):
         with registry_lock(tracking_server):  # create the limit, then hold its slot while both clones start
             procs = []

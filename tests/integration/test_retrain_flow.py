@@ -275,7 +275,15 @@ def test_schedule_registers_cron_runs_and_a_worker_runs_the_flow(prefect_server,
     assert "| metrics/validate.json | train.rows | 60000 |" in summary(url, flow_run["id"])
     assert (project / "metrics" / "validate.json").exists()
 
-    after = run_cli([*deploy, "status", *names], env, project)
+    # The run-once worker has exited: only a worker that is polling now (a fresh heartbeat) counts.
+    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "test-pool"], env=env, cwd=project,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while (after := run_cli([*deploy, "status", *names], env, project)).returncode and time.monotonic() < deadline:
+            time.sleep(2)
+    finally:
+        stop(worker)
     assert after.returncode == 0, after.stdout + after.stderr
     assert "1 online polling pool 'test-pool'" in after.stdout
 

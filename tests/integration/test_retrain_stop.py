@@ -123,11 +123,11 @@ def apply(root: Path, env: dict) -> subprocess.CompletedProcess:
     return done
 
 
-@pytest.mark.parametrize("death", ["worker-sigterm", "machine-crash"])
+@pytest.mark.parametrize("death", ["cancel", "worker-sigterm", "machine-crash"])
 def test_a_worker_dying_mid_training_leaves_no_run_holding_the_slot(prefect_server, train_project, tmp_path, death):
-    """worker-sigterm: `make stack-down` stops the worker (SIGTERM to its flow runs, then to it); machine-crash:
-    the worker and the flow's processes are SIGKILLed, nothing reports. Then the worker starts again after
-    `deploy apply`, as `make stack-up` does."""
+    """cancel: Cancel in the UI (state Cancelling; the worker stops the run); worker-sigterm: `make stack-down`
+    stops the worker (SIGTERM to its flow runs, then to it); machine-crash: the worker and the flow's processes
+    are SIGKILLed, nothing reports. Then the worker starts again after `deploy apply`, as `make stack-up` does."""
     url, env = prefect_server
     root, env = train_project, client_env(prefect_server[1])
     shutil.copytree(REPO_ROOT / "pipelines", root / "pipelines", ignore=shutil.ignore_patterns("__pycache__"))
@@ -137,7 +137,9 @@ def test_a_worker_dying_mid_training_leaves_no_run_holding_the_slot(prefect_serv
     worker = start_worker("test-pool", env, root, tmp_path / "worker.log")
     try:
         wait_for(paths(root, "gan")["checkpoint"].exists, "a first checkpoint", 300)
-        if death == "worker-sigterm":
+        if death == "cancel":
+            api(url, f"flow_runs/{first['id']}/set_state", {"state": {"type": "CANCELLING"}, "force": True})
+        elif death == "worker-sigterm":
             stop_worker(worker.pid)  # as `make stack-down` stops it
             worker.wait(10)
         else:
@@ -152,15 +154,19 @@ def test_a_worker_dying_mid_training_leaves_no_run_holding_the_slot(prefect_serv
                     continue
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait(30)
-        wait_for(lambda: not stage_processes(root), "the stage's processes gone", 10)
+        seconds = wait_for(lambda: not stage_processes(root), "the stage's processes gone", 30)
+        if death == "cancel":
+            wait_for(lambda: api(url, f"flow_runs/{first['id']}")["state"]["type"] == "CANCELLED", "Cancelled", 30)
         left = api(url, f"flow_runs/{first['id']}")["state"]
-        print(f"{death}: the first run was left {left['type']} ({left.get('message')})")
+        print(f"{death}: stage processes gone in {seconds:.1f} s; the first run was left {left['type']} "
+              f"({left.get('message')})")
 
         set_params(root, gan={"epochs": 2})
-        restarted = apply(root, env)  # what `make stack-up` / `deploy serve` run before the worker starts
-        if left["type"] in ("RUNNING", "CANCELLING"):
-            assert f"{first['name']} ({first['id']}) was " in restarted.stdout, restarted.stdout
-        worker = start_worker("test-pool", env, root, tmp_path / "worker.log")
+        if death != "cancel":
+            restarted = apply(root, env)  # what `make stack-up` / `deploy serve` run before the worker starts
+            if left["type"] in ("RUNNING", "CANCELLING"):
+                assert f"{first['name']} ({first['id']}) was " in restarted.stdout, restarted.stdout
+            worker = start_worker("test-pool", env, root, tmp_path / "worker.log")
         second = api(url, f"deployments/{deployment['id']}/create_flow_run", {})
         wait_for(lambda: api(url, f"flow_runs/{second['id']}")["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED"),
                  "the next run finished", 400)
