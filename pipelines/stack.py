@@ -1,10 +1,10 @@
 """The team stack on one machine: PostgreSQL, an S3 object store, MLflow and Prefect servers, a worker.
 
     python -m pipelines.stack up       # start what is not running, wait for health, print URLs and env
-    python -m pipelines.stack status   # each service: up/down and URL; is a worker polling? (exit 1: not all up)
+    python -m pipelines.stack status   # each service: up/down, auth required?, URL; a worker polling? (exit 1: not all up)
     python -m pipelines.stack down     # stop what `up` started, by PID; data kept
     python -m pipelines.stack env      # print the environment to use (the same as `.stack/env`)
-    python -m pipelines.stack reader NAME  # a read-only MLflow user for a colleague: .stack/readers/NAME.env
+    python -m pipelines.stack reader NAME  # read-only MLflow and S3 access for a colleague: .stack/readers/NAME.env
 
 Real servers, all bound to 127.0.0.1:
 - PostgreSQL (Debian's `postgresql` package, run as the `postgres` user when started by root):
@@ -19,6 +19,9 @@ Real servers, all bound to 127.0.0.1:
 State lives in IMAGEGEN_STACK_DIR (default `<checkout>/.stack`, git-ignored): data, logs, PID files,
 and `config.json` + `env` with credentials generated at the first `up` (mode 600). Ports come from
 IMAGEGEN_STACK_PORT_<SERVICE> at the first `up` (defaults in PORTS) and are kept in config.json.
+Every door wants credentials (README "Team setup", Security): roles `admin`, `pipeline` (the env file:
+the worker, `imagegen register`) and `reader` in MLflow and S3; one Prefect auth string; mutual TLS
+and JWTs inside SeaweedFS. No secret is ever on a command line or in a log.
 """
 
 from __future__ import annotations
@@ -407,13 +410,7 @@ def start_s3(stack: Stack) -> int:
         s3_identity("reader", [f"{action}:{bucket}" for bucket in BUCKETS.values() for action in ("Read", "List")],
                     stack.config["s3_reader_access_key"], stack.config["s3_reader_secret_key"]),
     ]}, indent=2))
-    # JWTs on master, volume and filer HTTP (keys in this file, mode 600; weed reads ./security.toml), UIs off
-    write_private(stack.path("security.toml"), "\n".join([
-        "[jwt.signing]", f'key = "{stack.config["weed_jwt_write"]}"', "expires_after_seconds = 10",
-        "[jwt.signing.read]", f'key = "{stack.config["weed_jwt_read"]}"', "expires_after_seconds = 10",
-        "[jwt.filer_signing]", f'key = "{stack.config["weed_filer_jwt_write"]}"', "expires_after_seconds = 10",
-        "[jwt.filer_signing.read]", f'key = "{stack.config["weed_filer_jwt_read"]}"', "expires_after_seconds = 10",
-        "[access]", "ui = false", "[filer.expose_directory_metadata]", "enabled = false", ""]))
+    write_seaweed_security(stack)
     data = stack.path("s3")
     data.mkdir(mode=0o700, parents=True, exist_ok=True)
     data.chmod(0o700)  # the raw volume files: the owner's only
@@ -427,6 +424,66 @@ def start_s3(stack: Stack) -> int:
            "-s3", f"-s3.port={ports['s3']}", f"-s3.config={stack.path('s3.json')}",
            "-s3.port.iceberg=0", "-s3.port.lance=0"]
     return spawn(stack, "s3", cmd, {})
+
+
+def write_seaweed_security(stack: Stack) -> None:
+    """security.toml (mode 600; weed reads ./security.toml, and it runs in the stack dir): mutual TLS with the
+    stack's own certificate on every master, volume and filer port, HTTP and gRPC (only the S3 gateway
+    answers a client without it), and JWTs for volume and filer reads and writes; UIs off."""
+    tls = write_tls(stack)
+    lines = []
+    for section, key in (("jwt.signing", "weed_jwt_write"), ("jwt.signing.read", "weed_jwt_read"),
+                         ("jwt.filer_signing", "weed_filer_jwt_write"), ("jwt.filer_signing.read", "weed_filer_jwt_read")):
+        lines += [f"[{section}]", f'key = "{stack.config[key]}"', "expires_after_seconds = 10"]
+    lines += ["[access]", "ui = false", "[filer.expose_directory_metadata]", "enabled = false",
+              "[grpc]", f'ca = "{tls["ca"]}"']
+    pair = [f'cert = "{tls["cert"]}"', f'key = "{tls["key"]}"']
+    for part in ("master", "volume", "filer", "s3", "client"):
+        lines += [f"[grpc.{part}]", *pair]
+    for part in ("master", "volume", "filer"):
+        lines += [f"[https.{part}]", *pair, f'ca = "{tls["ca"]}"']
+    lines += ["[https.client]", "enabled = true", *pair, f'ca = "{tls["ca"]}"', ""]
+    write_private(stack.path("security.toml"), "\n".join(lines))
+
+
+def write_tls(stack: Stack) -> dict[str, Path]:
+    """A CA and one certificate for 127.0.0.1 (server and client) signed by it, made at the first start; the
+    CA's key is not kept (no other certificate can be issued). Keys mode 600."""
+    from datetime import datetime, timedelta, timezone
+    from ipaddress import ip_address
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    paths = {name: stack.path("tls", file) for name, file in (("ca", "ca.pem"), ("cert", "stack.pem"),
+                                                             ("key", "stack.key"))}
+    if all(path.exists() for path in paths.values()):
+        return paths
+    now = datetime.now(timezone.utc)
+
+    def certificate(subject: str, issuer: x509.Name, public_key, signer, *extensions) -> x509.Certificate:
+        builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(issuer).public_key(public_key).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=3650)))
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "imagegen stack CA")])
+    ca = certificate("imagegen stack CA", ca_name, ca_key.public_key(), ca_key,
+                     (x509.BasicConstraints(ca=True, path_length=0), True))
+    cert = certificate("imagegen-stack", ca_name, key.public_key(), ca_key,
+                       (x509.SubjectAlternativeName([x509.IPAddress(ip_address(HOST))]), False),
+                       (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), False))
+    paths["ca"].parent.mkdir(mode=0o700, exist_ok=True)
+    write_private(paths["key"], key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()).decode())
+    write_private(paths["cert"], cert.public_bytes(serialization.Encoding.PEM).decode())
+    write_private(paths["ca"], ca.public_bytes(serialization.Encoding.PEM).decode())
+    return paths
 
 
 def s3_identity(name: str, actions: list[str], access_key: str, secret_key: str) -> dict:
@@ -656,7 +713,7 @@ def up(stack: Stack) -> int:
         shown = "********" if any(word in key for word in ("PASSWORD", "SECRET", "AUTH")) else value
         print(f"  {key}={shown}")
     print(f"it is the `{MLFLOW_USER}` role (moves champion/challenger; runs flows): keep it to the stack's owners.\n"
-          "a read-only MLflow user for a colleague:  python -m pipelines.stack reader NAME")
+          "read-only access (MLflow and S3) for a colleague:  python -m pipelines.stack reader NAME")
     return 0
 
 

@@ -310,7 +310,7 @@ def test_1_stack_up_from_nothing_and_every_service_healthy(team):
     assert [line.split("auth: ")[1].split()[0] for line in status.stdout.splitlines()[:5]] == [
         "required"] * 4 + ["-"], status.stdout  # every service with a port refuses a request without credentials
     assert "1 online polling pool 'imagegen'" in status.stdout
-    for name in ("config.json", "env", "mlflow-auth.ini", "s3.json", "security.toml"):
+    for name in ("config.json", "env", "mlflow-auth.ini", "s3.json", "security.toml", "tls/stack.key"):
         assert (team.dir / name).stat().st_mode & 0o777 == 0o600, name
     assert team.dir.stat().st_mode & 0o777 == (0o710 if os.geteuid() == 0 else 0o700)  # 710: group postgres
     for path in [*(team.dir / "logs").iterdir(), team.dir / "postgres" / "postgres.log"]:
@@ -447,6 +447,8 @@ def test_3d_every_port_refuses_requests_without_credentials(team):
     token = httpx.get(f"{api}/csrf-token?client=x", auth=tuple(env["PREFECT_API_AUTH_STRING"].split(":", 1)),
                       timeout=30)
     assert token.status_code == 200  # the right credentials: a CSRF token, then POSTs (Team.prefect) succeed
+    assert events_socket(api, None) is None and events_socket(api, "imagegen:wrong") is None  # Prefect #17687
+    assert events_socket(api, env["PREFECT_API_AUTH_STRING"]) == {"type": "auth_success"}
     assert httpx.get(f"{team.url('mlflow')}/api/2.0/mlflow/registered-models/get?name={GAN}",
                      timeout=30).status_code == 401
     with pytest.raises(psycopg2.OperationalError, match="password"):
@@ -461,15 +463,27 @@ def test_3d_every_port_refuses_requests_without_credentials(team):
     with pytest.raises(Exception, match="AccessDenied|403"):
         anonymous.put_object(Bucket="imagegen-dvc", Key="x", Body=b"x")
 
-    # SeaweedFS behind S3: the filer's and the volume server's HTTP ports want a JWT signed with the keys in
-    # .stack/security.toml (the master hands volume JWTs to any local caller: see README, Security)
-    filer, volume = (f"http://127.0.0.1:{config['ports'][name]}" for name in ("weed_filer", "weed_volume"))
-    for method, url in (("GET", f"{filer}/buckets/"), ("GET", f"{filer}/buckets/imagegen-mlflow/artifacts/"),
-                        ("PUT", f"{filer}/buckets/imagegen-dvc/planted"),
-                        ("DELETE", f"{filer}/buckets/imagegen-dvc/store?recursive=true"),
-                        ("GET", f"{volume}/"), ("GET", f"{volume}/1,01637037d6"), ("POST", f"{volume}/1,01637037d6")):
-        answer = httpx.request(method, url, content=b"x" if method in ("PUT", "POST") else None, timeout=30)
-        assert answer.status_code == 401, (method, url, answer.status_code, answer.text[:200])
+    # SeaweedFS behind S3: master, volume and filer answer only a client holding the stack's certificate
+    # (.stack/tls, mutual TLS from .stack/security.toml), and then still want JWTs for volume and filer data
+    import ssl
+
+    tls = team.dir / "tls"
+    anyone, the_stack = (ssl.create_default_context(cafile=tls / "ca.pem") for _ in range(2))
+    the_stack.load_cert_chain(tls / "stack.pem", tls / "stack.key")
+    master, volume, filer = (f"127.0.0.1:{config['ports'][name]}" for name in ("weed_master", "weed_volume", "weed_filer"))
+    for method, path in (("GET", f"{master}/dir/assign"), ("GET", f"{master}/dir/lookup?volumeId=1"),
+                         ("GET", f"{filer}/buckets/"), ("GET", f"{filer}/buckets/imagegen-mlflow/artifacts/"),
+                         ("PUT", f"{filer}/buckets/imagegen-dvc/planted"),
+                         ("DELETE", f"{filer}/buckets/imagegen-dvc/store?recursive=true"),
+                         ("GET", f"{volume}/1,01637037d6"), ("POST", f"{volume}/1,01637037d6")):
+        body = b"x" if method in ("PUT", "POST") else None
+        plain = httpx.request(method, f"http://{path}", content=body, timeout=30)
+        assert plain.status_code == 400 and "HTTPS" in plain.text, (method, path, plain.status_code)
+        with pytest.raises(httpx.HTTPError):  # TLS without the stack's client certificate: handshake refused
+            httpx.request(method, f"https://{path}", content=body, timeout=30, verify=anyone)
+    stack_client = httpx.Client(verify=the_stack)
+    assert stack_client.get(f"https://{master}/cluster/status", timeout=30).status_code == 200  # the stack itself
+    assert stack_client.get(f"https://{filer}/buckets/", timeout=30).status_code == 401  # and then a JWT
     # S3 per role: the pipeline reads and writes its buckets only; a reader reads and cannot write
     pipeline, reader = team.s3(), boto3.client(
         "s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
@@ -482,6 +496,24 @@ def test_3d_every_port_refuses_requests_without_credentials(team):
         with pytest.raises(Exception, match="AccessDenied|403"):
             attempt()
     pipeline.delete_object(Bucket="imagegen-dvc", Key="roles/probe")
+
+
+def events_socket(api: str, token: str | None) -> dict | None:
+    """The answer of Prefect's events websocket to a client holding `token` (sent as Prefect's client does: basic
+    auth on the upgrade, then an auth message); None when the server refuses the upgrade or closes instead."""
+    import base64
+
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+    from websockets.sync.client import connect
+
+    headers = {"Authorization": "Basic " + base64.b64encode(token.encode()).decode()} if token else {}
+    try:
+        with connect(f"{api.replace('http://', 'ws://')}/events/out", subprotocols=["prefect"], open_timeout=30,
+                     additional_headers=headers) as socket:
+            socket.send(json.dumps({"type": "auth", "token": token}))
+            return json.loads(socket.recv(timeout=30))
+    except (InvalidStatus, ConnectionClosed):
+        return None
 
 
 # --- 4. dvc push; a fresh clone pulls byte-identical models and samples the same images from the registry
