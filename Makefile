@@ -76,7 +76,7 @@ chromium:
 stack-up: venv postgresql  ## start what is not running, wait for health, print the URLs and the env
 	$(PY) -m pipelines.stack up
 
-stack-status: venv  ## each service up/down and its URL; is a worker polling? (exit 1 when not all up)
+stack-status: venv  ## each service up/down, whether it requires auth, its URL; is a worker polling? (exit 1 when not all up)
 	$(PY) -m pipelines.stack status
 
 stack-down: venv  ## stop every service of the stack by PID; data kept

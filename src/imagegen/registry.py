@@ -46,7 +46,7 @@ from imagegen.data.prepared import PREPARED_DIR
 from imagegen.errors import ImagegenError
 from imagegen.fsutil import sha256_file, write_json
 from imagegen.models.io import META, WEIGHTS, read_description
-from imagegen.registered import METRIC_TAG, describe, load_registered, quiet_mlflow
+from imagegen.registered import METRIC_TAG, MODEL_SHA_TAG, describe, load_registered, quiet_mlflow, stored_sha256
 
 log = logging.getLogger(__name__)
 
@@ -192,11 +192,15 @@ def create_version(client, cfg: Config, root: Path, kind: str, folder: Path, met
             name=kind, python_model=serving.ImageSampler(), artifacts={serving.MODEL_ARTIFACT: str(folder)},
             code_paths=[str(code)], pip_requirements=requirements(), signature=serving.signature(),
             input_example=serving.input_example(description), metadata=serving.metadata(description))
+        # What the store holds now, read back: loading checks it first (no replaced file is ever unpickled).
+        stored = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=f"{staging}/stored"))
+        model_sha = stored_sha256(stored)
     training_run, source = training_run_id(client, run, sha)
     params = model_params(cfg, kind)
     tags = {
         **tracking.lineage_tags(root, params, "cpu"),
         "weights_sha256": sha,
+        MODEL_SHA_TAG: model_sha,
         "training_run_id": training_run,
         "training_run_source": source,
         **{f"{METRIC_TAG}{k}": repr(v) for k, v in metrics.items()},

@@ -172,6 +172,54 @@ def test_sample_cli_from_the_registry(tmp_path, store):
     assert f"models:/{GAN}@nobody" in line and store in line
 
 
+class Planted:
+    """A pickle that, when unpickled, leaves a file behind: proof that code from the store ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_replaced_artifact_in_the_store_is_refused_by_sample_and_serve(tmp_path, sqlite_template):
+    import pickle
+
+    from tests.helpers import start, stop
+
+    (tmp_path / "a").mkdir()
+    shutil.copy(sqlite_template, tmp_path / "a" / tracking.EMBEDDED_DB)
+    mlflow.set_tracking_uri(tracking.embedded_uri(tmp_path / "a"))
+    try:
+        root = make_project(tmp_path / "a", seed=0, fid={"gan": 30.0, "vae": 40.0})
+        register(root)
+        version = MlflowClient().get_model_version_by_alias(GAN, "champion")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert len(version.tags["model_sha256"]) == 64
+    port = free_port()  # untouched: served
+    proc = start(["imagegen", "serve", "--model", f"models:/{GAN}@champion", "--port", str(port)], root / "serve.log",
+                 f"http://127.0.0.1:{port}/ping", env=cli_env(None), cwd=root)
+    stop(proc)
+
+    stored = [p for p in (root / "mlruns").rglob("python_model.pkl")
+              if version.source.rsplit("/", 1)[-1] in str(p) or f"/{version.run_id}/" in str(p)]
+    assert len(stored) == 1, stored
+    marker = tmp_path / "code-from-the-store-ran"
+    stored[0].write_bytes(pickle.dumps(Planted(marker)))
+    for args in (("sample", "-n", "4", "--out", "x.npy"), ("serve", "--port", str(free_port()))):
+        done = run_cli(root, None, args[0], "--model", f"models:/{GAN}@champion", *args[1:])
+        line = error_line(done.stderr, args[0])
+        assert done.returncode == 1 and "do not match the model_sha256 recorded at registration" in line, line
+    assert not marker.exists() and not (root / "x.npy").exists()
+
+    weights = stored[0].parent / "artifacts" / "gan" / "weights.pt"
+    assert weights.is_file(), sorted(stored[0].parent.rglob("*"))
+    weights.write_bytes((root / "models" / "vae" / "weights.pt").read_bytes())  # other (valid) weights
+    done = run_cli(root, None, "sample", "--model", f"models:/{GAN}@champion", "-n", "4", "--out", "x.npy")
+    assert done.returncode == 1 and "refused, nothing loaded" in error_line(done.stderr, "sample")
+
+
 def test_plain_mlflow_finds_the_embedded_store(tmp_path, sqlite_template, monkeypatch):
     """No tracking URI anywhere: MLflow's own default, as `mlflow models serve` / `mlflow ui` run in the
     project folder resolve it, finds the models the pipeline registered (an old mlruns.db is moved first)."""

@@ -105,11 +105,20 @@ class Team:
     def url(self, name: str) -> str:
         return self.env["PREFECT_API_URL"] if name == "prefect" else self.env["MLFLOW_TRACKING_URI"]
 
-    def prefect(self, path: str, body: dict | None = None):
+    def prefect(self, path: str, body: dict | None = None, check: bool = True):
+        """GET (no body) or POST to the Prefect API with the stack's credentials (and a CSRF token for POST)."""
         import httpx
 
-        url = f"{self.env['PREFECT_API_URL']}/{path}"
-        response = httpx.get(url, timeout=30) if body is None else httpx.post(url, json=body, timeout=30)
+        env = self.env
+        api, auth = env["PREFECT_API_URL"], tuple(env["PREFECT_API_AUTH_STRING"].split(":", 1))
+        if body is None:
+            response = httpx.get(f"{api}/{path}", auth=auth, timeout=30)
+        else:
+            token = httpx.get(f"{api}/csrf-token?client=tests", auth=auth, timeout=30).json()["token"]
+            response = httpx.post(f"{api}/{path}", json=body, auth=auth, timeout=30,
+                                  headers={"Prefect-Csrf-Token": token, "Prefect-Csrf-Client": "tests"})
+        if not check:
+            return response
         response.raise_for_status()
         return response.json()
 
@@ -132,10 +141,10 @@ class Team:
         pages = self.s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
-    def run_deployment(self, timeout: float = 900) -> dict:
+    def run_deployment(self, timeout: float = 900, **body) -> dict:
         """`prefect deployment run retrain/weekly`, executed by the stack's worker; the finished flow run."""
         deployment = self.prefect("deployments/name/retrain/weekly")
-        flow_run = self.prefect(f"deployments/{deployment['id']}/create_flow_run", {})
+        flow_run = self.prefect(f"deployments/{deployment['id']}/create_flow_run", body)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             current = self.prefect(f"flow_runs/{flow_run['id']}")
@@ -148,6 +157,12 @@ class Team:
     def task_states(self, flow_run_id: str) -> dict[str, str]:
         runs = self.prefect("task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
         return {r["name"]: r["state"]["type"] for r in runs}
+
+    def secrets(self) -> dict[str, str]:
+        """Every generated secret (the Prefect auth string's password part too; an S3 access key is a name)."""
+        found = {key: value for key, value in self.config.items() if key not in ("ports", "s3_access_key")}
+        found["prefect_password"] = found["prefect_auth_string"].split(":", 1)[1]
+        return found
 
     def pids(self) -> dict[str, int]:
         found = {path.stem: int(path.read_text()) for path in (self.dir / "run").glob("*.pid")}
@@ -203,6 +218,20 @@ def listening(port: int) -> list[str]:
     return addresses
 
 
+def command_lines() -> set[bytes]:
+    found = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            found.add((proc / "cmdline").read_bytes())
+        except OSError:
+            continue
+    return found
+
+
+def secrets_in(text: str, secrets: dict[str, str]) -> list[str]:
+    return [name for name, value in secrets.items() if value in text]
+
+
 LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
 
 
@@ -249,19 +278,44 @@ def commit(root: Path, message: str, env: dict) -> None:
 # --- 1. up from nothing; every service healthy, on loopback, credentials private
 
 def test_1_stack_up_from_nothing_and_every_service_healthy(team):
+    import threading
+
+    seen: set[bytes] = set()  # every process's command line while `stack up` runs
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.update(command_lines())
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     started = time.monotonic()
-    up = team.stack("up")
+    try:
+        up = team.stack("up")
+    finally:
+        done.set()
+        watcher.join()
     seconds = time.monotonic() - started
+    seen.update(command_lines())
+    assert any(b"initdb" in line for line in seen), "the scan saw no database set-up: it cannot have looked"
+    assert secrets_in(" ".join(line.decode(errors="replace") for line in seen), team.secrets()) == []
     for name in ("postgres", "s3", "mlflow", "prefect", "worker"):
         assert any(line.startswith(name) and "started in" in line for line in up.stdout.splitlines()), up.stdout
-    assert "********" in up.stdout and team.config["mlflow_password"] not in up.stdout  # secrets not printed
+    assert "********" in up.stdout and secrets_in(up.stdout + up.stderr, team.secrets()) == []  # none printed
+    assert "python -m pipelines.stack reader NAME" in up.stdout
     print(f"stack up from nothing: {seconds:.0f} s")
 
     status = team.stack("status")
     assert [line.split()[1] for line in status.stdout.splitlines()[:5]] == ["up"] * 5, status.stdout
+    assert [line.split("auth: ")[1].split()[0] for line in status.stdout.splitlines()[:5]] == [
+        "required"] * 4 + ["-"], status.stdout  # every service with a port refuses a request without credentials
     assert "1 online polling pool 'imagegen'" in status.stdout
-    for name in ("config.json", "env", "mlflow-auth.ini", "s3.json"):
+    for name in ("config.json", "env", "mlflow-auth.ini", "s3.json", "security.toml", "tls/stack.key"):
         assert (team.dir / name).stat().st_mode & 0o777 == 0o600, name
+    assert team.dir.stat().st_mode & 0o777 == (0o710 if os.geteuid() == 0 else 0o700)  # 710: group postgres
+    for path in [*(team.dir / "logs").iterdir(), team.dir / "postgres" / "postgres.log"]:
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    assert (team.dir / "s3").stat().st_mode & 0o777 == 0o700  # the raw volume files: nobody else's business
     for name in PORT_NAMES:
         port = int(team.base_env[f"IMAGEGEN_STACK_PORT_{name.upper()}"])
         assert listening(port) and set(listening(port)) <= LOOPBACK, (name, listening(port))
@@ -316,6 +370,150 @@ def test_3_tracking_in_postgres_and_artifacts_in_the_object_store(team):
     assert any(key.endswith("/MLmodel") for key in model_keys) and version.status == "READY"
     for embedded in ("mlruns.db", "mlflow.db", "mlartifacts", "mlruns"):
         assert not (team.project / embedded).exists(), embedded
+
+
+# --- 3a-3d. every door locked: roles, flow-run parameters, job variables, unauthenticated requests
+
+def test_3a_a_reader_cannot_move_champion_or_delete_a_version_the_pipeline_user_can(team):
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    added = run([sys.executable, "-m", "pipelines.stack", "reader", "alice"], team.project, team.base_env)
+    reader_env = read_env_file(team.dir / "readers" / "alice.env")
+    assert (team.dir / "readers" / "alice.env").stat().st_mode & 0o777 == 0o600
+    assert reader_env["MLFLOW_TRACKING_PASSWORD"] not in added.stdout
+    pipeline = team.mlflow()  # the env file's user: pipeline
+    assert team.env["MLFLOW_TRACKING_USERNAME"] == "pipeline"
+    os.environ.update(MLFLOW_TRACKING_USERNAME="alice", MLFLOW_TRACKING_PASSWORD=reader_env["MLFLOW_TRACKING_PASSWORD"])
+    try:
+        reader = MlflowClient(tracking_uri=team.env["MLFLOW_TRACKING_URI"])
+        assert reader.get_model_version_by_alias(GAN, "champion").version == "1"  # reads
+        for attempt in (lambda: reader.set_registered_model_alias(GAN, "champion", "1"),
+                        lambda: reader.delete_registered_model_alias(GAN, "challenger"),
+                        lambda: reader.delete_model_version(GAN, "1"),
+                        lambda: reader.set_model_version_tag(GAN, "1", "decision", "promoted")):
+            with pytest.raises(MlflowException, match="403"):
+                attempt()
+    finally:
+        team.mlflow()  # back to the pipeline user
+    pipeline.set_registered_model_alias(GAN, "champion", "1")  # the pipeline user moves it (to where it is)
+    assert team.registry()[GAN]["aliases"] == {"champion": 1, "challenger": 1}
+
+
+def test_3b_flow_run_parameters_are_an_allowlist(team):
+    foreign = team.run_deployment(timeout=300, parameters={"repo": str(team.dir.parent)})
+    assert foreign["state"]["type"] == "FAILED", foreign["state"]
+    assert foreign["state"]["message"].startswith("parameter 'repo': "), foreign["state"]
+    option = team.run_deployment(timeout=300, parameters={"target": "--force"})
+    assert option["state"]["message"].startswith("parameter 'target': "), option["state"]
+    for finished in (foreign, option):
+        assert team.task_states(finished["id"]) == {}  # refused before any stage (command) ran
+
+    deployment = team.prefect("deployments/name/retrain/weekly")
+    unknown = team.prefect(f"deployments/{deployment['id']}/create_flow_run",
+                           {"parameters": {"params_file": "/tmp/x.yaml"}}, check=False)
+    assert unknown.status_code == 409 and "'params_file' was unexpected" in unknown.text, unknown.text
+    forced = team.run_deployment(timeout=300, parameters={"params_file": "/tmp/x.yaml"},
+                                 enforce_parameter_schema=False)  # past the server's check: the run still refuses
+    assert forced["state"]["type"] in ("FAILED", "CRASHED") and team.task_states(forced["id"]) == {}
+
+
+def test_3c_job_variables_cannot_change_the_command_env_or_folder(team):
+    marker = team.dir.parent / "pwned"
+    deployment = team.prefect("deployments/name/retrain/weekly")
+    for variables in ({"command": f"touch {marker}"}, {"env": {"PYTHONPATH": str(team.dir.parent)}},
+                      {"working_dir": "/tmp"}):
+        refused = team.prefect(f"deployments/{deployment['id']}/create_flow_run",
+                               {"job_variables": variables, "parameters": {"target": "fetch"}}, check=False)
+        assert refused.status_code == 422 and f"'{next(iter(variables))}' was unexpected" in refused.text, refused.text
+    pool = team.prefect("work_pools/imagegen")
+    assert "{{ command }}" not in json.dumps(pool["base_job_template"]["job_configuration"])
+    assert not marker.exists()
+
+
+def test_3d_every_port_refuses_requests_without_credentials(team):
+    import httpx
+    import psycopg2
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    config, env = team.config, team.env
+    api = env["PREFECT_API_URL"]
+    deployment = team.prefect("deployments/name/retrain/weekly")
+    assert httpx.get(f"{api}/deployments/{deployment['id']}", timeout=30).status_code == 401
+    assert httpx.post(f"{api}/logs/filter", json={}, timeout=30).status_code in (401, 403)
+    assert httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={}, timeout=30,
+                      auth=("imagegen", "wrong")).status_code in (401, 403)
+    token = httpx.get(f"{api}/csrf-token?client=x", auth=tuple(env["PREFECT_API_AUTH_STRING"].split(":", 1)),
+                      timeout=30)
+    assert token.status_code == 200  # the right credentials: a CSRF token, then POSTs (Team.prefect) succeed
+    assert events_socket(api, None) is None and events_socket(api, "imagegen:wrong") is None  # Prefect #17687
+    assert events_socket(api, env["PREFECT_API_AUTH_STRING"]) == {"type": "auth_success"}
+    assert httpx.get(f"{team.url('mlflow')}/api/2.0/mlflow/registered-models/get?name={GAN}",
+                     timeout=30).status_code == 401
+    with pytest.raises(psycopg2.OperationalError, match="password"):
+        psycopg2.connect(host="127.0.0.1", port=config["ports"]["postgres"], user="imagegen", dbname="mlflow",
+                         connect_timeout=10)
+    import boto3
+
+    anonymous = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
+                             config=Config(signature_version=UNSIGNED))
+    with pytest.raises(Exception, match="AccessDenied|403"):
+        anonymous.list_objects_v2(Bucket="imagegen-mlflow")
+    with pytest.raises(Exception, match="AccessDenied|403"):
+        anonymous.put_object(Bucket="imagegen-dvc", Key="x", Body=b"x")
+
+    # SeaweedFS behind S3: master, volume and filer answer only a client holding the stack's certificate
+    # (.stack/tls, mutual TLS from .stack/security.toml), and then still want JWTs for volume and filer data
+    import ssl
+
+    tls = team.dir / "tls"
+    anyone, the_stack = (ssl.create_default_context(cafile=tls / "ca.pem") for _ in range(2))
+    the_stack.load_cert_chain(tls / "stack.pem", tls / "stack.key")
+    master, volume, filer = (f"127.0.0.1:{config['ports'][name]}" for name in ("weed_master", "weed_volume", "weed_filer"))
+    for method, path in (("GET", f"{master}/dir/assign"), ("GET", f"{master}/dir/lookup?volumeId=1"),
+                         ("GET", f"{filer}/buckets/"), ("GET", f"{filer}/buckets/imagegen-mlflow/artifacts/"),
+                         ("PUT", f"{filer}/buckets/imagegen-dvc/planted"),
+                         ("DELETE", f"{filer}/buckets/imagegen-dvc/store?recursive=true"),
+                         ("GET", f"{volume}/1,01637037d6"), ("POST", f"{volume}/1,01637037d6")):
+        body = b"x" if method in ("PUT", "POST") else None
+        plain = httpx.request(method, f"http://{path}", content=body, timeout=30)
+        assert plain.status_code == 400 and "HTTPS" in plain.text, (method, path, plain.status_code)
+        with pytest.raises(httpx.HTTPError):  # TLS without the stack's client certificate: handshake refused
+            httpx.request(method, f"https://{path}", content=body, timeout=30, verify=anyone)
+    stack_client = httpx.Client(verify=the_stack)
+    assert stack_client.get(f"https://{master}/cluster/status", timeout=30).status_code == 200  # the stack itself
+    assert stack_client.get(f"https://{filer}/buckets/", timeout=30).status_code == 401  # and then a JWT
+    # S3 per role: the pipeline reads and writes its buckets only; a reader reads and cannot write
+    pipeline, reader = team.s3(), boto3.client(
+        "s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
+        aws_access_key_id=config["s3_reader_access_key"], aws_secret_access_key=config["s3_reader_secret_key"])
+    pipeline.put_object(Bucket="imagegen-dvc", Key="roles/probe", Body=b"by the pipeline")
+    assert reader.get_object(Bucket="imagegen-dvc", Key="roles/probe")["Body"].read() == b"by the pipeline"
+    for attempt in (lambda: reader.put_object(Bucket="imagegen-dvc", Key="roles/planted", Body=b"x"),
+                    lambda: reader.delete_object(Bucket="imagegen-dvc", Key="roles/probe"),
+                    lambda: pipeline.create_bucket(Bucket="another-bucket")):
+        with pytest.raises(Exception, match="AccessDenied|403"):
+            attempt()
+    pipeline.delete_object(Bucket="imagegen-dvc", Key="roles/probe")
+
+
+def events_socket(api: str, token: str | None) -> dict | None:
+    """The answer of Prefect's events websocket to a client holding `token` (sent as Prefect's client does: basic
+    auth on the upgrade, then an auth message); None when the server refuses the upgrade or closes instead."""
+    import base64
+
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+    from websockets.sync.client import connect
+
+    headers = {"Authorization": "Basic " + base64.b64encode(token.encode()).decode()} if token else {}
+    try:
+        with connect(f"{api.replace('http://', 'ws://')}/events/out", subprotocols=["prefect"], open_timeout=30,
+                     additional_headers=headers) as socket:
+            socket.send(json.dumps({"type": "auth", "token": token}))
+            return json.loads(socket.recv(timeout=30))
+    except (InvalidStatus, ConnectionClosed):
+        return None
 
 
 # --- 4. dvc push; a fresh clone pulls byte-identical models and samples the same images from the registry
@@ -413,6 +611,22 @@ def test_7_object_store_down_fails_the_stage_in_one_line_and_rerun_registers_onc
     assert any(f"/{version.run_id}/" in key or version.source.rsplit("/", 1)[-1] in key for key in keys)
     register_runs = client.search_runs([source_run.info.experiment_id], "tags.mlflow.runName = 'register'")
     assert sorted(r.info.status for r in register_runs) == ["FAILED", "FINISHED", "FINISHED"]
+
+
+def test_7b_no_secret_in_any_log_flow_log_or_artifact(team):
+    secrets = team.secrets()
+    logs = [*(team.dir / "logs").iterdir(), team.dir / "postgres" / "postgres.log"]
+    assert len(logs) >= 6
+    for path in logs:
+        assert path.stat().st_mode & 0o777 == 0o600, path
+        assert secrets_in(path.read_text(errors="replace"), secrets) == [], path
+    flow_logs, offset = [], 0
+    while batch := team.prefect("logs/filter", {"limit": 200, "offset": offset}):
+        flow_logs += [entry["message"] for entry in batch]
+        offset += len(batch)
+    assert len(flow_logs) > 100 and secrets_in("\n".join(flow_logs), secrets) == []
+    artifacts = team.prefect("artifacts/filter", {})
+    assert artifacts and secrets_in(json.dumps(artifacts), secrets) == []
 
 
 def promoted(team) -> bool:
