@@ -57,12 +57,11 @@ STAGE_TAG = "stage"  # the bare stage name of a stage run (its run name also nam
 # output (metrics/evaluate.json) whenever one of its stages ends, and the params that tell variants apart.
 # Every other param stays on the stage runs.
 HEADLINE_METRICS = {"gan_fid": ("gan", "fid"), "vae_fid": ("vae", "fid"), "vae_nll": ("vae", "nll_iwae")}
-VARIANT_PARAMS = ("data.dataset", "train.limit", "gan.epochs", "gan.lr_g", "gan.width", "vae.epochs", "vae.beta",
-                  "vae.latent_dim", "vae.prior")
+VARIANT_PARAMS = ("train.limit", "gan.epochs", "gan.lr_g", "vae.epochs", "vae.beta", "vae.prior")
 # The stages that log a run; the pipeline run lists which of them ran and which DVC skipped.
 RUN_STAGES = ("train-features", "train-gan", "train-vae", "evaluate", "register")
 # A saved view of the runs table with the headline columns (MLflow >= 3.15 keeps saved views as experiment tags
-# mlflow.sharedViewState.<key>); the README's link opens it: #/experiments/<id>?viewStateShareKey=headline
+# mlflow.sharedViewState.<key>); the README's link opens it: #/experiments/<id>/runs?viewStateShareKey=headline
 VIEW_KEY, VIEW_NAME = "headline", "Headline metrics"
 
 log = logging.getLogger(__name__)
@@ -121,10 +120,9 @@ def view_tag() -> str:
 
 
 def view_state() -> str:
-    """The saved view's runs-table state, as MLflow's UI stores it (JSON text): the data version, the headline
-    metrics and the variant params as columns."""
-    columns = ["attributes.`Dataset`", *(f"metrics.`{m}`" for m in HEADLINE_METRICS),
-               *(f"params.`{p}`" for p in VARIANT_PARAMS)]
+    """The saved view's runs-table state, as MLflow's UI stores it (JSON text): the headline metrics and the
+    variant params as columns (not the wide Dataset column: the table scrolls only so far in a laptop's width)."""
+    columns = [*(f"metrics.`{m}`" for m in HEADLINE_METRICS), *(f"params.`{p}`" for p in VARIANT_PARAMS)]
     return json.dumps({"selectedColumns": columns, "orderByKey": "attributes.start_time", "orderByAsc": False})
 
 
@@ -622,8 +620,8 @@ def log_dataset(root: Path, dataset: str, context: str, limit: int | None = None
 
     with warnings.catch_warnings():  # "can be interpreted in multiple ways", "integer columns" hints
         warnings.simplefilter("ignore")
-        data = ImageData(df=manifest, source=resolve_dataset_source(str(folder)),
-                         name=f"{dataset}-prepared", digest=digest[:36])
+        data = ImageData(df=manifest, source=resolve_dataset_source(str(folder)),  # MLflow keeps one profile per
+                         name=f"{dataset}-prepared" + (f"-first{limit}" if limit else ""), digest=digest[:36])  # name
         mlflow.log_input(data, context=context)
     run = mlflow.active_run()
     parent = mlflow.get_run(run.info.run_id).data.tags.get("mlflow.parentRunId") if run else None

@@ -158,8 +158,7 @@ def test_the_saved_view_shows_the_headline_columns_as_mlflows_ui_reads_it():
     view = json.loads(tracking.saved_view())
     assert view["name"] == "Headline metrics" and isinstance(view["createdAt"], int)
     state = json.loads(view["state"])  # the UI expects the state as JSON text inside the envelope
-    assert state["selectedColumns"][:4] == ["attributes.`Dataset`", "metrics.`gan_fid`", "metrics.`vae_fid`",
-                                            "metrics.`vae_nll`"]
+    assert state["selectedColumns"][:3] == ["metrics.`gan_fid`", "metrics.`vae_fid`", "metrics.`vae_nll`"]
     assert "params.`vae.beta`" in state["selectedColumns"]
     assert tracking.view_tag() == "mlflow.sharedViewState.headline"
 
