@@ -187,12 +187,12 @@ def test_sample_grids_are_readable_and_the_evaluate_run_shows_both_models(pipeli
 def test_each_registered_version_has_a_model_card(runs, client):
     version = client.get_model_version("fashion-mnist-vae", "2")
     card = version.description
-    for part in ("# fashion-mnist-vae version 2", "| metric | better | this version | champion before (v1) |",
+    for part in ("# fashion-mnist-vae version 2", "| metric | better | this version | champion before (v1) | this version is |",
                  "prepared data DVC md5", "## Runs", "Intended use", "Known limits", "get-artifact?path="):
         assert part in card, part
     assert f"runs/{version.tags['training_run_id']})" in card
     assert version.run_id == version.tags["training_run_id"] == stage_runs(runs, "train-vae")[-1].info.run_id
-    assert "| vae.beta | 0.05 | 0.5 |" in card  # the param that differs from the champion's (v1)
+    assert "| vae.beta | `0.05` | `0.5` |" in card  # the param that differs from the champion's (v1)
     assert "| fid | lower ↓ |" in card and "DVC experiment `" in card
     register_run, path = version.tags["model_card"].removeprefix("runs:/").split("/", 1)
     assert client.download_artifacts(register_run, path).endswith("model_card.md")

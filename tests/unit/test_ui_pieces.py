@@ -214,3 +214,11 @@ def test_params_diff_lists_only_what_changed():
     mine = {"vae.beta": "0.5", "vae.epochs": "16", "vae.prior": "mixture"}
     assert params_diff(mine, champion) == [("train.limit", "None", "—"), ("vae.beta", "0.05", "0.5"),
                                            ("vae.prior", "—", "mixture")]
+
+
+def test_the_card_says_whether_each_metric_is_better_than_the_champions():
+    from imagegen.registry import verdict
+
+    assert [verdict("fid", 4.0, "5.0"), verdict("fid", 6.0, 5.0), verdict("recall", 0.6, 0.5),
+            verdict("recall", 0.5, "0.5"), verdict("kid_std", 1, 2), verdict("fid", 4.0, None)] == [
+        "**better**", "worse", "**better**", "equal", "", ""]
