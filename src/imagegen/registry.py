@@ -363,6 +363,18 @@ def number(value) -> str:
     return f"{int(value):d}" if value.is_integer() and abs(value) < 1e15 else f"{value:.4g}"
 
 
+def verdict(metric: str, value, champion) -> str:
+    """'better', 'worse' or 'equal' by the metric's direction ('' without a direction or a champion's value)."""
+    try:
+        value, champion = float(value), float(champion)
+    except (TypeError, ValueError):
+        return ""
+    direction = better(metric)
+    if not direction or value == champion:
+        return "equal" if direction else ""
+    return "**better**" if (value < champion) == (direction == LOWER) else "worse"
+
+
 def params_diff(mine: dict[str, str], theirs: dict[str, str]) -> list[tuple[str, str, str]]:
     """(param, the champion's value, this version's value) for each param whose values differ ('—': absent)."""
     return [(key, theirs.get(key, "—"), mine.get(key, "—")) for key in sorted(mine.keys() | theirs.keys())
@@ -408,7 +420,8 @@ class ModelCard:
         before = {k[len(METRIC_TAG):]: v for k, v in (champion.tags if champion else {}).items()
                   if k.startswith(METRIC_TAG)}
         head = f"champion before (v{champion.version})" if champion else "champion before"
-        rows = [f"| {k} | {better(k)} | {number(v)} | {number(before.get(k))} |" for k, v in sorted(self.metrics.items())]
+        rows = [f"| {k} | {better(k)} | `{number(v)}` | `{number(before.get(k))}` | {verdict(k, v, before.get(k))} |"
+                for k, v in sorted(self.metrics.items())]
         training = tags.get("training_run_id", "?")
         evaluation = self.evaluation_run(tags.get("weights_sha256", ""))
         folder = f"model_cards/{name}-v{version.version}"
@@ -419,7 +432,8 @@ class ModelCard:
             f"**Experiment: {self.experiment(tags)}.**", "",
             f"**Decision: {'champion' if decision.promote else 'challenger'}.** {summary}", "",
             "## Metrics (test split, this version vs the champion it was compared with)", "",
-            f"| metric | better | this version | {head} |", "| :--- | :---: | ---: | ---: |", *rows, "",
+            f"| metric | better | this version | {head} | this version is |", "| :--- | :---: | ---: | ---: | :--- |",
+            *rows, "",
             *self.params_section(tags, champion),
             "## Data", "",
             f"- dataset `{name.rsplit('-', 1)[0]}`, prepared data DVC md5 `{tags.get('dvc_data_md5', '?')}`",
@@ -461,7 +475,7 @@ class ModelCard:
         if not diff:
             return [f"{title} (v{champion.version})", "", "None: the same params.", ""]
         return [f"{title} (v{champion.version})", "", f"| param | champion v{champion.version} | this version |",
-                "| :--- | ---: | ---: |", *(f"| {k} | {a} | {b} |" for k, a, b in diff), ""]
+                "| :--- | ---: | ---: |", *(f"| {k} | `{a}` | `{b}` |" for k, a, b in diff), ""]
 
     def training_params(self, tags: dict) -> dict[str, str] | None:
         """The params of the training run a version's tag `training_run_id` names (None: not a training run)."""

@@ -86,6 +86,10 @@ def run_report(cfg: Config, root: Path = Path(".")) -> ReportResult:
             .replace("<title>DVC plots (offline)</title>", "<title>imagegen report</title>"))
     with atomic_file(root / OUTPUT) as tmp:
         tmp.write_text(page, encoding="utf8")
+    if cfg.train.mlflow:
+        from imagegen import tracking
+
+        tracking.finish_pipeline(root, f"imagegen-{cfg.data.dataset}")
     return ReportResult(root / OUTPUT, len(charts), len(pictures))
 
 

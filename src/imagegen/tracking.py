@@ -57,12 +57,11 @@ STAGE_TAG = "stage"  # the bare stage name of a stage run (its run name also nam
 # output (metrics/evaluate.json) whenever one of its stages ends, and the params that tell variants apart.
 # Every other param stays on the stage runs.
 HEADLINE_METRICS = {"gan_fid": ("gan", "fid"), "vae_fid": ("vae", "fid"), "vae_nll": ("vae", "nll_iwae")}
-VARIANT_PARAMS = ("data.dataset", "train.limit", "gan.epochs", "gan.lr_g", "gan.width", "vae.epochs", "vae.beta",
-                  "vae.latent_dim", "vae.prior")
+VARIANT_PARAMS = ("train.limit", "gan.epochs", "gan.lr_g", "vae.epochs", "vae.beta", "vae.prior")
 # The stages that log a run; the pipeline run lists which of them ran and which DVC skipped.
 RUN_STAGES = ("train-features", "train-gan", "train-vae", "evaluate", "register")
 # A saved view of the runs table with the headline columns (MLflow >= 3.15 keeps saved views as experiment tags
-# mlflow.sharedViewState.<key>); the README's link opens it: #/experiments/<id>?viewStateShareKey=headline
+# mlflow.sharedViewState.<key>); the README's link opens it: #/experiments/<id>/runs?viewStateShareKey=headline
 VIEW_KEY, VIEW_NAME = "headline", "Headline metrics"
 
 log = logging.getLogger(__name__)
@@ -121,10 +120,9 @@ def view_tag() -> str:
 
 
 def view_state() -> str:
-    """The saved view's runs-table state, as MLflow's UI stores it (JSON text): the data version, the headline
-    metrics and the variant params as columns."""
-    columns = ["attributes.`Dataset`", *(f"metrics.`{m}`" for m in HEADLINE_METRICS),
-               *(f"params.`{p}`" for p in VARIANT_PARAMS)]
+    """The saved view's runs-table state, as MLflow's UI stores it (JSON text): the headline metrics and the
+    variant params as columns (not the wide Dataset column: the table scrolls only so far in a laptop's width)."""
+    columns = [*(f"metrics.`{m}`" for m in HEADLINE_METRICS), *(f"params.`{p}`" for p in VARIANT_PARAMS)]
     return json.dumps({"selectedColumns": columns, "orderByKey": "attributes.start_time", "orderByAsc": False})
 
 
@@ -447,9 +445,10 @@ def pipeline_parent(exp_id: str, key: str | None, root: Path) -> str | None:
     return run.info.run_id
 
 
-def update_pipeline(root: Path, parent: str) -> None:
+def update_pipeline(root: Path, parent: str, final: bool = False) -> None:
     """After each stage run: the parent carries the current headline metrics (from metrics/evaluate.json, also
-    when evaluate was up to date and did not run) and says which stages ran and which DVC skipped (best effort)."""
+    when evaluate was up to date and did not run) and says which stages ran. `final` (the report stage, last in
+    the pipeline): also which DVC skipped and why (best effort)."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, RunTag
 
@@ -459,13 +458,35 @@ def update_pipeline(root: Path, parent: str) -> None:
         metrics = [Metric(k, v, now, 0) for k, v in headline_metrics(root).items()]
         ran = {r.data.tags.get(STAGE_TAG) for r in client.search_runs(
             [client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=100)}
-        summary = stage_summary(ran, dvc_changes(root))
+        changes = dvc_changes(root, [s for s in RUN_STAGES if s not in ran]) if final else None
+        summary = stage_summary(ran, changes)
         tags = [RunTag("stages_ran", ", ".join(summary["ran"]) or "none"),
                 RunTag("stages_skipped", ", ".join(summary["skipped"]) or "none"),
                 RunTag("mlflow.note.content", pipeline_note(summary))]
         client.log_batch(parent, metrics=metrics, tags=tags)
     except Exception as exc:
         log.warning("could not update the pipeline run %s: %s: %s", parent, type(exc).__name__, str(exc)[:200])
+
+
+def finish_pipeline(root: Path, experiment: str) -> None:
+    """The last stage of a pipeline run (report, which logs no run of its own) completes the parent run's
+    account: what ran, what DVC skipped and why. A stage's own run cannot ask DVC about the stages after it:
+    DVC locks the running stage's outputs, and `dvc status` of a stage that reads them waits on that lock."""
+    import mlflow
+
+    key = pipeline_key(root)
+    if not key or os.environ.get(PARENT_RUN_ENV):
+        return
+    try:
+        check_uri(configure(root))
+        found = mlflow.get_experiment_by_name(experiment)
+        parents = found and mlflow.MlflowClient().search_runs(
+            [found.experiment_id], f"tags.pipeline_run = '{key}' and tags.run_kind = 'pipeline'", max_results=1)
+    except ImagegenError as exc:
+        log.warning("the pipeline run's summary is not updated: %s", exc)
+        return
+    if parents:
+        update_pipeline(root, parents[0].info.run_id, final=True)
 
 
 def headline_metrics(root: Path) -> dict[str, float]:
@@ -482,17 +503,22 @@ def headline_metrics(root: Path) -> dict[str, float]:
     return found
 
 
-def dvc_changes(root: Path) -> dict[str, list] | None:
-    """`dvc status --json` of the project: the stages that are not up to date and why, or None outside a DVC
-    stage or when it fails. (DVC unlocks the repository while a stage's command runs, so a stage may ask.)"""
+def dvc_changes(root: Path, stages: list[str]) -> dict[str, list] | None:
+    """`dvc status --json STAGES`: those of `stages` that are not up to date and why ({} for none), or None
+    outside a DVC stage or when it fails. (DVC unlocks the repository while a stage's command runs.)"""
     if not os.environ.get(DVC_STAGE_ENV):
         return None
+    if not stages:
+        return {}
     try:
-        done = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True,
-                              text=True, timeout=120)
+        done = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", *stages], cwd=root,
+                              capture_output=True, text=True, timeout=120)
         changes = json.loads(done.stdout) if done.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired, ValueError):
         return None
+    if changes is None:
+        log.warning("dvc status failed, the pipeline run does not say which stages DVC skipped: %s",
+                    (done.stdout + done.stderr).strip().splitlines()[:1])
     return changes if isinstance(changes, dict) else None
 
 
@@ -531,7 +557,8 @@ def pipeline_note(summary: dict[str, list[str]]) -> str:
     if summary["pending"]:
         lines.append(f"- **Still to run** (DVC status): {'; '.join(summary['pending'])}")
     if summary["unknown"]:
-        lines.append(f"- **No run here** (not run under DVC, so no reason known): {', '.join(summary['unknown'])}")
+        lines.append(f"- **No run (yet):** {', '.join(summary['unknown'])} (the report stage, last in the pipeline, "
+                     "asks DVC which of them it skipped)")
     lines += ["", "The headline metrics are those of the current outputs (metrics/evaluate.json), also when "
               "evaluate was up to date."]
     return "\n".join(lines)
@@ -596,8 +623,8 @@ def log_dataset(root: Path, dataset: str, context: str, limit: int | None = None
 
     with warnings.catch_warnings():  # "can be interpreted in multiple ways", "integer columns" hints
         warnings.simplefilter("ignore")
-        data = ImageData(df=manifest, source=resolve_dataset_source(str(folder)),
-                         name=f"{dataset}-prepared", digest=digest[:36])
+        data = ImageData(df=manifest, source=resolve_dataset_source(str(folder)),  # MLflow keeps one profile per
+                         name=f"{dataset}-prepared" + (f"-first{limit}" if limit else ""), digest=digest[:36])  # name
         mlflow.log_input(data, context=context)
     run = mlflow.active_run()
     parent = mlflow.get_run(run.info.run_id).data.tags.get("mlflow.parentRunId") if run else None

@@ -138,8 +138,9 @@ def test_register_promote_refuse_rerun_and_load(tmp_path, store):
     assert versions(GAN)[3].tags["training_run_id"] == train_run.info.run_id
     assert versions(GAN)[3].run_id == train_run.info.run_id  # the version page links to the training run
     card = versions(GAN)[3].description
-    assert "| fid | lower ↓ | 20 | 30 |" in card and "| precision | higher ↑ | 0.7 | 0.7 |" in card
-    assert "| kid_std |  | 0.001 | 0.001 |" in card  # a diagnostic: no direction
+    assert "| fid | lower ↓ | `20` | `30` | **better** |" in card
+    assert "| precision | higher ↑ | `0.7` | `0.7` | equal |" in card
+    assert "| kid_std |  | `0.001` | `0.001` |  |" in card  # a diagnostic: no direction
     assert "## Params that differ from the champion's" in card and "a register run outside a pipeline" in card
     assert "imagegen pipeline" in MlflowClient().get_registered_model(GAN).description
 

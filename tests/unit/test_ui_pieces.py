@@ -158,8 +158,7 @@ def test_the_saved_view_shows_the_headline_columns_as_mlflows_ui_reads_it():
     view = json.loads(tracking.saved_view())
     assert view["name"] == "Headline metrics" and isinstance(view["createdAt"], int)
     state = json.loads(view["state"])  # the UI expects the state as JSON text inside the envelope
-    assert state["selectedColumns"][:4] == ["attributes.`Dataset`", "metrics.`gan_fid`", "metrics.`vae_fid`",
-                                            "metrics.`vae_nll`"]
+    assert state["selectedColumns"][:3] == ["metrics.`gan_fid`", "metrics.`vae_fid`", "metrics.`vae_nll`"]
     assert "params.`vae.beta`" in state["selectedColumns"]
     assert tracking.view_tag() == "mlflow.sharedViewState.headline"
 
@@ -215,3 +214,11 @@ def test_params_diff_lists_only_what_changed():
     mine = {"vae.beta": "0.5", "vae.epochs": "16", "vae.prior": "mixture"}
     assert params_diff(mine, champion) == [("train.limit", "None", "—"), ("vae.beta", "0.05", "0.5"),
                                            ("vae.prior", "—", "mixture")]
+
+
+def test_the_card_says_whether_each_metric_is_better_than_the_champions():
+    from imagegen.registry import verdict
+
+    assert [verdict("fid", 4.0, "5.0"), verdict("fid", 6.0, 5.0), verdict("recall", 0.6, 0.5),
+            verdict("recall", 0.5, "0.5"), verdict("kid_std", 1, 2), verdict("fid", 4.0, None)] == [
+        "**better**", "worse", "**better**", "equal", "", ""]
