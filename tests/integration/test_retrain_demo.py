@@ -24,8 +24,8 @@ from imagegen import tracking
 from imagegen.data.validated import HASH_KEY, RECORD
 from tests.conftest import REPO_ROOT, set_params
 from tests.helpers import cli_env, needs_fashion_mnist
-from tests.integration.test_retrain_flow import (  # the same server fixture and REST helpers (no second stack)
-    api, prefect_server, run_cli, run_worker_once, states, summary, task_runs)  # noqa: F401 (prefect_server: fixture)
+from tests.integration.test_retrain_flow import (  # the same REST helpers (prefect_server: tests/integration/conftest.py)
+    api, run_cli, run_worker_once, states, summary, task_runs)
 from tests.tiny import TINY_TRAINING
 
 pytestmark = [pytest.mark.slow,
