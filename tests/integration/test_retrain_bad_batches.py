@@ -21,11 +21,11 @@ import yaml
 
 from imagegen import tracking
 from tests.conftest import set_params
-from tests.helpers import cli_env
-from tests.integration.test_retrain_demo import DATASET, FASHION_MNIST, KINDS, TRAINING, drop, read, registry
+from tests.helpers import cli_env, needs_fashion_mnist
+from tests.integration.test_retrain_demo import DATASET, KINDS, TRAINING, drop, read, registry
 from tests.tiny import TINY_TRAINING
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="needs dataset-fashion-mnist")]
+pytestmark = [pytest.mark.slow, needs_fashion_mnist]
 
 FOLDER_IMAGES = 10_000
 BAD_BATCH = 300
