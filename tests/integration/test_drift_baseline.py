@@ -44,13 +44,14 @@ def accepted_profile(number: int) -> drift.Profile:
 def test_the_champion_carries_its_profile_and_validate_gates_against_it(tmp_path):
     root = make_project(tmp_path / "a", seed=0, fid={"gan": 30.0, "vae": 40.0})
     drift.save_profile(root / drift.PROFILE_DIR, accepted_profile(3))
+    (root / "metrics" / "drift.json").write_text(json.dumps({"lineage": {"data_version_number": 3}}))  # as validate
     mlflow_uri = tracking.embedded_uri(root)
     run_register(load_config(root / "params.yaml"), root)
 
     client = MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
     champion = client.get_model_version_by_alias("fashion-mnist-gan", "champion")
     assert champion.tags["data_version_number"] == "3"
-    logged = client.list_artifacts(champion.run_id, "data_profile")
+    logged = client.list_artifacts(champion.tags["data_profile_run_id"], "data_profile")
     assert {Path(f.path).name for f in logged} == {"profile.json", "feature_mean.npy", "feature_cov.npy",
                                                     "embedding.pt", "image_hashes.npy"}
 
