@@ -345,7 +345,7 @@ def test_3_tracking_in_postgres_and_artifacts_in_the_object_store(team):
     client = team.mlflow()
     experiment = client.get_experiment_by_name("imagegen-fashion-mnist")
     assert experiment.artifact_location.startswith("mlflow-artifacts:/")
-    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    runs = {r.data.tags.get("stage", r.info.run_name): r for r in client.search_runs([experiment.experiment_id])}
     assert {"train-gan", "train-vae", "evaluate", "register"} <= runs.keys()
     assert all(runs[name].info.status == "FINISHED" for name in ("train-gan", "train-vae", "evaluate", "register"))
     assert [m.step for m in client.get_metric_history(runs["train-gan"].info.run_id, "loss/d")] == [1]
@@ -609,7 +609,7 @@ def test_7_object_store_down_fails_the_stage_in_one_line_and_rerun_registers_onc
     source_run = client.get_run(version.run_id)
     keys = team.keys("imagegen-mlflow", f"artifacts/{source_run.info.experiment_id}/")
     assert any(f"/{version.run_id}/" in key or version.source.rsplit("/", 1)[-1] in key for key in keys)
-    register_runs = client.search_runs([source_run.info.experiment_id], "tags.mlflow.runName = 'register'")
+    register_runs = client.search_runs([source_run.info.experiment_id], "tags.stage = 'register'")
     assert sorted(r.info.status for r in register_runs) == ["FAILED", "FINISHED", "FINISHED"]
 
 

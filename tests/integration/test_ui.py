@@ -309,8 +309,10 @@ def test_a_runs_metric_charts_render(page, ui, client, runs, tmp_path):
 def test_the_version_page_shows_the_champion_alias_and_the_model_card(page, ui, client):
     page.goto(f"{ui}/#/models/fashion-mnist-gan/versions/1?{ML_VIEW}")
     page.get_by_text("Intended use").wait_for()
+    alias = r"Aliases\W+(@\s*challenger\s+)?@\s*champion"  # the alias, by the version (rendered after the card)
+    page.wait_for_function(f"() => /{alias}/.test(document.body.innerText)")
     text = page.inner_text("body")
-    assert re.search(r"Aliases\W+(@\s*challenger\s+)?@\s*champion", text), text[:600]  # the alias, by the version
+    assert re.search(alias, text), text[:600]
     assert "Decision: champion." in text
     assert page.get_by_role("cell", name="fid", exact=True).count() >= 1  # the card's metrics table, rendered
     grid = page.locator('img[src^="get-artifact?path=model_cards/"]')
