@@ -477,8 +477,11 @@ def test_3d_every_port_refuses_requests_without_credentials(team):
                          ("DELETE", f"{filer}/buckets/imagegen-dvc/store?recursive=true"),
                          ("GET", f"{volume}/1,01637037d6"), ("POST", f"{volume}/1,01637037d6")):
         body = b"x" if method in ("PUT", "POST") else None
-        plain = httpx.request(method, f"http://{path}", content=body, timeout=30)
-        assert plain.status_code == 400 and "HTTPS" in plain.text, (method, path, plain.status_code)
+        try:  # plain HTTP: "Client sent an HTTP request to an HTTPS server", or the connection dropped
+            plain = httpx.request(method, f"http://{path}", content=body, timeout=30)
+            assert plain.status_code == 400 and "HTTPS" in plain.text, (method, path, plain.status_code)
+        except httpx.TransportError:
+            pass
         with pytest.raises(httpx.HTTPError):  # TLS without the stack's client certificate: handshake refused
             httpx.request(method, f"https://{path}", content=body, timeout=30, verify=anyone)
     stack_client = httpx.Client(verify=the_stack)
@@ -616,7 +619,7 @@ def test_7_object_store_down_fails_the_stage_in_one_line_and_rerun_registers_onc
 def test_7b_no_secret_in_any_log_flow_log_or_artifact(team):
     secrets = team.secrets()
     logs = [*(team.dir / "logs").iterdir(), team.dir / "postgres" / "postgres.log"]
-    assert len(logs) >= 6
+    assert len(logs) == 5  # s3, mlflow, prefect, worker, postgres
     for path in logs:
         assert path.stat().st_mode & 0o777 == 0o600, path
         assert secrets_in(path.read_text(errors="replace"), secrets) == [], path
