@@ -57,7 +57,8 @@ STAGE_TAG = "stage"  # the bare stage name of a stage run (its run name also nam
 # output (metrics/evaluate.json) whenever one of its stages ends, and the params that tell variants apart.
 # Every other param stays on the stage runs.
 HEADLINE_METRICS = {"gan_fid": ("gan", "fid"), "vae_fid": ("vae", "fid"), "vae_nll": ("vae", "nll_iwae")}
-VARIANT_PARAMS = ("train.limit", "gan.epochs", "gan.lr_g", "vae.epochs", "vae.beta", "vae.prior")
+VARIANT_PARAMS = ("train.limit", "gan.images", "gan.epochs", "gan.lr_g", "gan.augment", "vae.images", "vae.epochs", "vae.beta",
+                  "vae.prior")
 # The stages that log a run; the pipeline run lists which of them ran and which DVC skipped.
 RUN_STAGES = ("train-features", "train-gan", "train-vae", "evaluate", "register")
 # A saved view of the runs table with the headline columns (MLflow >= 3.15 keeps saved views as experiment tags
