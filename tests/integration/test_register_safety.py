@@ -17,9 +17,10 @@ from mlflow import MlflowClient
 
 from imagegen import tracking
 from imagegen.config import load_config
-from imagegen.registry import DATA_NUMBER_TAG, DECISION_TAG, REGISTRATION_TAG, registry_lock, run_register, store_key
+from imagegen.registry import DATA_NUMBER_TAG, DECISION_TAG, REGISTRATION_TAG, registry_lock, store_key
 from imagegen.report import champion_metrics
 from tests.helpers import cli_env, make_project
+from tests.integration.test_registry import register
 
 pytestmark = pytest.mark.slow
 
@@ -34,10 +35,6 @@ def sqlite_store(tmp_path) -> str:
     mlflow.set_tracking_uri(uri)
     yield uri
     mlflow.set_tracking_uri(None)
-
-
-def register(root: Path) -> dict:
-    return run_register(load_config(root / "params.yaml"), root).decisions
 
 
 def with_data_number(root: Path, number: int) -> Path:
