@@ -43,13 +43,22 @@ def champion_profile(root: Path, dataset: str, dst: Path) -> tuple[Path, str] | 
 
     client = MlflowClient()
     found = []
-    for kind in KINDS:
+    names = [f"{dataset}-{kind}" for kind in KINDS]
+    # Only models that exist: MLflow's basic-auth app answers PERMISSION_DENIED, not "does not exist", for others.
+    # (A dataset name holds no quote: config.DATASET_NAME.)
+    try:
+        existing = {m.name for m in client.search_registered_models(f"name LIKE '{dataset}-%'")}
+    except MlflowException as exc:
+        raise ImagegenError(f"MLflow tracking at {uri}: cannot list the registered models ({exc.error_code})") from None
+    for name in names:
+        if name not in existing:
+            continue
         try:
-            version = client.get_model_version_by_alias(f"{dataset}-{kind}", "champion")
+            version = client.get_model_version_by_alias(name, "champion")
         except MlflowException as exc:
             if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 continue
-            raise ImagegenError(f"MLflow tracking at {uri}: cannot read the champion of {dataset}-{kind} "
+            raise ImagegenError(f"MLflow tracking at {uri}: cannot read the champion of {name} "
                                 f"({exc.error_code})") from None
         number = version.tags.get(VERSION_TAG, "")
         if number.isdigit():
