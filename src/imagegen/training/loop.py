@@ -45,7 +45,8 @@ class LoopConfig:
     check_every: int = 50  # steps between finiteness checks (each one syncs the device)
     run_info: dict = field(default_factory=dict)  # kept in every checkpoint (e.g. the MLflow run id)
     # Epochs between the loggers' epoch-end work (sample grid, best-epoch probe, MLflow): a small folder runs
-    # many short epochs for its budget, and is reported about as often as Fashion-MNIST (report_every()).
+    # many short epochs for its budget in images, and is reported about as often as Fashion-MNIST
+    # (report_every()); a run of a set number of epochs reports each.
     report_every: int = 1
 
     def reports(self, epoch: int) -> bool:

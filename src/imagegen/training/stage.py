@@ -97,7 +97,7 @@ def run_train(cfg: Config, kind: str, root: Path = Path(".")) -> TrainResult:
             epochs=warm_epochs(cfg, kind, task.init_info, data.images_per_epoch), seed=cfg.train.seed, checkpoint_path=out["checkpoint"],
             checkpoint_every=cfg.train.checkpoint_every, resume=cfg.train.resume,
             fingerprint=fingerprint(kind, params, train_file, runtime.world_size, probe),
-            report_every=report_every(data.images_per_epoch),
+            report_every=1 if section.epochs else report_every(data.images_per_epoch),  # epochs set: each one
         )
         if not runtime.is_main:
             train(task, data, loop_cfg, runtime)
