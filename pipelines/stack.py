@@ -646,16 +646,19 @@ def heartbeat_age(worker: dict) -> float:
 
 
 def prefect_post(stack: Stack, path: str, body: dict, timeout: float = 5):
-    """POST to the Prefect API with the stack's credentials and a CSRF token (both required)."""
+    """POST to the Prefect API with the stack's credentials and a CSRF token (both required by the stack's
+    server; a server started without them, as by a stack made before they existed, gets neither)."""
     import uuid
 
-    auth, client = basic_auth(*stack.config["prefect_auth_string"].split(":", 1)), str(uuid.uuid4())
-    token_request = urllib.request.Request(f"{stack.url('prefect')}/csrf-token?client={client}", headers=auth)
-    with urllib.request.urlopen(token_request, timeout=timeout) as response:
-        token = json.loads(response.read())["token"]
+    headers = {"Content-Type": "application/json"}
+    if "prefect_auth_string" in stack.config:
+        auth, client = basic_auth(*stack.config["prefect_auth_string"].split(":", 1)), str(uuid.uuid4())
+        token_request = urllib.request.Request(f"{stack.url('prefect')}/csrf-token?client={client}", headers=auth)
+        with urllib.request.urlopen(token_request, timeout=timeout) as response:
+            token = json.loads(response.read())["token"]
+        headers.update(auth, **{"Prefect-Csrf-Token": token, "Prefect-Csrf-Client": client})
     request = urllib.request.Request(f"{stack.url('prefect')}/{path}", data=json.dumps(body).encode(), method="POST",
-                                     headers={**auth, "Content-Type": "application/json",
-                                              "Prefect-Csrf-Token": token, "Prefect-Csrf-Client": client})
+                                     headers=headers)
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
 
