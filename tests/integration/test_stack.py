@@ -359,7 +359,8 @@ def test_3_tracking_in_postgres_and_artifacts_in_the_object_store(team):
         cursor.execute("SELECT name, alias, version FROM registered_model_aliases ORDER BY name, alias")
         assert cursor.fetchall() == [(GAN, "challenger", 1), (GAN, "champion", 1),
                                      (VAE, "challenger", 1), (VAE, "champion", 1)]
-        cursor.execute("SELECT count(*) FROM runs WHERE name = 'train-gan' AND status = 'FINISHED'")
+        cursor.execute("SELECT count(*) FROM runs JOIN tags ON tags.run_uuid = runs.run_uuid "
+                       "WHERE tags.key = 'stage' AND tags.value = 'train-gan' AND runs.status = 'FINISHED'")
         assert cursor.fetchone()[0] == 1
 
     run_id = runs["train-gan"].info.run_id
