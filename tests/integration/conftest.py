@@ -31,4 +31,16 @@ def prefect_server(tmp_path: Path):
     server = start([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
                     "--port", str(port)], tmp_path / "server.log", f"{url}/health", env=server_env)
     yield url, dict(base, PREFECT_HOME=str(tmp_path / "client-home"), PREFECT_API_URL=url)
+    drain_prefect_workers()
     stop(server)
+
+
+def drain_prefect_workers() -> None:
+    """Stop this process's Prefect event and log workers: they are singletons that keep the API URL they
+    started with, so a test that talked to this server in-process (a concurrency slot emits events) would
+    otherwise leave a later test's events going to a server that is gone, and its task runs unrecorded."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    EventsWorker.drain_all(timeout=30)
+    APILogWorker.drain_all(timeout=30)
