@@ -255,6 +255,7 @@ class EvalConfig(Section):
     kid_subsets: Annotated[int, Field(ge=1, le=100_000)] = 100
     kid_subset_size: Annotated[int, Field(ge=2, le=1_000_000)] = 1000
     pr_k: Annotated[int, Field(ge=1, le=1000)] = 3  # neighbours defining the precision/recall manifolds
+    fid_bootstrap: Annotated[int, Field(ge=2, le=10_000)] = 20  # bootstrap rounds for fid_std (metrics.fid_std)
     iwae_k: Annotated[int, Field(ge=1, le=100_000)] = 64  # importance samples per test image for the VAE's NLL bound
     iwae_images: Annotated[int, Field(ge=1, le=COUNT)] | None = None  # test images for the NLL bound; null = all
     # A pt_inception-2015-12-05 weights file (as used by pytorch-fid) for the standard Inception FID;
@@ -268,6 +269,9 @@ class RegisterConfig(Section):
     metric: Literal["fid", "kid_mean", "precision", "recall"] = "fid"
     # A challenger becomes champion only when better than the champion by this fraction of its value.
     margin: Annotated[float, Field(ge=0, lt=1)] = 0.01
+    # ... and, for fid, by this many standard deviations of the difference (each side's bootstrap fid_std):
+    # a gain within the noise of a small test split promotes nothing. 0: the margin alone.
+    sigmas: Annotated[float, Field(ge=0, le=10)] = 2.0
 
 
 class Config(Section):

@@ -3,7 +3,8 @@
 For each kind (gan, vae) the registered model is `<dataset>-<kind>`. A new version is created
 only for weights not registered before (tag weights_sha256). The new version gets the alias
 `challenger`, and `champion` too when there is no champion or it beats the champion's
-register.metric by register.margin (relative). The decision lands in metrics/register.json and
+register.metric by register.margin (relative) and, for fid, by register.sigmas standard deviations of the
+difference (each side's bootstrap `fid_std`): a gain within the noise of a small test split is no gain. The decision lands in metrics/register.json and
 on the version (tags, description).
 
 Order of writes, so that a failure midway leaves nothing that looks finished: log the model ->
@@ -69,17 +70,37 @@ class Decision:
     reason: str
 
 
-def decide(metric: str, value: float, champion_value: float | None, margin: float) -> Decision:
-    """Whether a challenger with `value` replaces a champion with `champion_value` (None: no champion)."""
+def decide(metric: str, value: float, champion_value: float | None, margin: float, noise: float = 0.0) -> Decision:
+    """Whether a challenger with `value` replaces a champion with `champion_value` (None: no champion): better by
+    the relative `margin` and by `noise`, the metric's uncertainty in its own units (`Uncertainty.noise`)."""
     if champion_value is None or not math.isfinite(champion_value):
         return Decision(True, f"no champion {metric} to beat")
     lower = LOWER_IS_BETTER[metric]
-    needed = abs(champion_value) * margin
+    needed = max(abs(champion_value) * margin, noise)
     better = value < champion_value - needed if lower else value > champion_value + needed
     direction = "lower" if lower else "higher"
     verdict = "beats" if better else "does not beat"
+    noise_text = f", noise {noise:.3g}" if noise else ""
     return Decision(better, f"{metric} {value:.6g} {verdict} champion's {champion_value:.6g} "
-                            f"({direction} is better, margin {margin:g})")
+                            f"({direction} is better, margin {margin:g}{noise_text})")
+
+
+@dataclass(frozen=True)
+class Uncertainty:
+    """The challenger's standard deviation of the metric (evaluate's bootstrap) and how many standard deviations
+    of the difference the contest asks for (register.sigmas)."""
+    std: float
+    sigmas: float
+
+    @classmethod
+    def of(cls, cfg: Config, metrics: dict[str, float]) -> Uncertainty | None:
+        std = metrics.get(f"{cfg.register_.metric}_std")
+        return cls(std, cfg.register_.sigmas) if std is not None and math.isfinite(std) and std >= 0 else None
+
+    def noise(self, champion_std: float | None) -> float:
+        """The gain the difference's noise asks for; a champion of unknown spread counts as the challenger's."""
+        usable = champion_std is not None and math.isfinite(champion_std) and champion_std >= 0
+        return self.sigmas * math.hypot(self.std, champion_std if usable else self.std)
 
 
 @dataclass(frozen=True)
@@ -163,7 +184,8 @@ def register_kind(cfg: Config, root: Path, kind: str, folder: Path, metrics: dic
         log.info("register: %s version %s was interrupted before its aliases moved; finishing it", name,
                  version.version)
     card = ModelCard(client, root, kind, metrics, run)
-    return promote(client, name, version, metrics[metric], cfg.register_.margin, metric, new, card, contest)
+    return promote(client, name, version, metrics[metric], cfg.register_.margin, metric, new, card, contest,
+                   Uncertainty.of(cfg, metrics))
 
 
 def interrupted(version) -> bool:
@@ -224,13 +246,15 @@ def create_version(client, cfg: Config, root: Path, kind: str, folder: Path, met
 
 
 def promote(client, name: str, version, value: float, margin: float, metric: str, new: bool,
-            card: ModelCard | None = None, contest: Contest | None = None) -> dict:
+            card: ModelCard | None = None, contest: Contest | None = None,
+            uncertainty: Uncertainty | None = None) -> dict:
     champion = alias_version(client, name, CHAMPION)
     decision = recorded_decision(version, champion)
     if decision is not None:  # interrupted after the decision was written: finish as recorded
         result = record(name, version, new, value, previous_champion(client, name, version), metric, decision)
     else:
-        result = decide_and_record(client, name, version, value, margin, metric, new, champion, card, contest)
+        result = decide_and_record(client, name, version, value, margin, metric, new, champion, card, contest,
+                                   uncertainty)
         decision = Decision(result["promoted"], result["reason"])
     fault("decision")
     client.set_registered_model_alias(name, CHALLENGER, version.version)
@@ -243,7 +267,7 @@ def promote(client, name: str, version, value: float, margin: float, metric: str
 
 
 def decide_and_record(client, name: str, version, value: float, margin: float, metric: str, new: bool, champion,
-                      card: ModelCard | None, contest: Contest | None) -> dict:
+                      card: ModelCard | None, contest: Contest | None, uncertainty: Uncertainty | None) -> dict:
     """The contest with the current champion; its tags, model card and decision written on the version."""
     fairness: dict = {}
     older = older_data(version, champion)
@@ -254,7 +278,9 @@ def decide_and_record(client, name: str, version, value: float, margin: float, m
     else:
         fairness = contest.champion_score(name, champion) if contest and champion is not None else {}
         champion_value = fairness.get("champion_value", tag_float(champion, metric))
-        decision = decide(metric, value, champion_value, margin)
+        champion_std = fairness.get("champion_scores", {}).get(f"{metric}_std", tag_float(champion, f"{metric}_std"))
+        noise = uncertainty.noise(champion_std) if uncertainty else 0.0
+        decision = decide(metric, value, champion_value, margin, noise)
         if fairness.get("champion_rescored"):
             decision = Decision(decision.promote, decision.reason + f"; both scored on test split "
                                 f"{fairness['scored_on']['test_sha256'][:12]} with feature net "
@@ -343,7 +369,7 @@ KIND_TEXT = {"gan": "A DCGAN-style image generator (EMA generator weights)",
 LOWER, HIGHER = "lower ↓", "higher ↑"
 BETTER = {"fid": LOWER, "kid_mean": LOWER, "nelbo": LOWER, "nll_iwae": LOWER, "recon_bce": LOWER, "recon_mse": LOWER,
           "precision": HIGHER, "recall": HIGHER, "class_entropy": HIGHER, "min_class_ratio": HIGHER,
-          "domain_is": HIGHER}
+          "domain_is": HIGHER, "fid_std": ""}  # fid_std: the FID's uncertainty, not a quality
 
 
 def better(metric: str) -> str:

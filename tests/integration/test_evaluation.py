@@ -182,7 +182,9 @@ def test_evaluate_stage_writes_metrics_pictures_and_an_mlflow_run(root, monkeypa
     metrics = run_evaluate(cfg, root).metrics
     assert metrics == json.loads((root / "metrics/evaluate.json").read_text())
     for kind in ("gan", "vae"):
-        assert {"fid", "kid_mean", "kid_std", "precision", "recall", "class_entropy", "min_class_ratio"} <= metrics[kind].keys()
+        assert {"fid", "fid_std", "kid_mean", "kid_std", "precision", "recall", "class_entropy",
+                "min_class_ratio"} <= metrics[kind].keys()
+        assert 0 < metrics[kind]["fid_std"] < metrics[kind]["fid"] / 2
         assert metrics[kind]["fid"] > 10 * metrics["reference"]["fid_train_vs_test"]  # untrained vs real data
     assert set(metrics["gan"]["class_accuracy"]) == {*CLASSES, "mean"}
     assert metrics["vae"]["nll_iwae"] <= metrics["vae"]["nelbo"] + 1.0 and metrics["vae"]["iwae_k"] == 4

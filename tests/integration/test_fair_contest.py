@@ -5,6 +5,7 @@ with today's feature net; train.init_from: champion starts training from the cha
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from imagegen.config import load_config
 from imagegen.data.validated import HASH_KEY, RECORD
 from imagegen.evaluation.features import FEATURES_DIR, REFERENCE, embed
 from imagegen.evaluation.sampling import generate
-from imagegen.evaluation.stage import Scorer
+from imagegen.evaluation.stage import Scorer, rounded
 from imagegen.fsutil import sha256_file
 from imagegen.models.description import ModelDescription
 from imagegen.models.features import FeatureNet
@@ -74,11 +75,13 @@ def root(tmp_path):
     mlflow.set_tracking_uri(None)
 
 
-def write_fid(root: Path, fid: dict[str, float]) -> None:
+def write_fid(root: Path, fid: dict[str, float], fid_std: dict[str, float] | None = None) -> None:
     path = root / "metrics" / "evaluate.json"
     evaluation = json.loads(path.read_text())
     for kind, value in fid.items():
         evaluation[kind]["fid"] = value
+    for kind, value in (fid_std or {}).items():
+        evaluation[kind]["fid_std"] = value
     path.write_text(json.dumps(evaluation))
 
 
@@ -123,6 +126,34 @@ def test_register_rescores_the_champion_on_todays_test_split(root):
     assert version.tags["contest.challenger_data_version"] == "week2.dir"
     assert version.tags["dvc_data_md5"] == "week2.dir"
     assert "Champion v1 re-scored today" in version.description
+
+
+def test_a_gain_smaller_than_the_noise_of_both_scores_keeps_the_champion(root):
+    """On a small test split FID moves by its bootstrap std: the champion falls only to a gain of more than
+    register.sigmas standard deviations of the difference, whatever the relative margin says."""
+    make_project(root, seed=0, fid={"gan": 1e-9, "vae": 1e-9})
+    data_version(root, seed=1, md5="week1.dir", n_test=100)
+    settings(root)
+    run_register(load_config(root / "params.yaml"), root)
+    week1 = {kind: shutil.copytree(root / "models" / kind, root.parent / f"week1-{kind}") for kind in ("gan", "vae")}
+    make_project(root, seed=7, fid={"gan": 1.0, "vae": 1.0})
+    data_version(root, seed=2, md5="week2.dir", n_test=150)
+    settings(root)
+    set_params(root, register={"margin": 0.0, "sigmas": 2.0})
+    cfg = load_config(root / "params.yaml")
+    scorer = Scorer.load(cfg, root, "cpu")
+    today = {kind: rounded(scorer.score(generate(*load_model(folder), 1000, cfg.eval.seed)))  # as evaluate writes them
+             for kind, folder in week1.items()}
+    noise = {kind: 2 * math.hypot(s["fid_std"], s["fid_std"]) for kind, s in today.items()}  # the same std both sides
+    assert all(n > 0 for n in noise.values())
+    write_fid(root, {"gan": today["gan"]["fid"] - 0.5 * noise["gan"], "vae": today["vae"]["fid"] - 1.5 * noise["vae"]},
+              {kind: s["fid_std"] for kind, s in today.items()})
+
+    decisions = run_register(cfg, root).decisions
+    gan, vae = decisions["gan"], decisions["vae"]
+    assert gan["champion_rescored"] and not gan["promoted"] and gan["champion_after"] == 1, gan
+    assert f"noise {noise['gan']:.3g}" in gan["reason"], gan["reason"]
+    assert vae["promoted"] and vae["champion_after"] == 2, vae
 
 
 def test_a_champion_of_another_image_shape_keeps_its_recorded_value(root):

@@ -46,6 +46,22 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
     assert shifts == sorted(shifts) and shifts[0] > 0
 
 
+def test_fid_std_matches_the_spread_of_fresh_draws_and_grows_as_the_test_split_shrinks():
+    """The bootstrap's standard deviation estimates how far FID moves between independent draws of the same
+    size from the same distributions; a smaller test split moves it more."""
+    rng = np.random.default_rng(7)
+
+    def draw(n_samples, n_test):
+        return rng.normal(0.2, 1, (n_samples, 8)), rng.normal(0, 1, (n_test, 8))
+
+    fresh = np.std([m.fid(*draw(2000, 2000)) for _ in range(60)], ddof=1)
+    bootstrap = m.fid_std(*draw(2000, 2000), rounds=60, seed=0)
+    assert 0.5 * fresh < bootstrap < 2 * fresh, (bootstrap, fresh)
+    samples, test = draw(2000, 4000)
+    assert m.fid_std(samples, test[:250], 60) > 1.5 * m.fid_std(samples, test, 60)
+    assert m.fid_std(samples, test, 10, seed=3) == m.fid_std(samples, test, 10, seed=3)
+
+
 def test_kid_is_unbiased_for_one_distribution_and_positive_for_two():
     rng = np.random.default_rng(4)
     x, y = rng.normal(size=(3000, 16)), rng.normal(size=(3000, 16))

@@ -31,6 +31,17 @@ def fid(features: np.ndarray, reference: np.ndarray) -> float:
     return frechet_distance(*gaussian_stats(features), *gaussian_stats(reference))
 
 
+def fid_std(features: np.ndarray, reference: np.ndarray, rounds: int = 20, seed: int = 0) -> float:
+    """The FID's standard deviation over bootstrap rounds: both sets drawn again with replacement at their own
+    size. How far the number would move with other samples and another test split of the same size (a small
+    test split moves it more)."""
+    rng = np.random.default_rng(seed)
+    values = [frechet_distance(*gaussian_stats(features[rng.integers(0, len(features), len(features))]),
+                               *gaussian_stats(reference[rng.integers(0, len(reference), len(reference))]))
+              for _ in range(rounds)]
+    return float(np.std(values, ddof=1))
+
+
 def kid(features: np.ndarray, reference: np.ndarray, subsets: int = 100, subset_size: int = 1000,
         seed: int = 0) -> tuple[float, float]:
     """Kernel Inception Distance (Bińkowski et al., 2018): the unbiased MMD^2 with the kernel

@@ -115,12 +115,13 @@ class Scorer:
         return embed(self.net, images, self.device)
 
     def score(self, samples: np.ndarray) -> dict:
-        """FID, KID, precision/recall and class coverage (and the Inception FID when configured)."""
+        """FID (and its bootstrap standard deviation), KID, precision/recall and class coverage (and the Inception FID when configured)."""
         features, probs = self.embed(samples)
         ev = self.cfg.eval
         kid_mean, kid_std = m.kid(features, self.reference, ev.kid_subsets, ev.kid_subset_size, ev.seed)
         precision, recall = m.precision_recall(features, self.reference, ev.pr_k)
-        scores = {"fid": m.fid(features, self.reference), "kid_mean": kid_mean, "kid_std": kid_std,
+        scores = {"fid": m.fid(features, self.reference),
+                  "fid_std": m.fid_std(features, self.reference, ev.fid_bootstrap, ev.seed), "kid_mean": kid_mean, "kid_std": kid_std,
                   "precision": precision, "recall": recall, **m.class_coverage(probs), "n_samples": len(samples)}
         if self.inception is not None:
             scores["fid_inception"] = self.inception.fid(samples)
