@@ -138,10 +138,10 @@ def test_class_mixture_gives_each_class_its_components_and_share():
 
 def test_class_mixture_with_a_tiny_class_leaves_unused_components_at_weight_zero():
     codes, labels = labelled_clusters()
-    prior = ClassMixturePrior(2, components=30)  # class 2 gets 10 components but has only 4 codes
+    prior = ClassMixturePrior(2, components=30)  # class 2 gets 10 components but its 4 codes fit one
     prior.fit(codes, labels=labels)
     weights = prior.log_weights.exp()
-    assert int((weights == 0).sum()) == 6 and float(weights.sum()) == pytest.approx(1.0, abs=1e-5)
+    assert int((weights == 0).sum()) == 9 and float(weights.sum()) == pytest.approx(1.0, abs=1e-5)
     # It is still one proper density: it has finite values, and so do its draws and their density.
     assert torch.isfinite(prior.log_prob(torch.randn(100, 2))).all()
     # A class of a single code still gets a proper (narrow) Gaussian.
@@ -151,6 +151,36 @@ def test_class_mixture_with_a_tiny_class_leaves_unused_components_at_weight_zero
     assert torch.isfinite(single.scale_tril).all() and float(lone[2]) == pytest.approx(1 / 1501) and lone[3] == 0
     draws = prior.sample(10_000, torch.Generator().manual_seed(0))
     assert torch.isfinite(draws).all() and torch.isfinite(prior.log_prob(draws)).all()
+
+
+def gaussian_clusters(n: int, d: int = 32, seed: int = 0) -> torch.Tensor:
+    """n codes from three fixed, well-spread full-covariance Gaussians in d dimensions (seed: the draw)."""
+    truth = torch.Generator().manual_seed(123)
+    means = torch.randn(3, d, generator=truth) * 2
+    mixing = torch.randn(3, d, d, generator=truth) / math.sqrt(d)
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randint(3, (n,), generator=gen)
+    return means[pick] + (mixing[pick] @ torch.randn(n, d, 1, generator=gen)).squeeze(-1)
+
+
+@pytest.mark.parametrize("n", [100, 200])
+def test_few_codes_get_few_components_and_a_better_held_out_likelihood(n):
+    """A small folder's class: 100-200 codes in 32 dimensions. Six full-covariance components (the default
+    share per class) would each fit their few points; the fit keeps one per 96 codes, and the held-out
+    codes score at least as well as under a single Gaussian."""
+    codes, held_out = gaussian_clusters(n), gaussian_clusters(5000, seed=1)
+    asked = MixturePrior(32, 6)
+    stats = asked.fit(codes)
+    single = MixturePrior(32, 1)
+    single.fit(codes)
+    assert stats["prior_fit_components"] == n // 96 and int(torch.isfinite(asked.log_weights).sum()) == n // 96
+    assert float(asked.log_prob(held_out).mean()) >= float(single.log_prob(held_out).mean()) - 1e-3
+    assert torch.isfinite(asked.log_prob(asked.sample(100, torch.Generator().manual_seed(0)))).all()
+
+
+def test_many_codes_keep_every_component_asked_for():
+    prior = MixturePrior(32, 6)
+    assert prior.fit(gaussian_clusters(3000))["prior_fit_components"] == 6
 
 
 def test_class_mixture_one_dimensional_density_integrates_to_one():

@@ -102,10 +102,11 @@ class MixturePrior(nn.Module):
         if len(codes) > max_points:
             codes = codes[torch.randperm(len(codes), generator=torch.Generator().manual_seed(seed))[:max_points]]
         weights, means, tril, log_lik, steps = fit_mixture(codes, self.components, seed, iterations, tol)
-        self.log_weights.copy_(weights.log())
-        self.means.copy_(means)
-        self.scale_tril.copy_(tril)
-        return {"prior_fit_log_lik": log_lik, "prior_fit_iterations": steps}
+        used = len(weights)  # fewer than asked for when the codes are few: the rest at weight zero
+        self.log_weights.fill_(-math.inf)
+        self.log_weights[:used] = weights.log()
+        self.means[:used], self.scale_tril[:used] = means, tril
+        return {"prior_fit_log_lik": log_lik, "prior_fit_iterations": steps, "prior_fit_components": used}
 
 
 class ClassMixturePrior(MixturePrior):
@@ -113,8 +114,8 @@ class ClassMixturePrior(MixturePrior):
 
     The components are dealt out to the classes as evenly as they divide (the larger classes get the
     extra ones); EM fits each class's components to that class's codes only, and a class's components
-    share its fraction of the codes as weight. A class with fewer codes than components leaves the
-    rest at weight zero (they are never drawn and add nothing to the density)."""
+    share its fraction of the codes as weight. A class with too few codes for its share (`fit_mixture`)
+    leaves the rest at weight zero (they are never drawn and add nothing to the density)."""
 
     kind = "class_mixture"
 
@@ -148,7 +149,8 @@ class ClassMixturePrior(MixturePrior):
         self.means.copy_(means)
         self.scale_tril.copy_(tril)
         log_lik = float(self.log_prob(codes.float()).mean())
-        return {"prior_fit_log_lik": log_lik, "prior_fit_iterations": steps}
+        return {"prior_fit_log_lik": log_lik, "prior_fit_iterations": steps,
+                "prior_fit_components": int(torch.isfinite(log_weights).sum())}
 
 
 def _mixture_log_prob(x, log_weights, means, tril, chunk: int = 8192) -> torch.Tensor:
@@ -165,9 +167,16 @@ def _mixture_log_prob(x, log_weights, means, tril, chunk: int = 8192) -> torch.T
     return torch.cat(out, dim=1).T
 
 
+CODES_PER_DIM = 3  # codes a component needs per latent dimension (see fit_mixture)
+
+
 def fit_mixture(codes: torch.Tensor, k: int, seed: int = 0, iterations: int = 100, tol: float = 1e-3,
                 reg: float = 1e-4, chunk: int = 8192):
     """EM for a full-covariance Gaussian mixture (on the codes' device).
+
+    At most one component per CODES_PER_DIM * d codes: a full covariance has d (d + 3) / 2 parameters, and
+    with fewer codes EM fits each component to its few points (a small folder: 200 codes of a class in 32
+    dimensions, 6 components score a worse held-out likelihood than 1; tests/unit/test_priors.py).
 
     Starts from k-means (k-means++ seeding, then Lloyd's iterations): each component begins as the
     mean, covariance and share of one cluster. (Starting every component from the codes' overall
@@ -177,7 +186,7 @@ def fit_mixture(codes: torch.Tensor, k: int, seed: int = 0, iterations: int = 10
     gets `reg` on its diagonal. Returns (weights, means, scale_tril, mean log-likelihood, iterations)."""
     x = codes.detach().float()
     n, d = x.shape
-    k = min(k, n)
+    k = max(1, min(k, n // (CODES_PER_DIM * d)))
     gen = torch.Generator().manual_seed(seed)
     eye = torch.eye(d, dtype=torch.float64, device=x.device)
     spread = torch.cov(x.T).double().reshape(d, d) if n > 1 else torch.zeros_like(eye)  # one code: no spread
