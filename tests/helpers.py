@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
+import struct
 import signal
 import socket
 import subprocess
@@ -12,9 +15,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from imagegen.fsutil import write_json
 from imagegen.models.description import LEGACY_SHAPE, ModelDescription
@@ -196,3 +201,23 @@ def make_image_folder(root: Path, per_class: int = 16, seed: int = 0, start: int
         extras["hidden"].write_bytes(good)
         extras["other"].write_text("not an image\n")
     return extras
+
+
+def decode_png(data: str | bytes) -> np.ndarray:
+    """A served PNG (base64 text or bytes) as H x W grey or H x W x 3 RGB, decoded by Pillow."""
+    raw = base64.b64decode(data) if isinstance(data, str) else data
+    return np.array(Image.open(io.BytesIO(raw)))
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """A uint8 array as an IDX file, as the official Fashion-MNIST files are written (fixtures, mirrors)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.tobytes())
+
+
+def load_samples(path: Path, shape: tuple[int, int, int] = (1, 28, 28)) -> np.ndarray:
+    """A samples .npy file read and conformed as `imagegen evaluate --samples` does."""
+    from imagegen.evaluation.stage import conform_samples, read_samples
+
+    return conform_samples(path, read_samples(path), shape)

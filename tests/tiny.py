@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from imagegen.data.datasets import DATASETS, DatasetSpec, FileSpec
-from imagegen.data.idx import write_idx
 from imagegen.data.prepared import DatasetInfo, write_info
+from tests.helpers import write_idx
 
 PER_CLASS = {"train": 12, "test": 4}
 

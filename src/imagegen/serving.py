@@ -272,22 +272,6 @@ def png_bytes(image: np.ndarray) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
-def decode_png(data: str | bytes) -> np.ndarray:
-    """The inverse of png_base64 for the PNGs it writes (clients and tests): H x W grey or H x W x 3 RGB."""
-    raw = base64.b64decode(data) if isinstance(data, str) else data
-    width, height = struct.unpack(">II", raw[16:24])
-    channels = 3 if raw[25] == 2 else 1
-    pos, idat = 8, b""
-    while pos < len(raw):
-        (length,), kind = struct.unpack(">I", raw[pos:pos + 4]), raw[pos + 4:pos + 8]
-        if kind == b"IDAT":
-            idat += raw[pos + 8:pos + 8 + length]
-        pos += 12 + length
-    rows = np.frombuffer(zlib.decompress(idat), dtype=np.uint8).reshape(height, width * channels + 1)
-    pixels = rows[:, 1:]
-    return (pixels.reshape(height, width, 3) if channels == 3 else pixels).copy()
-
-
 def signature():
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import AnyType, ColSpec, Schema

@@ -14,8 +14,8 @@ from imagegen.config import load_config
 from imagegen.evaluation.sampling import generate
 from imagegen.models.io import load_model
 from imagegen.registry import run_register
-from imagegen.serving import MAX_IMAGES, decode_png
-from tests.helpers import cli_env, free_port, make_project, start, stop
+from imagegen.serving import MAX_IMAGES
+from tests.helpers import cli_env, decode_png, free_port, make_project, start, stop
 
 pytestmark = pytest.mark.slow
 

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from imagegen.data.idx import read_idx, write_idx
+from imagegen.data.idx import read_idx
 from imagegen.errors import ImagegenError
+from tests.helpers import write_idx
 
 
 def test_round_trip(tmp_path):

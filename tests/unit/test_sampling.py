@@ -7,9 +7,9 @@ import pytest
 
 from imagegen.errors import ImagegenError
 from imagegen.evaluation.sampling import generate, save_images
-from imagegen.evaluation.stage import load_samples
 from imagegen.models.description import ModelDescription
 from imagegen.models.kinds import build
+from tests.helpers import load_samples
 
 ARCH = {"latent_dim": 8, "width": 4, "kernel_size": 4}
 

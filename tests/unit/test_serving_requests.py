@@ -9,7 +9,8 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from imagegen.models.description import ModelDescription
-from imagegen.serving import MAX_IMAGES, decode_png, image_labels, parse_requests, png_base64
+from imagegen.serving import MAX_IMAGES, image_labels, parse_requests, png_base64
+from tests.helpers import decode_png
 
 CONDITIONAL = ModelDescription("gan", {}, 10)
 UNCONDITIONAL = ModelDescription("vae", {}, 0)

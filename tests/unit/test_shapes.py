@@ -23,7 +23,7 @@ from imagegen.models.kinds import GENERATORS, KINDS, build
 from imagegen.models.vae import VAE
 from imagegen.training.data import DeviceBatches
 from imagegen.training.tasks import GANTask, VAETask
-from tests.helpers import make_model
+from tests.helpers import decode_png, load_samples, make_model
 
 PINNED = json.loads((Path(__file__).parent / "data" / "state_dicts_28.json").read_text())
 SHAPES = [(3, 32, 32), (3, 64, 64), (1, 32, 32), (1, 64, 64), (3, 28, 28)]
@@ -221,7 +221,6 @@ def features_project(root: Path, shape) -> None:
 
 def test_evaluate_samples_checks_the_shape_against_the_feature_net(tmp_path, monkeypatch, capsys):
     from imagegen.cli import main
-    from imagegen.evaluation.stage import load_samples
 
     features_project(tmp_path, (3, 32, 32))
     monkeypatch.chdir(tmp_path)
@@ -271,7 +270,7 @@ def test_evaluation_pictures_are_in_colour(tmp_path):
 def test_served_colour_model_answers_rgb_pngs_of_its_size(tmp_path):
     from PIL import Image
 
-    from imagegen.serving import MODEL_ARTIFACT, ImageSampler, decode_png, input_example, metadata
+    from imagegen.serving import MODEL_ARTIFACT, ImageSampler, input_example, metadata
 
     description = make_model(tmp_path, "gan", seed=0, image_shape=(3, 64, 64))
     sampler = ImageSampler()

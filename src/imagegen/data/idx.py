@@ -38,10 +38,3 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
             f"({expected} bytes), file has {len(data)} bytes"
         )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """Write a uint8 array as IDX (used to build test fixtures and mirrors)."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = struct.pack(">HBB", 0, UBYTE, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(header + array.tobytes())

@@ -184,13 +184,6 @@ def read_samples(path: Path) -> np.ndarray:
     return array
 
 
-def load_samples(path: Path, shape: tuple[int, int, int] = (1, 28, 28)) -> np.ndarray:
-    """A user's samples file as uint8 N x C x H x W for images of `shape` (C, H, W; the feature net's),
-    or a one-line error naming what is wrong. Grey: N x H x W or N x 1 x H x W; RGB: N x H x W x 3 or
-    N x 3 x H x W; uint8 (0..255) or float (0..1)."""
-    return conform_samples(path, read_samples(path), shape)
-
-
 def conform_samples(path: Path, array: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     c, h, w = shape
     if c == 1 and array.ndim == 3 and array.shape[1:] == (h, w):
