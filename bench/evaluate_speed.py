@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from imagegen.config import load_config
+from imagegen.data.prepared import load_split
+from imagegen.device import select_device
 from imagegen.evaluation import metrics as m
 from imagegen.evaluation.features import embed, load_features
-from imagegen.data.prepared import load_split
-from imagegen.training.runtime import select_device
 
 
 def main() -> None:

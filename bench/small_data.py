@@ -48,8 +48,10 @@ def order_training_split(root: Path) -> None:
     arrays match the manifest row by row)."""
     import pandas as pd
 
-    from imagegen.data.prepare import MANIFEST, write_npz
-    from imagegen.data.prepared import PREPARED_DIR, load_split
+    from imagegen.data.prepare import write_npz
+
+    from imagegen.data.prepared import load_split
+    from imagegen.layout import MANIFEST, PREPARED_DIR
 
     path, manifest_path = root / PREPARED_DIR / "train.npz", root / PREPARED_DIR / MANIFEST
     images, labels = load_split(path)

@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 from imagegen.config import load_config, with_overrides
-from imagegen.data.prepare import PREPARED_DIR
 from imagegen.data.prepared import load_split
 from imagegen.evaluation.sampling import generate
 from imagegen.evaluation.stage import Scorer, rounded
 from imagegen.evaluation.vae_metrics import vae_test_metrics
+from imagegen.layout import PREPARED_DIR
 from imagegen.models.io import load_model
 from imagegen.training.data import DeviceBatches
 from imagegen.training.tasks import VAETask

@@ -141,8 +141,8 @@ def _report(cfg, root, args):
 
 
 def _sample(cfg, root, args):
+    from imagegen.device import select_device
     from imagegen.evaluation.sampling import generate, save_images
-    from imagegen.training.runtime import select_device
 
     # The GPU when there is one, as train.device says (params.yaml is optional here: auto without it).
     device = select_device(load_config(args.params).train.device if args.params.exists() else "auto")

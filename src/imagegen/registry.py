@@ -43,9 +43,9 @@ from pathlib import Path
 from imagegen import baseline, tracking
 from imagegen.config import Config, model_params
 from imagegen.data.accepted import PROFILE_RUN_TAG, VERSION_TAG
-from imagegen.data.prepared import PREPARED_DIR
 from imagegen.errors import ImagegenError
 from imagegen.fsutil import sha256_file, write_json
+from imagegen.layout import PREPARED_DIR, data_version, experiment_name, registered_model_name
 from imagegen.models.io import META, WEIGHTS, read_description
 from imagegen.registered import METRIC_TAG, MODEL_SHA_TAG, describe, load_registered, quiet_mlflow, stored_sha256
 
@@ -116,7 +116,7 @@ def run_register(cfg: Config, root: Path = Path(".")) -> RegisterResult:
     tracking.check_uri(uri)
     params = {"data.dataset": cfg.data.dataset, "register.metric": metric, "register.margin": cfg.register_.margin}
     try:
-        with registry_lock(uri), tracking.stage_run(root, f"imagegen-{cfg.data.dataset}", "register", params,
+        with registry_lock(uri), tracking.stage_run(root, experiment_name(cfg.data.dataset), "register", params,
                                                     tracking.lineage_tags(root, params, "cpu")) as run:
             contest = Contest(cfg, root)  # re-scores each champion on today's test split (fair contest)
             baseline.log_profile(root)  # the accepted data profile travels with the versions (imagegen.baseline)
@@ -168,7 +168,7 @@ def register_kind(cfg: Config, root: Path, kind: str, folder: Path, metrics: dic
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    name = f"{cfg.data.dataset}-{kind}"
+    name = registered_model_name(cfg.data.dataset, kind)
     metric = cfg.register_.metric
     sha = sha256_file(folder / WEIGHTS)
     version = find_version(client, name, sha)
@@ -233,7 +233,7 @@ def create_version(client, cfg: Config, root: Path, kind: str, folder: Path, met
         tags[DATA_NUMBER_TAG] = str(number)
     tags.pop("device")
     tags[PROFILE_RUN_TAG] = run.info.run_id  # the register run, which holds the data profile (imagegen.baseline)
-    name = f"{cfg.data.dataset}-{kind}"
+    name = registered_model_name(cfg.data.dataset, kind)
     try:
         client.create_registered_model(name)
     except MlflowException as exc:
@@ -545,7 +545,7 @@ class Contest:
 
     def __init__(self, cfg: Config, root: Path):
         self.cfg, self.root, self.scorer = cfg, root, None
-        self.data_version = tracking.dvc_out_md5(root, "prepare", str(PREPARED_DIR))
+        self.data_version = data_version(root)
 
     @functools.cached_property
     def scored_on(self) -> dict:
@@ -573,9 +573,9 @@ class Contest:
             log.warning("register: %s champion v%s not re-scored (no feature net or test split here): comparing "
                         "with its recorded %s", name, champion.version, metric)
             return info
+        from imagegen.device import select_device
         from imagegen.evaluation.sampling import generate
         from imagegen.evaluation.stage import Scorer, rounded
-        from imagegen.training.runtime import select_device
 
         device = select_device(self.cfg.train.device)
         if self.scorer is None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from imagegen.config import Config
 from imagegen.errors import ImagegenError
 from imagegen.fsutil import atomic_file
+from imagegen.layout import experiment_name, registered_model_name
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def run_report(cfg: Config, root: Path = Path(".")) -> ReportResult:
     if cfg.train.mlflow:
         from imagegen import tracking
 
-        tracking.finish_pipeline(root, f"imagegen-{cfg.data.dataset}")
+        tracking.finish_pipeline(root, experiment_name(cfg.data.dataset))
     return ReportResult(root / OUTPUT, len(charts), len(pictures))
 
 
@@ -211,7 +212,7 @@ def champion_metrics(cfg: Config, root: Path, registered: dict) -> dict[str, dic
             tracking_store(root)
             client = MlflowClient()
             for kind, entry in out.items():
-                version = client.get_model_version(f"{cfg.data.dataset}-{kind}", str(entry["version"]))
+                version = client.get_model_version(registered_model_name(cfg.data.dataset, kind), str(entry["version"]))
                 entry["metrics"] = {k[len(METRIC_TAG):]: float(v) for k, v in version.tags.items()
                                     if k.startswith(METRIC_TAG)}
         except (ImagegenError, MlflowException, ValueError) as exc:  # no store, no such version, a bad tag

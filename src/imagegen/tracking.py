@@ -33,6 +33,7 @@ from pathlib import Path
 import yaml
 
 from imagegen.errors import ImagegenError
+from imagegen.layout import data_version
 
 PIPELINE_RUN_ENV = "IMAGEGEN_PIPELINE_RUN"  # set by an orchestrator to group one pipeline run's stages
 PIPELINE_NAME_ENV = "IMAGEGEN_PIPELINE_NAME"  # the parent run's name (optional)
@@ -138,7 +139,7 @@ def lineage_tags(root: Path, params: dict, device: str) -> dict[str, str]:
     return {
         "git_commit": commit,
         "params_hash": params_hash,
-        "dvc_data_md5": dvc_out_md5(root, "prepare", "data/prepared"),
+        "dvc_data_md5": data_version(root),
         "device": device,
         "pipeline_run": pipeline_key(root) or STANDALONE,
         **dvc_exp_tags(),
@@ -219,16 +220,6 @@ def git_commit(root: Path) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown"
-
-
-def dvc_out_md5(root: Path, stage: str, path: str) -> str:
-    """The md5 DVC recorded in dvc.lock for a stage output ('untracked' outside a DVC run)."""
-    try:
-        lock = yaml.safe_load((root / "dvc.lock").read_text()) or {}
-        outs = lock["stages"][stage]["outs"]
-    except (OSError, KeyError, TypeError, yaml.YAMLError):
-        return "untracked"
-    return next((o.get("md5", "untracked") for o in outs if o.get("path") == path), "untracked")
 
 
 def check_store(root: Path) -> str:
@@ -435,7 +426,7 @@ def pipeline_parent(exp_id: str, key: str | None, root: Path) -> str | None:
     name = (os.environ.get(PIPELINE_NAME_ENV) or (f"dvc exp {exp['dvc_exp_name']}" if exp else None)
             or f"dvc repro {time.strftime('%Y-%m-%d %H:%M')}")
     tags = {"pipeline_run": key, "run_kind": "pipeline", "git_commit": git_commit(root), **exp,
-            "dvc_data_md5": dvc_out_md5(root, "prepare", "data/prepared"), **data_lineage_tags(root),
+            "dvc_data_md5": data_version(root), **data_lineage_tags(root),
             "mlflow.note.content": "One pipeline run: its stages are the nested runs below.", **owner}
     run = client.create_run(exp_id, run_name=name, tags=tags)
     try:
@@ -583,8 +574,8 @@ def log_dataset(root: Path, dataset: str, context: str, limit: int | None = None
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.pandas_dataset import PandasDataset
 
-    from imagegen.data.prepare import MANIFEST, PREPARED_DIR
     from imagegen.data.prepared import read_info
+    from imagegen.layout import MANIFEST, PREPARED_DIR
 
     folder = (root / PREPARED_DIR).resolve()
     try:
@@ -607,7 +598,7 @@ def log_dataset(root: Path, dataset: str, context: str, limit: int | None = None
     per_class = {split: {(classes[int(label)] if int(label) < len(classes) else str(label)): int(n)
                          for label, n in group["label"].value_counts().sort_index().items()}
                  for split, group in manifest.groupby("split", sort=False)}
-    digest = dvc_out_md5(root, "prepare", str(PREPARED_DIR))
+    digest = data_version(root)
     profile = {"images": {split: sum(counts.values()) for split, counts in per_class.items()},
                "images_per_class": per_class, "dvc_md5": digest, **({"train_limit": limit} if limit else {})}
     if digest == "untracked":

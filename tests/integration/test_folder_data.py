@@ -14,10 +14,11 @@ import pytest
 
 from imagegen.config import Config, DataConfig
 from imagegen.data.folder import SCAN
-from imagegen.data.prepare import MANIFEST, MANIFEST_COLUMNS, PREPARED_DIR, run_prepare
+from imagegen.data.prepare import MANIFEST_COLUMNS, run_prepare
 from imagegen.data.prepared import DatasetInfo, load_split, read_info
 from imagegen.data.validate import METRICS_FILE, REPORT_DIR, run_validate
 from imagegen.errors import ImagegenError
+from imagegen.layout import MANIFEST, PREPARED_DIR
 from tests.conftest import set_params
 from tests.helpers import make_image_folder, needs_fashion_mnist
 

@@ -22,6 +22,7 @@ import yaml
 
 from imagegen import tracking
 from imagegen.data.validated import HASH_KEY, RECORD
+from imagegen.layout import data_version
 from tests.conftest import REPO_ROOT, set_params
 from tests.helpers import cli_env, needs_fashion_mnist
 from tests.integration.test_retrain_flow import (  # the same REST helpers (prefect_server: tests/integration/conftest.py)
@@ -103,7 +104,7 @@ def test_three_weeks_of_new_images_a_fair_contest_then_a_bad_batch_stopped(prefe
     week1 = run_week(url, env, project, deployment["id"])
     assert week1["state"]["type"] == "COMPLETED", (week1["state"], week1["worker_output"][-3000:])
     assert states(task_runs(url, week1["id"])) == {stage: "COMPLETED" for stage in STAGES}
-    v1_data = tracking.dvc_out_md5(project, "prepare", "data/prepared")
+    v1_data = data_version(project)
     lineage = read(project, "metrics/drift.json")["lineage"]
     assert (lineage["data_version"], lineage["images"], lineage["images_added"]) == (v1_data, 600, 600)
     first = read(project, "metrics/register.json")
@@ -120,7 +121,7 @@ def test_three_weeks_of_new_images_a_fair_contest_then_a_bad_batch_stopped(prefe
     week2 = run_week(url, env, project, deployment["id"])
     assert week2["state"]["type"] == "COMPLETED", (week2["state"], week2["worker_output"][-3000:])
     assert states(task_runs(url, week2["id"])) == {stage: "COMPLETED" for stage in STAGES}
-    v2_data = tracking.dvc_out_md5(project, "prepare", "data/prepared")
+    v2_data = data_version(project)
     assert v2_data != v1_data and (project / "data/prepared/test.npz").stat().st_size > with_test
     drift = read(project, "metrics/drift.json")
     assert drift["passed"] and drift["lineage"]["images"] == 1800 and drift["lineage"]["images_added"] == 1200

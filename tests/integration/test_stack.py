@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import copy_project, set_params
-from tests.integration.test_dvc_pipeline import TINY_TRAINING
 from tests.helpers import needs_debian, needs_fashion_mnist
+from tests.integration.test_dvc_pipeline import TINY_TRAINING
 
 GAN, VAE = "fashion-mnist-gan", "fashion-mnist-vae"
 STAGES = ["fetch", "prepare", "validate", "train-features", "train-gan", "train-vae", "evaluate", "register", "report"]

@@ -10,7 +10,8 @@ import pytest
 
 from imagegen.config import Config, ValidateConfig
 from imagegen.data.fetch import RAW_DIR
-from imagegen.data.prepare import MANIFEST, PREPARED_DIR, run_prepare
+from imagegen.data.prepare import run_prepare
+from imagegen.layout import MANIFEST, PREPARED_DIR
 from imagegen.fsutil import sha256_file
 from imagegen.data.validate import METRICS_FILE, REPORT_DIR, run_validate
 from imagegen.data.validated import split_hash

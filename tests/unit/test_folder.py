@@ -11,7 +11,8 @@ from PIL import Image
 
 from imagegen.config import Config, load_config
 from imagegen.data.folder import decode_image, in_test, scan_folder
-from imagegen.data.prepare import PREPARED_DIR, run_prepare
+from imagegen.data.prepare import run_prepare
+from imagegen.layout import PREPARED_DIR
 from imagegen.errors import ImagegenError
 
 

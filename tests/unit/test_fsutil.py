@@ -9,7 +9,8 @@ import pytest
 
 from imagegen.config import Config
 from imagegen.data.fetch import RAW_DIR
-from imagegen.data.prepare import PREPARED_DIR, run_prepare
+from imagegen.data.prepare import run_prepare
+from imagegen.layout import PREPARED_DIR
 from imagegen.fsutil import atomic_dir, atomic_file, umask, write_json
 from tests.tiny import tiny_arrays, write_mirror
 

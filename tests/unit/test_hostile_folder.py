@@ -21,7 +21,8 @@ from PIL import Image
 
 from imagegen.config import Config
 from imagegen.data.folder import SCAN, folder_name_problem, scan_folder
-from imagegen.data.prepare import MANIFEST, PREPARED_DIR, run_prepare
+from imagegen.data.prepare import run_prepare
+from imagegen.layout import MANIFEST, PREPARED_DIR
 from imagegen.data.prepared import read_info
 from imagegen.errors import ImagegenError
 

@@ -13,7 +13,8 @@ import yaml
 from imagegen.config import Config
 from imagegen.data.fetch import RAW_DIR
 from imagegen.data.datasets import DATASETS
-from imagegen.data.prepare import MANIFEST, MANIFEST_COLUMNS, PREPARED_DIR, run_prepare
+from imagegen.data.prepare import MANIFEST_COLUMNS, run_prepare
+from imagegen.layout import MANIFEST, PREPARED_DIR
 from imagegen.data.prepared import DatasetInfo, read_info
 from imagegen.errors import ImagegenError
 from tests.helpers import write_idx

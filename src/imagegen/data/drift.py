@@ -50,9 +50,9 @@ import numpy as np
 from imagegen.data import prepared
 from imagegen.data.accepted import PROFILE, PROFILE_DIR, ClassOrder, read_order
 from imagegen.data.datasets import SPLITS
-from imagegen.data.prepare import PREPARED_DIR
 from imagegen.errors import ImagegenError
 from imagegen.fsutil import atomic_dir
+from imagegen.layout import PREPARED_DIR, data_version
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def total_variation(p: np.ndarray, q: np.ndarray) -> float:
 def relative_frechet(mu1, sigma1, mu2, sigma2) -> float:
     """The Fréchet distance of two Gaussians divided by the first one's total variance (trace):
     scale-free, so the thresholds do not depend on the embedding's output scale."""
-    from imagegen.evaluation.metrics import frechet_distance
+    from imagegen.frechet import frechet_distance
 
     return frechet_distance(mu1, sigma1, mu2, sigma2) / max(float(np.trace(sigma1)), 1e-12)
 
@@ -218,7 +218,6 @@ def build_profile(root: Path, dataset: str, splits: dict, hashes: dict, sample: 
     """The profile of the data in root/data/prepared (`splits`: its arrays, split -> (images, labels), as validate
     loaded them; `hashes`: split -> each image's hex content hash), embedded with `net`; and the indices of the
     embedded sample."""
-    from imagegen import tracking
     from imagegen.data.validated import array_hash
 
     folder = root / PREPARED_DIR
@@ -233,7 +232,7 @@ def build_profile(root: Path, dataset: str, splits: dict, hashes: dict, sample: 
     content = hashlib.sha256("".join(array_hash(*splits[s]) for s in SPLITS).encode()).hexdigest()
     profile_info = {
         "dataset": info.name, "shape": list(info.shape), "classes": names,
-        "data_version": tracking.dvc_out_md5(root, "prepare", "data/prepared"), "content_sha256": content,
+        "data_version": data_version(root), "content_sha256": content,
         "images": {split: len(splits[split][1]) for split in SPLITS}, "images_per_class": counts,
         "histograms": histograms(images).tolist(), "mix": manifest_mix(folder), "sample": len(picked),
     }

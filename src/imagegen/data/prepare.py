@@ -24,14 +24,13 @@ from imagegen.data.accepted import numbering, read_order
 from imagegen.data.datasets import DATASETS, SPLITS, DatasetSpec
 from imagegen.data.fetch import RAW_DIR
 from imagegen.data.idx import read_idx
-from imagegen.data.prepared import PREPARED_DIR, DatasetInfo, write_info
+from imagegen.data.prepared import DatasetInfo, write_info
 from imagegen.errors import ImagegenError
 from imagegen.fsutil import atomic_dir
+from imagegen.layout import MANIFEST, PREPARED_DIR
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PREPARED_DIR", "MANIFEST", "MANIFEST_COLUMNS", "run_prepare"]
-MANIFEST = "manifest.parquet"
 MANIFEST_COLUMNS = ("index", "split", "label", "min", "max", "mean", "std", "hash",
                     "source", "file_sha256", "width", "height", "mode")
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member times: the same arrays give the same .npz bytes

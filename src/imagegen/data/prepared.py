@@ -19,7 +19,7 @@ import numpy as np
 
 from imagegen.errors import ImagegenError
 
-PREPARED_DIR = Path("data/prepared")  # relative to the project root (prepare.py re-exports it)
+
 INFO = "dataset.json"
 
 

@@ -27,11 +27,12 @@ import numpy as np
 from imagegen.config import Config, DataConfig, ValidateConfig
 from imagegen.data import drift
 from imagegen.data.datasets import DATASETS, SPLITS
-from imagegen.data.prepare import MANIFEST, MANIFEST_COLUMNS, PREPARED_DIR, image_hashes
+from imagegen.data.prepare import MANIFEST_COLUMNS, image_hashes
 from imagegen.data.prepared import read_info
 from imagegen.data.validated import HASH_KEY, RECORD, content_hashes
 from imagegen.errors import ImagegenError
 from imagegen.fsutil import atomic_dir, write_json
+from imagegen.layout import MANIFEST, PREPARED_DIR
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from imagegen.data.prepared import INFO, PREPARED_DIR
+from imagegen.data.prepared import INFO
+
 from imagegen.errors import ImagegenError
 from imagegen.fsutil import sha256_file
+from imagegen.layout import PREPARED_DIR
 
 RECORD = Path("metrics/validate.json")
 HASH_KEY = "data_sha256"

@@ -20,15 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from imagegen.config import Config
-from imagegen.data.prepare import PREPARED_DIR
 from imagegen.data.prepared import DatasetInfo, as_nchw, load_split, read_info
 from imagegen.data.validated import require_validated
+from imagegen.device import select_device
 from imagegen.errors import ImagegenError
 from imagegen.fsutil import atomic_dir, atomic_file, write_json
+from imagegen.layout import PREPARED_DIR, experiment_name
 from imagegen.models.description import ModelDescription
 from imagegen.models.features import FeatureNet
 from imagegen.models.io import load_model, save_model
-from imagegen.training.runtime import select_device
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def tracked_run(cfg: Config, root: Path, device) -> Iterator[Callable[[dict | No
     params = {"data.dataset": cfg.data.dataset, "train.seed": cfg.train.seed, "train.limit": cfg.train.limit,
               **flat_section("features", cfg.features)}
     tags = tracking.lineage_tags(root, params, str(device))
-    with tracking.stage_run(root, f"imagegen-{cfg.data.dataset}", "train-features", params, tags):
+    with tracking.stage_run(root, experiment_name(cfg.data.dataset), "train-features", params, tags):
         tracking.log_dataset(root, cfg.data.dataset, "training", cfg.train.limit)
 
         def on_epoch(row: dict | None, final: dict) -> None:

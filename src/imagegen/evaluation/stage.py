@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from imagegen.config import MIN_EVAL_SAMPLES, Config, flat_section
-from imagegen.data.prepare import PREPARED_DIR
 from imagegen.data.prepared import load_split
 from imagegen.data.validated import require_validated
+from imagegen.device import select_device
 from imagegen.errors import ImagegenError
 from imagegen.evaluation import metrics as m
 from imagegen.evaluation.features import FEATURES_DIR, embed, load_features
@@ -26,11 +26,11 @@ from imagegen.evaluation.pictures import SIDE_BY_SIDE, draw_pictures, side_by_si
 from imagegen.evaluation.sampling import generate
 from imagegen.evaluation.vae_metrics import vae_test_metrics
 from imagegen.fsutil import atomic_dir, sha256_file, write_json
+from imagegen.layout import PREPARED_DIR, experiment_name
 from imagegen.models.description import ModelDescription
 from imagegen.models.features import FeatureNet
 from imagegen.models.io import WEIGHTS, load_model, read_description
 from imagegen.models.kinds import GENERATORS, kind_of
-from imagegen.training.runtime import select_device
 
 if TYPE_CHECKING:
     from imagegen.evaluation.inception import InceptionFID
@@ -230,7 +230,7 @@ def tracked_run(cfg: Config, root: Path) -> Iterator[bool]:
         weights = root / "models" / kind / WEIGHTS
         if weights.is_file():
             tags[f"{kind}_weights_sha256"] = sha256_file(weights)
-    with tracking.stage_run(root, f"imagegen-{cfg.data.dataset}", "evaluate", params, tags):
+    with tracking.stage_run(root, experiment_name(cfg.data.dataset), "evaluate", params, tags):
         tracking.log_dataset(root, cfg.data.dataset, "evaluation")
         yield True
 

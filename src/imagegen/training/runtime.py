@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from imagegen.errors import ImagegenError
+from imagegen.device import select_device
 
 log = logging.getLogger(__name__)
 
@@ -26,20 +26,6 @@ class Runtime:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def select_device(preference: str) -> torch.device:
-    """'auto' picks cuda > mps > cpu; an explicit choice that is not available is an error."""
-    available = {
-        "cuda": torch.cuda.is_available(),
-        "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
-        "cpu": True,
-    }
-    if preference == "auto":
-        return torch.device(next(name for name in ("cuda", "mps", "cpu") if available[name]))
-    if not available[preference]:
-        raise ImagegenError(f"params.yaml train.device: '{preference}' is not available on this machine; use auto or cpu")
-    return torch.device(preference)
 
 
 def tune_cuda() -> None:

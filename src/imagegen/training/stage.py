@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from imagegen.config import Config, model_params
-from imagegen.data.prepare import PREPARED_DIR
 from imagegen.data.prepared import DatasetInfo, load_split, read_info
 from imagegen.data.validated import require_validated
 from imagegen.errors import ImagegenError
 from imagegen.fsutil import atomic_dir, atomic_file, remove_partials, sha256_file, write_json
+from imagegen.layout import PREPARED_DIR, experiment_name
 from imagegen.models.description import ModelDescription
 from imagegen.models.io import WEIGHTS, save_model
 from imagegen.training.data import DeviceBatches
@@ -113,7 +113,7 @@ def run_train(cfg: Config, kind: str, root: Path = Path(".")) -> TrainResult:
 
         tags = tracking.lineage_tags(root, params, str(runtime.device))
         previous_run = (state or {}).get("run", {}).get("mlflow_run_id")
-        with tracking.stage_run(root, f"imagegen-{cfg.data.dataset}", f"train-{kind}", params, tags,
+        with tracking.stage_run(root, experiment_name(cfg.data.dataset), f"train-{kind}", params, tags,
                                 system_metrics=cfg.train.system_metrics, resume_run_id=previous_run) as run:
             tracking.log_dataset(root, cfg.data.dataset, "training", cfg.train.limit)
             loop_cfg = replace(loop_cfg, run_info={"mlflow_run_id": run.info.run_id})

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from imagegen.config import Config
 from imagegen.errors import ImagegenError
+from imagegen.layout import registered_model_name
 from imagegen.models.io import mismatch
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ def warm_start(cfg: Config, kind: str, task, root: Path) -> dict:
     from imagegen import registered, tracking
 
     tracking.configure(root)  # the project's tracking store (MLFLOW_TRACKING_URI, else its embedded one)
-    uri = f"models:/{cfg.data.dataset}-{kind}@champion"
+    uri = f"models:/{registered_model_name(cfg.data.dataset, kind)}@champion"
     try:
         module, _, version = registered.load_registered(uri, "cpu", with_version=True)
     except ImagegenError as exc:
