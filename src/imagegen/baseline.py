@@ -14,11 +14,10 @@ from pathlib import Path
 from imagegen import tracking
 from imagegen.data.accepted import PROFILE, PROFILE_ARTIFACT, PROFILE_DIR, PROFILE_RUN_TAG, VERSION_TAG
 from imagegen.errors import ImagegenError
-from imagegen.layout import registered_model_name
+from imagegen.layout import MODEL_KINDS, registered_model_name
 
 log = logging.getLogger(__name__)
 
-KINDS = ("gan", "vae")
 PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
@@ -44,7 +43,7 @@ def champion_profile(root: Path, dataset: str, dst: Path) -> tuple[Path, str] | 
 
     client = MlflowClient()
     found = []
-    names = [registered_model_name(dataset, kind) for kind in KINDS]
+    names = [registered_model_name(dataset, kind) for kind in MODEL_KINDS]
     # Only models that exist: MLflow's basic-auth app answers PERMISSION_DENIED, not "does not exist", for others.
     # (A dataset name holds no quote: config.DATASET_NAME.)
     try:

@@ -110,14 +110,15 @@ def _train_features(cfg, root, args):
 
 
 def _evaluate(cfg, root, args):
-    from imagegen.evaluation.stage import KINDS, run_evaluate, score_samples_file
+    from imagegen.evaluation.stage import run_evaluate, score_samples_file
+    from imagegen.models.kinds import GENERATORS
 
     if args.samples is not None:
         metrics = score_samples_file(cfg, root, args.samples)
         print(json.dumps(metrics, indent=2, sort_keys=True))
         return f"scored {metrics['n_samples']} samples from {args.samples}"
     result = run_evaluate(cfg, root)
-    return "; ".join(f"{kind} FID {result.metrics[kind]['fid']:.3f}" for kind in KINDS)
+    return "; ".join(f"{kind} FID {result.metrics[kind]['fid']:.3f}" for kind in GENERATORS)
 
 
 def _evaluate_args(parser):

@@ -11,6 +11,10 @@ import yaml
 PREPARED_DIR = Path("data/prepared")  # the prepare stage's output: train.npz, test.npz, dataset.json, manifest
 MANIFEST = "manifest.parquet"  # in PREPARED_DIR: one row per image
 DVC_LOCK = "dvc.lock"
+# The models the pipeline trains, evaluates and registers: models/<kind>, the registered <dataset>-<kind>. Stated
+# here, not read from models.kinds, so that light stages (validate, report) need no torch; a unit test keeps the two
+# the same.
+MODEL_KINDS = ("gan", "vae")
 
 
 def experiment_name(dataset: str) -> str:

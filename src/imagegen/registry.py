@@ -47,11 +47,11 @@ from imagegen.errors import ImagegenError
 from imagegen.fsutil import sha256_file, write_json
 from imagegen.layout import PREPARED_DIR, data_version, experiment_name, registered_model_name
 from imagegen.models.io import META, WEIGHTS, read_description
+from imagegen.models.kinds import GENERATORS
 from imagegen.registered import METRIC_TAG, MODEL_SHA_TAG, describe, load_registered, quiet_mlflow, stored_sha256
 
 log = logging.getLogger(__name__)
 
-KINDS = ("gan", "vae")
 CHAMPION, CHALLENGER = "champion", "challenger"
 LOWER_IS_BETTER = {"fid": True, "kid_mean": True, "precision": False, "recall": False}
 EVALUATION = Path("metrics") / "evaluate.json"
@@ -111,7 +111,7 @@ class RegisterResult:
 
 def run_register(cfg: Config, root: Path = Path(".")) -> RegisterResult:
     metric = cfg.register_.metric
-    models = {kind: (model_folder(root, kind), challenger_metrics(root, kind, metric)) for kind in KINDS}
+    models = {kind: (model_folder(root, kind), challenger_metrics(root, kind, metric)) for kind in GENERATORS}
     uri = tracking.configure(root)
     tracking.check_uri(uri)
     params = {"data.dataset": cfg.data.dataset, "register.metric": metric, "register.margin": cfg.register_.margin}

@@ -21,13 +21,12 @@ from pathlib import Path
 from imagegen.config import Config
 from imagegen.errors import ImagegenError
 from imagegen.fsutil import atomic_file
-from imagegen.layout import experiment_name, registered_model_name
+from imagegen.layout import MODEL_KINDS, experiment_name, registered_model_name
 
 log = logging.getLogger(__name__)
 
 OUTPUT = Path("reports/report.html")
 TEMPLATE = Path("plots/template.html")
-KINDS = ("gan", "vae")
 CURVES = (  # (title, csv, columns)
     ("GAN losses", "plots/train-gan.csv", ("d_loss", "g_loss")),
     ("GAN FID probe per epoch (lower is better)", "plots/train-gan.csv", ("fid_probe",)),
@@ -66,7 +65,7 @@ def run_report(cfg: Config, root: Path = Path(".")) -> ReportResult:
     charts = [c for c in charts if c]
     pictures = [(caption, root / path) for caption, path in PICTURES if (root / path).is_file()]
     pictures += [(f"{kind.upper()} training samples, last epoch (fixed latents)", last)
-                 for kind in KINDS if (last := last_grid(root, kind))]
+                 for kind in MODEL_KINDS if (last := last_grid(root, kind))]
     body = "\n".join([
         STYLE,
         f"<h1>imagegen report: {html.escape(cfg.data.dataset)}</h1>",
@@ -160,7 +159,7 @@ def validation_section(summary: dict) -> str:
 
 def metrics_table(evaluation: dict, champions: dict[str, dict], registered: dict) -> str:
     """One table: a row per metric, for each model this run's value and its champion's beside it."""
-    kinds = [kind for kind in KINDS if isinstance(evaluation.get(kind), dict)]
+    kinds = [kind for kind in MODEL_KINDS if isinstance(evaluation.get(kind), dict)]
     names = list(dict.fromkeys(k for kind in kinds for k, v in evaluation[kind].items() if not isinstance(v, dict)))
     head = "".join(f"<th>{kind.upper()}: this run</th><th>{kind.upper()}: "
                    f"{html.escape(champions.get(kind, {}).get('label', 'champion'))}</th>" for kind in kinds)
@@ -184,7 +183,7 @@ def register_section(registered: dict) -> str:
         f"<tr><td>{html.escape(str(d.get('model')))}</td><td>{d.get('version')}</td>"
         f"<td>{'champion' if d.get('champion_after') == d.get('version') else 'challenger'}</td>"
         f"<td>{d.get('champion_after')}</td><td style=\"text-align:left\">{html.escape(str(d.get('reason')))}</td></tr>"
-        for kind in KINDS if isinstance(d := registered.get(kind), dict))
+        for kind in MODEL_KINDS if isinstance(d := registered.get(kind), dict))
     return (f"<h2>Registry decision (metric {html.escape(str(registered.get('metric')))}, margin "
             f"{registered.get('margin')})</h2><table><tr><th>model</th><th>version</th><th>this version is</th>"
             f"<th>champion now</th><th>reason</th></tr>{rows}</table>")
@@ -195,7 +194,7 @@ def champion_metrics(cfg: Config, root: Path, registered: dict) -> dict[str, dic
     already registered), from the registry's version tags (metric.*); without a reachable registry,
     register.json's value of the chosen metric."""
     out: dict[str, dict] = {}
-    for kind in KINDS:
+    for kind in MODEL_KINDS:
         d = registered.get(kind) if isinstance(registered.get(kind), dict) else {}
         before, version = d.get("champion_before"), d.get("version")
         if before is None:

@@ -254,6 +254,16 @@ def test_unknown_prior_is_refused():
         build_prior("vamp", 4)
 
 
+def test_params_offer_exactly_the_priors_there_are():
+    import typing
+
+    from imagegen.config import VAEConfig
+    from imagegen.models.priors import PRIORS
+
+    assert set(typing.get_args(VAEConfig.model_fields["prior"].annotation)) == set(PRIORS)
+    assert all(build_prior(kind, 4, 10, 8).kind == kind for kind in PRIORS)
+
+
 def test_train_vae_refuses_a_class_mixture_with_fewer_components_than_classes():
     """Before the epochs, not after: one line naming the field."""
     from imagegen.config import VAEConfig

@@ -286,3 +286,9 @@ def test_served_colour_model_answers_rgb_pngs_of_its_size(tmp_path):
     assert np.array_equal(decode_png(rows["png"][2]), expected[2].transpose(1, 2, 0))
     assert metadata(description)["image_shape"] == [3, 64, 64] and metadata(description)["png_mode"] == "RGB"
     assert list(input_example(description).columns) == ["n", "seed"]
+
+
+def test_the_layouts_model_kinds_are_the_generators_there_are():
+    from imagegen.layout import MODEL_KINDS
+
+    assert MODEL_KINDS == GENERATORS

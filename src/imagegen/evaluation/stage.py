@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KINDS = GENERATORS  # gan, vae
 REPORTS = Path("reports/evaluate")
 METRICS = Path("metrics/evaluate.json")
 
@@ -67,7 +66,7 @@ def evaluate_models(cfg: Config, root: Path) -> dict:
     results: dict = {"reference": reference_metrics(cfg, root, scorer)}
     grids = {}
     with atomic_dir(root / REPORTS) as pictures_dir:
-        for kind in KINDS:
+        for kind in GENERATORS:
             module, description = load_model(root / "models" / kind, scorer.device)
             scorer.check_shape(description, root / "models" / kind)
             samples = generate(module, description, cfg.eval.n_samples, cfg.eval.seed, device=scorer.device)
@@ -226,7 +225,7 @@ def tracked_run(cfg: Config, root: Path) -> Iterator[bool]:
 
     params = flat_section("eval", cfg.eval)
     tags = tracking.lineage_tags(root, params, str(select_device(cfg.train.device)))
-    for kind in KINDS:  # the register stage links a version's model card to this run by these tags
+    for kind in GENERATORS:  # the register stage links a version's model card to this run by these tags
         weights = root / "models" / kind / WEIGHTS
         if weights.is_file():
             tags[f"{kind}_weights_sha256"] = sha256_file(weights)

@@ -22,23 +22,18 @@ the caller's CPU generator, so a seed gives the same images on any device.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-PRIORS = ("standard", "mixture", "class_mixture", "two_stage")
 
 
 def build_prior(kind: str, latent_dim: int, components: int = 32, width: int = 128) -> nn.Module:
-    if kind == "standard":
-        return StandardPrior(latent_dim)
-    if kind == "mixture":
-        return MixturePrior(latent_dim, components)
-    if kind == "class_mixture":
-        return ClassMixturePrior(latent_dim, components)
-    if kind == "two_stage":
-        return TwoStagePrior(latent_dim, width)
-    raise ValueError(f"unknown prior {kind!r}; expected one of {', '.join(PRIORS)}")
+    """The prior named `kind` (vae.prior), built from the PRIORS table at the end of this module."""
+    if kind not in PRIORS:
+        raise ValueError(f"unknown prior {kind!r}; expected one of {', '.join(PRIORS)}")
+    return PRIORS[kind](latent_dim, components, width)
 
 
 def _noise(shape: tuple[int, ...], generator: torch.Generator | None, device) -> torch.Tensor:
@@ -324,3 +319,11 @@ def posterior_codes(vae, images: torch.Tensor, labels: torch.Tensor | None, gene
     vae.train(was_training)
     return torch.cat(out).float()
 
+
+# vae.prior -> the prior it builds, from (latent_dim, components, width); config.VAEConfig.prior lists the same names.
+PRIORS: dict[str, Callable[[int, int, int], nn.Module]] = {
+    StandardPrior.kind: lambda latent_dim, components, width: StandardPrior(latent_dim),
+    MixturePrior.kind: lambda latent_dim, components, width: MixturePrior(latent_dim, components),
+    ClassMixturePrior.kind: lambda latent_dim, components, width: ClassMixturePrior(latent_dim, components),
+    TwoStagePrior.kind: lambda latent_dim, components, width: TwoStagePrior(latent_dim, width),
+}
