@@ -158,3 +158,13 @@ def tracking_store(root: Path) -> str:
                             "MLFLOW_TRACKING_URI to a tracking server")
     tracking.check_uri(uri)
     return uri
+
+
+def tag_float(version, metric: str) -> float | None:
+    """A registered version's recorded metric (tag metric.<name>), None when it has none or `version` is None."""
+    if version is None:
+        return None
+    try:
+        return float(version.tags[f"{METRIC_TAG}{metric}"])
+    except (KeyError, ValueError):
+        return None

@@ -24,7 +24,6 @@ give up after IMAGEGEN_REGISTER_LOCK_TIMEOUT_S seconds. The champion is read ins
 from __future__ import annotations
 
 import contextlib
-import functools
 import fcntl
 import hashlib
 import json
@@ -39,16 +38,20 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from imagegen import baseline, tracking
 from imagegen.config import Config, model_params
 from imagegen.data.accepted import PROFILE_RUN_TAG, VERSION_TAG
 from imagegen.errors import ImagegenError
 from imagegen.fsutil import sha256_file, write_json
-from imagegen.layout import PREPARED_DIR, data_version, experiment_name, registered_model_name
+from imagegen.layout import experiment_name, registered_model_name
 from imagegen.models.io import META, WEIGHTS, read_description
 from imagegen.models.kinds import GENERATORS
-from imagegen.registered import METRIC_TAG, MODEL_SHA_TAG, describe, load_registered, quiet_mlflow, stored_sha256
+from imagegen.registered import METRIC_TAG, MODEL_SHA_TAG, describe, quiet_mlflow, stored_sha256, tag_float
+
+if TYPE_CHECKING:
+    from imagegen.evaluation.contest import Contest
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +121,8 @@ def run_register(cfg: Config, root: Path = Path(".")) -> RegisterResult:
     try:
         with registry_lock(uri), tracking.stage_run(root, experiment_name(cfg.data.dataset), "register", params,
                                                     tracking.lineage_tags(root, params, "cpu")) as run:
+            from imagegen.evaluation.contest import Contest
+
             contest = Contest(cfg, root)  # re-scores each champion on today's test split (fair contest)
             baseline.log_profile(root)  # the accepted data profile travels with the versions (imagegen.baseline)
             decisions = {kind: register_kind(cfg, root, kind, folder, metrics, run, contest)
@@ -537,64 +542,6 @@ CONTEST_TAGS = {"champion_value": "contest.champion_value", "champion_value_reco
                 "champion_rescored": "contest.champion_rescored"}
 
 
-class Contest:
-    """The fair contest: the champion, loaded from the registry, is sampled and scored as the evaluate stage
-    scored the challenger (evaluation.stage.Scorer: same samples count and seed, today's test split, today's
-    feature net), so both values are computed on the same data. Without models/features or a test split
-    (nothing to score on) the champion's recorded value is used, and the record says so."""
-
-    def __init__(self, cfg: Config, root: Path):
-        self.cfg, self.root, self.scorer = cfg, root, None
-        self.data_version = data_version(root)
-
-    @functools.cached_property
-    def scored_on(self) -> dict:
-        """What both sides are scored on: the same for every kind, so read once."""
-        from imagegen.data.validated import HASH_KEY, RECORD
-        from imagegen.evaluation.features import FEATURES_DIR
-
-        try:
-            test = json.loads((self.root / RECORD).read_text())[HASH_KEY]["test"]
-        except (OSError, ValueError, KeyError, TypeError):
-            test = "unknown"
-        return {"data_version": self.data_version, "test_sha256": test,
-                "features_sha256": sha256_file(self.root / FEATURES_DIR / WEIGHTS)}
-
-    def champion_score(self, name: str, champion) -> dict:
-        from imagegen.evaluation.features import FEATURES_DIR
-
-        metric = self.cfg.register_.metric
-        recorded = tag_float(champion, metric)
-        info = {"champion_value": recorded, "champion_value_recorded": recorded,
-                "champion_data_version": champion.tags.get("dvc_data_md5", "unknown"),
-                "challenger_data_version": self.data_version,
-                "champion_rescored": False}
-        if not (self.root / FEATURES_DIR / WEIGHTS).is_file() or not (self.root / PREPARED_DIR / "test.npz").is_file():
-            log.warning("register: %s champion v%s not re-scored (no feature net or test split here): comparing "
-                        "with its recorded %s", name, champion.version, metric)
-            return info
-        from imagegen.device import select_device
-        from imagegen.evaluation.sampling import generate
-        from imagegen.evaluation.stage import Scorer, rounded
-
-        device = select_device(self.cfg.train.device)
-        if self.scorer is None:
-            self.scorer = Scorer.load(self.cfg, self.root, device)
-        module, description = load_registered(f"models:/{name}/{champion.version}", device)
-        try:
-            self.scorer.check_shape(description, f"{name} champion v{champion.version}")
-        except ImagegenError as exc:
-            log.warning("register: %s; comparing with its recorded %s", exc, metric)
-            return info
-        samples = generate(module, description, self.cfg.eval.n_samples, self.cfg.eval.seed, device=device)
-        scores = rounded(self.scorer.score(samples))
-        log.info("register: %s champion v%s re-scored on today's test split: %s %s (recorded %s)", name,
-                 champion.version, metric, scores[metric], recorded)
-        return {**info, "champion_value": float(scores[metric]), "champion_rescored": True,
-                "champion_scores": {k: v for k, v in scores.items() if isinstance(v, (int, float))},
-                "scored_on": self.scored_on}
-
-
 def find_version(client, name: str, sha: str):
     """The version of `name` holding these weights, or None (also when `name` does not exist yet)."""
     matches = [v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get("weights_sha256") == sha]
@@ -615,15 +562,6 @@ def alias_version(client, name: str, alias: str):
 def tag_int(version, tag: str) -> int | None:
     try:
         return int(version.tags[tag])
-    except (KeyError, ValueError):
-        return None
-
-
-def tag_float(version, metric: str) -> float | None:
-    if version is None:
-        return None
-    try:
-        return float(version.tags[f"{METRIC_TAG}{metric}"])
     except (KeyError, ValueError):
         return None
 
