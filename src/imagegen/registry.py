@@ -4,8 +4,8 @@ For each kind (gan, vae) the registered model is `<dataset>-<kind>`. A new versi
 only for weights not registered before (tag weights_sha256). The new version gets the alias
 `challenger`, and `champion` too when there is no champion or it beats the champion's
 register.metric by register.margin (relative) and, for fid, by register.sigmas standard deviations of the
-difference (each side's bootstrap `fid_std`): a gain within the noise of a small test split is no gain. The decision lands in metrics/register.json and
-on the version (tags, description).
+difference (each side's bootstrap `fid_std`): a gain within the noise of a small test split is no gain. The
+decision lands in metrics/register.json and on the version (tags, description).
 
 Order of writes, so that a failure midway leaves nothing that looks finished: log the model ->
 create the version (tags, `registration: pending`, no alias) -> write the contest tags, the model card
