@@ -1,15 +1,15 @@
 # Two commands: `make run` (the pipeline) and `make test` (the test suite).
-# Both create or refresh the virtual environment from pyproject.toml first.
+# Both create or refresh the virtual environment from pyproject.toml (at the versions in constraints.txt) first.
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.imagegen-$(shell sha256sum pyproject.toml | cut -c1-16)
+STAMP := $(VENV)/.imagegen-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run test venv dataset postgresql chromium schedule schedule-status stack-up stack-status stack-down
+.PHONY: run test venv constraints dataset postgresql chromium schedule schedule-status stack-up stack-status stack-down
 
 run: venv dataset  ## dvc repro, then the wall time of each stage it ran and the total
 	$(PY) bench/timed_repro.py
@@ -34,11 +34,18 @@ venv: $(STAMP)
 	@$(PY) -c "import imagegen, sys; sys.exit(not imagegen.__file__.startswith('$(CURDIR)/'))" 2>/dev/null \
 		|| $(PY) -m pip install -q --no-deps -e .
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -c constraints.txt -e '.[dev]'
 	rm -f $(VENV)/.imagegen-* && touch $@
+
+constraints:  ## resolve pyproject.toml afresh in a scratch venv and rewrite constraints.txt (then `make venv`)
+	rm -rf .venv-resolve && python3 -m venv .venv-resolve
+	.venv-resolve/bin/python -m pip install -q --upgrade pip
+	.venv-resolve/bin/python -m pip install -q -e '.[dev]'
+	{ sed -n '/^#/p' constraints.txt; .venv-resolve/bin/python -m pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf .venv-resolve
 
 # Scheduled retraining against a Prefect server (start one with `prefect server start --host 127.0.0.1`).
 schedule schedule-status: export PREFECT_API_URL ?= http://127.0.0.1:4200/api
@@ -71,7 +78,7 @@ postgresql:
 chromium:
 	$(call need_debian,command -v chromium >/dev/null,chromium,the browser tests are skipped)
 
-# The team stack on this machine (README "Team setup"): PostgreSQL, SeaweedFS S3, MLflow and Prefect
+# The team stack on this machine (docs/team.md): PostgreSQL, SeaweedFS S3, MLflow and Prefect
 # servers, a worker, the DVC remote. State, logs and generated credentials in .stack/ (git-ignored).
 stack-up: venv postgresql  ## start what is not running, wait for health, print the URLs and the env
 	$(PY) -m pipelines.stack up

@@ -1,6 +1,8 @@
-"""The drift gate's two views on Fashion-MNIST: a folder of N accepted images plus a batch of 300 new ones,
-inverted or not. Prints the whole-folder and the batch's intensity PSI and feature Fréchet distance against the
-accepted profile, as the validate stage computes them (imagegen.data.drift; folder sample 2,000 images).
+"""The drift gate's two views: a large folder, a small bad batch
+A folder of N accepted Fashion-MNIST images plus a batch of 300 new ones, clean or inverted: the whole
+folder's and the batch's intensity PSI and feature Fréchet distance against the accepted profile, as the
+validate stage computes them (imagegen.data.drift; folder sample 2,000 images). An inverted batch must fail
+the batch view (fail levels: PSI 0.25, Fréchet 0.1) however large the folder is.
 
     python bench/drift_batch.py [N ...]     # default 5000 20000 59000
 """
@@ -11,6 +13,7 @@ import gzip
 import sys
 
 import numpy as np
+from benchlog import record
 
 from imagegen.data import drift
 
@@ -26,7 +29,9 @@ def moments(net, images):
 def main(sizes: list[int]) -> None:
     images = np.frombuffer(gzip.open(SOURCE).read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)
     net, rng = drift.embedding_net(1), np.random.default_rng(0)
-    print("accepted  batch     folder PSI  folder Fréchet  batch PSI  batch Fréchet")
+    columns = ["accepted images", "batch", "folder PSI", "folder Fréchet", "batch PSI", "batch Fréchet"]
+    print("  ".join(columns))
+    rows = []
     for n in sizes:
         accepted = images[:n]
         old_hist, old_moments = drift.histograms(accepted)[0], moments(net, accepted[rng.permutation(n)[:SAMPLE]])
@@ -38,7 +43,9 @@ def main(sizes: list[int]) -> None:
                    drift.relative_frechet(*old_moments, *moments(net, sample)),
                    drift.psi(old_hist, drift.histograms(batch)[0]),
                    drift.relative_frechet(*old_moments, *moments(net, batch))]
-            print(f"{n:>8}  {kind:<8}  " + "  ".join(f"{v:>10.4f}" for v in row))
+            print(f"{n:>15}  {kind:<8}  " + "  ".join(f"{v:>10.4f}" for v in row))
+            rows.append([f"{n:,}", kind, *(f"{v:.4f}" for v in row)])
+    record("drift_batch", columns, rows)
 
 
 if __name__ == "__main__":

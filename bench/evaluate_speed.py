@@ -1,5 +1,6 @@
-"""Time of the sample metrics on N samples: features, FID, KID, precision/recall (the test
-split's features come precomputed from models/features/reference.npz, as in the evaluate stage).
+"""Evaluation speed: the sample metrics on N samples
+Features, FID, KID, precision/recall (the test split's features come precomputed from
+models/features/reference.npz, as in the evaluate stage).
 
 Needs the outputs of `dvc repro train-features`. The "samples" are N train images, so the
 figures also show what a perfect generator scores. One block per device: the CPU, and CUDA when
@@ -14,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchlog import record
 
 from imagegen.config import load_config
-from imagegen.data.prepared import load_split
+from imagegen.data.arrays import load_split
 from imagegen.device import select_device
 from imagegen.evaluation import metrics as m
 from imagegen.evaluation.features import embed, load_features
@@ -32,11 +34,13 @@ def main() -> None:
     images, _ = load_split(args.root / "data/prepared/train.npz")
     samples = images[np.random.default_rng(0).permutation(len(images))[:args.n]]
     devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for device in devices:
-        measure(cfg, args, select_device(device), samples)
+    rows = [measure(cfg, args, select_device(device), samples) for device in devices]
+    record("evaluate_speed", ["device", "torch threads", "samples", "features s", "fid s", "kid s",
+                              "precision_recall s", "total s", "FID", "KID", "precision", "recall"], rows,
+           note="The samples are training images, so the scores are what a perfect generator gets.")
 
 
-def measure(cfg, args, device, samples) -> None:
+def measure(cfg, args, device, samples) -> list:
     net, _, reference = load_features(args.root, device)
     ref = reference["features"]
     embed(net, samples[:100], device)  # warm-up: CUDA context, cuDNN
@@ -53,11 +57,13 @@ def measure(cfg, args, device, samples) -> None:
     kid = timed("kid", lambda: m.kid(features, ref, cfg.eval.kid_subsets, cfg.eval.kid_subset_size))
     pr = timed("precision_recall", lambda: m.precision_recall(features, ref, cfg.eval.pr_k))
     total = time.perf_counter() - started
-    name = f"{device} ({torch.cuda.get_device_name()})" if device.type == "cuda" else str(device)
-    print(f"device {name}, torch threads {torch.get_num_threads()}, {args.n} samples vs {len(ref)} test images")
+    label = f"{device} ({torch.cuda.get_device_name()})" if device.type == "cuda" else str(device)
+    print(f"device {label}, torch threads {torch.get_num_threads()}, {args.n} samples vs {len(ref)} test images")
     for name, seconds in timings.items():
         print(f"  {name:<18} {seconds:6.2f} s")
     print(f"  {'total':<18} {total:6.2f} s   (FID {fid:.4f}, KID {kid[0]:.5f}, P/R {pr[0]:.3f}/{pr[1]:.3f})")
+    return [label, torch.get_num_threads(), f"{args.n:,}", *(f"{seconds:.2f}" for seconds in timings.values()),
+            f"{total:.2f}", f"{fid:.4f}", f"{kid[0]:.5f}", f"{pr[0]:.3f}", f"{pr[1]:.3f}"]
 
 
 if __name__ == "__main__":

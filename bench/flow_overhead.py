@@ -1,6 +1,7 @@
-"""What the Prefect flow costs on top of DVC: time a no-op `dvc repro` vs the `retrain` flow.
+"""Flow overhead: what the Prefect flow costs on top of DVC
+A no-op `dvc repro` timed against the `retrain` flow. Both run on an up-to-date project, so every
+stage is skipped and what is left is overhead.
 
-Both run on an up-to-date project, so every stage is skipped and what is left is overhead:
     dvc repro                       one process checks every stage
     flow, cold (CLI)                python -m pipelines.retrain: interpreter + prefect import +
                                     ephemeral API server start + one `dvc repro --single-item` per stage
@@ -24,6 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchlog import record
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COPIED = ("dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config", "src", "pipelines")
@@ -103,6 +106,10 @@ def report(repo: Path, repeat: int) -> int:
     print(f"  flow, cold (CLI, ephemeral API)  {cold_s:6.2f} s   overhead {cold_s - dvc_s:+6.2f} s")
     print(f"  flow, warm (API already up)      {warm_s:6.2f} s   overhead {warm_s - dvc_s:+6.2f} s"
           f"  ({(warm_s - dvc_s) / n:+.2f} s per stage)")
+    record("flow_overhead", ["run", "seconds", "overhead s"],
+           [["dvc repro", f"{dvc_s:.2f}", ""], ["flow, cold (CLI, ephemeral API)", f"{cold_s:.2f}", f"{cold_s - dvc_s:+.2f}"],
+            ["flow, warm (API already up)", f"{warm_s:.2f}", f"{warm_s - dvc_s:+.2f}"]],
+           note=f"An up-to-date project of {n} stages, median of {repeat} runs.")
     return 0
 
 

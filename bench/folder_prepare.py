@@ -1,4 +1,6 @@
-"""Throughput and peak memory of `imagegen prepare` on a labelled image folder.
+"""Folder prepare: throughput and peak memory of `imagegen prepare` on a labelled image folder
+Memory must not grow with the folder: images are decoded on every core and streamed to disk one at a time,
+and hostile files (decompression bombs, lying extensions, links, broken names) are skipped with a reason.
 
     python bench/folder_prepare.py --images 10000 --image-size 32 --channels 3
     python bench/folder_prepare.py --images 10000 --image-size 32 --channels 3 --hostile
@@ -30,6 +32,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from benchlog import record
 
 
 def generate(folder: Path, images: int, low: int, high: int, seed: int = 0) -> None:
@@ -158,6 +161,12 @@ def main() -> int:
               "skipped": dict(Counter(s["reason"] for s in scan["skipped"])),
               "prepared_mb": round(sum(p.stat().st_size for p in (project / "data/prepared").iterdir()) / 2**20, 1)}
     print(json.dumps(result))
+    record("folder_prepare", ["images", "source sides px", "to", "hostile", "cores", "seconds", "images/s",
+                              "peak RSS MB (largest process)", "peak RSS MB (process tree)", "arrays MB", "skipped"],
+           [[f"{args.images:,}", args.sizes, f"{args.image_size} × {args.image_size} × {args.channels}",
+             "yes" if args.hostile else "no", result["cores"], result["seconds"], f"{result['images_per_s']:,}",
+             result["peak_rss_mb"], result["peak_tree_rss_mb"], result["prepared_mb"],
+             ", ".join(f"{reason} {n}" for reason, n in sorted(result["skipped"].items())) or "none"]])
     return 0
 
 

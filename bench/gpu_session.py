@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_throughput as tt  # noqa: E402
 
 from imagegen.config import GPU_PROFILE, Config, with_overrides  # noqa: E402
-from imagegen.data.prepared import load_split  # noqa: E402
+from imagegen.data.arrays import load_split  # noqa: E402
 from imagegen.training.data import DeviceBatches  # noqa: E402
 from imagegen.training.runtime import Runtime, tune_cuda  # noqa: E402
 

@@ -1,4 +1,5 @@
-"""Registry and serving latency: register one version, load it by alias, serve it.
+"""Registry and serving latency: register one version, load it by alias, serve it
+Medians over --repeat runs against a temporary project's tracking store.
 
     python bench/registry_latency.py [--repeat 5]
 
@@ -6,7 +7,7 @@ Builds models of the default params.yaml sizes with random weights (no training)
 project and uses that project's embedded store (sqlite:///<tmp>/mlflow.db), or MLFLOW_TRACKING_URI
 when set. Prints medians:
     register one version   log the pyfunc model + create the version + set aliases (fresh weights each time)
-    load by alias          imagegen.registered.load_registered("models:/NAME@champion") (download + torch load)
+    load by alias          imagegen.registry_reader.load_registered("models:/NAME@champion") (download + torch load)
     serve n=1 / n=64       POST /invocations to `mlflow models serve --env-manager local` on 127.0.0.1
 """
 
@@ -24,6 +25,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from benchlog import record
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # `mlflow models serve` execs `uvicorn` by name: this venv's scripts must be on PATH.
@@ -66,7 +69,7 @@ def time_register(root: Path, cfg, repeat: int) -> list[float]:
 
 
 def time_load(name: str, repeat: int) -> list[float]:
-    from imagegen.registered import load_registered
+    from imagegen.registry_reader import load_registered
 
     times = []
     for _ in range(repeat):
@@ -138,6 +141,11 @@ def main() -> None:
         print(f"load by alias         {ms(load)}")
         print(f"serve n=1             {ms(serve[1])}")
         print(f"serve n=64            {ms(serve[64])}")
+        record("registry_latency", ["operation", "median ms", "min ms", "max ms"],
+               [[what, *(f"{f(xs) * 1000:.0f}" for f in (statistics.median, min, max))] for what, xs in
+                (("register one version", register), ("load by alias", load), ("serve n=1", serve[1]),
+                 ("serve n=64", serve[64]))],
+               note=f"A GAN of {parameters:,} parameters (default sizes), random weights; median of {args.repeat}.")
 
 
 if __name__ == "__main__":

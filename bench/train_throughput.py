@@ -1,7 +1,6 @@
-"""Training throughput (images/s) of the GAN and VAE steps: this project's step vs a plain DataLoader loop.
-
-"ours" is the step as train-gan / train-vae run it, with the loop's per-step work (noise seed, loss
-sums): the uint8 data on the device, bf16 autocast / channels_last as params say, and on CUDA the
+"""Training throughput: this project's GAN and VAE steps vs a plain DataLoader loop
+Images/s of each step. "ours" is the step as train-gan / train-vae run it, with the loop's per-step work
+(noise seed, loss sums): the uint8 data on the device, bf16 autocast / channels_last as params say, and on CUDA the
 whole step replayed as a CUDA graph. "plain" is what a user would write: the same models and losses
 in fp32, fed by a torch DataLoader, default Adam, an EMA loop over parameters, PyTorch's default
 settings. One row per (device, profile, model): images/s, the ratio, seconds per 60k-image epoch,
@@ -25,10 +24,11 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from benchlog import record
 from torch.utils.data import DataLoader, TensorDataset
 
 from imagegen.config import GPU_PROFILE, Config, with_overrides
-from imagegen.data.prepared import load_split
+from imagegen.data.arrays import load_split
 from imagegen.models.gan import Discriminator, Generator
 from imagegen.models.vae import VAE, negative_elbo
 from imagegen.training.data import DeviceBatches
@@ -276,7 +276,19 @@ def main(argv=None) -> list[dict]:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "gpu": gpu, "rows": rows}, f, indent=1)
+    record("train_throughput", list(COLUMNS.values()), table(rows),
+           note=f"torch {torch.__version__}, {gpu}, {torch.get_num_threads()} CPU threads; {args.warmup} warm-up steps.")
     return rows
+
+
+COLUMNS = {"device": "device", "profile": "profile", "model": "model", "variant": "variant", "batch": "batch",
+           "ours": "ours img/s", "plain": "plain img/s", "ratio": "ratio", "epoch_s": "epoch s",
+           "mflop_per_image": "MFLOP/img", "tflops": "TFLOP/s", "peak_pct": "% peak", "warmup_s": "warm-up s"}
+
+
+def table(rows: list[dict]) -> list[list]:
+    return [[f"{r[key]:,}" if key in ("ours", "plain") and r[key] is not None else r[key] for key in COLUMNS]
+            for r in rows]
 
 
 if __name__ == "__main__":

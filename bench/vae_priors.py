@@ -1,5 +1,4 @@
-"""Each VAE prior on one trained first stage, scored as the evaluate stage scores it.
-
+"""VAE priors: each prior on one trained first stage, scored as the evaluate stage scores it
 The first stage (encoder + decoder) does not depend on `vae.prior`: train it once (`imagegen train-vae`,
 any prior), then this fits every prior the way train-vae does (VAETask.finalize, same seed), draws
 `--n` samples through the shared sampling path and scores them against the test split (FID, KID,
@@ -13,6 +12,7 @@ An option is a prior name, optionally followed by `:key=value,...` overrides of 
 The option `posterior` is no prior but the ceiling of all of them: it decodes one z ~ q(z | x) each
 for `--n` random training images, i.e. samples the aggregate posterior itself (the prior that fits the
 codes perfectly), so it shows what the decoder can give at best; what it lacks, no prior can add.
+
 Prints a markdown table and writes it as JSON to --out.
 """
 
@@ -25,9 +25,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from benchlog import record
 
 from imagegen.config import load_config, with_overrides
-from imagegen.data.prepared import load_split
+from imagegen.data.arrays import load_split
 from imagegen.evaluation.sampling import generate
 from imagegen.evaluation.stage import Scorer, rounded
 from imagegen.evaluation.vae_metrics import vae_test_metrics
@@ -51,7 +52,7 @@ def parse_option(text: str) -> tuple[str, dict]:
 
 def from_checkpoint(path: Path, cfg):
     """The VAE of a train-vae checkpoint (checkpoints/vae/last.pt): a first stage part-way through."""
-    from imagegen.data.prepared import read_info
+    from imagegen.data.arrays import read_info
     from imagegen.models.description import ModelDescription
     from imagegen.models.kinds import build
 
@@ -127,11 +128,10 @@ def main() -> None:
         results[label] = rounded({**scores, **fitted, "fit_seconds": fit_seconds, "fit_cpu_seconds": fit_cpu,
                                   "threads": torch.get_num_threads()})
         print(label, json.dumps(results[label]), flush=True)
-    print("\n| option | " + " | ".join(COLUMNS) + " |")
-    print("| --- |" + " --- |" * len(COLUMNS))
-    for label, row in results.items():
-        print(f"| {label} | " + " | ".join(f"{row[c]:.4g}" if c in row else "" for c in COLUMNS) + " |")
     args.out.write_text(json.dumps(results, indent=2) + "\n")
+    record("vae_priors", ["option", *COLUMNS],
+           [[label, *(f"{row[c]:.4g}" if c in row else "" for c in COLUMNS)] for label, row in results.items()],
+           note=f"First stage {args.model}; {args.n:,} samples per FID; IWAE bounds on {args.iwae_images:,} test images.")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,9 @@
-"""Warm vs cold retraining on grown data, through the pipeline's own stage functions.
-
-Week 1: train-gan and train-vae on the first `--first` training images, evaluate, register (both become
-champions). Week 2, the data has grown to `--second` images: train each `--variants` entry, e.g.
-`none:1` (from scratch, `--epochs` epochs) and `champion:0.5` (from the champion, half the epochs),
-evaluating each as the evaluate stage does. Prints a markdown table of the
-evaluate stage's FID and the training wall time, and writes it as JSON to --out.
+"""Warm start: retraining from the champion vs from scratch on grown data
+Through the pipeline's own stage functions. Week 1: train-gan and train-vae on the first `--first`
+training images, evaluate, register (both become champions). Week 2, the data has grown to `--second`
+images: train each `--variants` entry, e.g. `none:1` (from scratch, `--epochs` epochs) and `champion:0.5`
+(from the champion, half the epochs), evaluating each as the evaluate stage does: the evaluate stage's FID
+and the training wall time (the raw rows also go to --out as JSON).
 
 Needs a project folder (--root) with data/prepared validated (imagegen fetch, prepare, validate); the
 feature net is trained there on `--second` images for `--feature-epochs` (a small budget: compare rows,
@@ -20,6 +19,8 @@ import json
 import os
 import time
 from pathlib import Path
+
+from benchlog import record
 
 
 def main() -> None:
@@ -76,12 +77,18 @@ def main() -> None:
         rows.append(week(args.second, init_from, float(share)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2) + "\n")
-    print("| week | images | start | GAN epochs | GAN s | GAN FID | VAE epochs | VAE s | VAE FID |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for n, row in zip(([] if args.reuse else [1]) + [2] * (len(rows) + 1), rows):
-        print(f"| {n} | {row['images']} | {row['gan_start']} | {row['gan_epochs']} | {row['gan_seconds']} | "
-              f"{row['gan_fid']} | {row['vae_epochs']} | {row['vae_seconds']} | {row['vae_fid']} |")
+    record("warm_start", COLUMNS, table(rows, week_one=not args.reuse),
+           note=f"{args.epochs} epochs from scratch; feature net {args.feature_epochs} epochs on the week 2 images, "
+                f"{args.n_samples:,} samples per FID: compare rows, not with other tables.")
 
+
+COLUMNS = ["week", "images", "start", "GAN epochs", "GAN s", "GAN FID", "VAE epochs", "VAE s", "VAE FID"]
+
+
+def table(rows: list[dict], week_one: bool) -> list[list]:
+    weeks = [1] * week_one + [2] * len(rows)
+    return [[week, f"{row['images']:,}", row["gan_start"], row["gan_epochs"], row["gan_seconds"], row["gan_fid"],
+             row["vae_epochs"], row["vae_seconds"], row["vae_fid"]] for week, row in zip(weeks, rows)]
 
 if __name__ == "__main__":
     main()

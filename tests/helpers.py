@@ -141,8 +141,8 @@ def cli_env(tracking_uri: str | None, **extra: str) -> dict:
 def mark_validated(root: Path) -> None:
     """metrics/validate.json as a passing validate stage writes it for root's prepared arrays
     (for tests about training or evaluation, not validation: the stages refuse unvalidated data)."""
-    from imagegen.data.prepared import INFO
-    from imagegen.data.validated import HASH_KEY, RECORD, info_hash, split_hash
+    from imagegen.data.arrays import INFO
+    from imagegen.data.integrity import HASH_KEY, RECORD, info_hash, split_hash
 
     hashes = {path.stem: split_hash(path) for path in sorted((root / "data" / "prepared").glob("*.npz"))}
     hashes[INFO] = info_hash(root)

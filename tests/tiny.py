@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from imagegen.data.datasets import DATASETS, DatasetSpec, FileSpec
-from imagegen.data.prepared import DatasetInfo, write_info
+from imagegen.data.arrays import DatasetInfo, write_info
 from tests.helpers import write_idx
 
 PER_CLASS = {"train": 12, "test": 4}

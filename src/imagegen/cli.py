@@ -148,7 +148,7 @@ def _sample(cfg, root, args):
     # The GPU when there is one, as train.device says (params.yaml is optional here: auto without it).
     device = select_device(load_config(args.params).train.device if args.params.exists() else "auto")
     if args.model is not None:
-        from imagegen.registered import load_registered
+        from imagegen.registry_reader import load_registered
 
         module, description = load_registered(args.model)
     else:
@@ -176,7 +176,7 @@ def _sample_args(parser):
 
 
 def _serve(cfg, root, args):
-    from imagegen.registered import serve_registered
+    from imagegen.registry_reader import serve_registered
 
     code = serve_registered(args.model, args.host, args.port)
     if code not in (0, -2, 130):  # -2/130: stopped with Ctrl-C

@@ -158,7 +158,7 @@ class ValidateConfig(Section):
             raise ValueError(f"{fail} is above class_share_warn {warn}; expected a failure level at or below the warning level")
         return fail
 
-    drift: DriftConfig = DriftConfig()  # the gate against the last accepted version (README: Scheduled retraining)
+    drift: DriftConfig = DriftConfig()  # the gate against the last accepted version (docs/retraining.md)
 
 
 class TrainConfig(Section):
@@ -288,24 +288,11 @@ class Config(Section):
 
 
 # A profile for a real GPU: wider nets, larger batches, more epochs. Apply it with
-# `dvc exp run` and one -S per entry (README.md lists them); bench/train_throughput.py uses it.
+# `dvc exp run` and one -S per entry (docs/training.md lists them); bench/train_throughput.py uses it.
 GPU_PROFILE = {
     "gan.width": 64, "gan.batch_size": 256, "gan.epochs": 60, "gan.lr_g": 4e-4, "gan.lr_d": 4e-4,
     "vae.width": 64, "vae.batch_size": 256, "vae.epochs": 60,
 }
-
-# GPU profiles per image size (data.image_size of the prepared data): 28 is GPU_PROFILE (Fashion-MNIST,
-# 60,000 images, measured). 32 and 64 are sized for a folder of about 10,000 images, hence more epochs;
-# their nets have one (32) or two (64) more blocks than at 28 (models/gan.py, vae.py, features.py).
-# README.md ("GPU profiles per image size") lists them as `dvc exp run -S` lines.
-GPU_PROFILES = {
-    28: GPU_PROFILE,
-    32: {"gan.width": 64, "gan.batch_size": 256, "gan.epochs": 150, "gan.lr_g": 4e-4, "gan.lr_d": 4e-4,
-         "vae.width": 64, "vae.batch_size": 256, "vae.epochs": 150, "features.width": 64, "features.epochs": 30},
-    64: {"gan.width": 64, "gan.batch_size": 128, "gan.epochs": 200, "gan.lr_g": 2e-4, "gan.lr_d": 2e-4,
-         "vae.width": 64, "vae.batch_size": 128, "vae.epochs": 200, "features.width": 64, "features.epochs": 30},
-}
-
 
 def with_overrides(cfg: Config, overrides: dict[str, object]) -> Config:
     """cfg with dotted-key overrides applied (e.g. {"gan.width": 64}), validated again."""

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from imagegen import baseline, tracking
+from imagegen import baseline, lineage, tracking
 from imagegen.config import Config, model_params
 from imagegen.data.accepted import PROFILE_RUN_TAG, VERSION_TAG
 from imagegen.errors import ImagegenError
@@ -48,7 +48,7 @@ from imagegen.fsutil import sha256_file, write_json
 from imagegen.layout import experiment_name, registered_model_name
 from imagegen.models.io import META, WEIGHTS, read_description
 from imagegen.models.kinds import GENERATORS
-from imagegen.registered import METRIC_TAG, MODEL_SHA_TAG, describe, quiet_mlflow, stored_sha256, tag_float
+from imagegen.registry_reader import METRIC_TAG, MODEL_SHA_TAG, describe, quiet_mlflow, stored_sha256, tag_float
 
 if TYPE_CHECKING:
     from imagegen.evaluation.contest import Contest
@@ -120,7 +120,7 @@ def run_register(cfg: Config, root: Path = Path(".")) -> RegisterResult:
     params = {"data.dataset": cfg.data.dataset, "register.metric": metric, "register.margin": cfg.register_.margin}
     try:
         with registry_lock(uri), tracking.stage_run(root, experiment_name(cfg.data.dataset), "register", params,
-                                                    tracking.lineage_tags(root, params, "cpu")) as run:
+                                                    lineage.lineage_tags(root, params, "cpu")) as run:
             from imagegen.evaluation.contest import Contest
 
             contest = Contest(cfg, root)  # re-scores each champion on today's test split (fair contest)
@@ -225,7 +225,7 @@ def create_version(client, cfg: Config, root: Path, kind: str, folder: Path, met
     training_run, source = training_run_id(client, run, sha)
     params = model_params(cfg, kind)
     tags = {
-        **tracking.lineage_tags(root, params, "cpu"),
+        **lineage.lineage_tags(root, params, "cpu"),
         "weights_sha256": sha,
         MODEL_SHA_TAG: model_sha,
         "training_run_id": training_run,

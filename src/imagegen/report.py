@@ -205,7 +205,7 @@ def champion_metrics(cfg: Config, root: Path, registered: dict) -> dict[str, dic
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
-        from imagegen.registered import METRIC_TAG, describe, tracking_store
+        from imagegen.registry_reader import METRIC_TAG, describe, tracking_store
 
         try:
             tracking_store(root)

@@ -1,4 +1,4 @@
-"""MLflow set-up: the embedded default store, runs with lineage tags, per-epoch logging.
+"""MLflow set-up: the embedded default store, runs with lineage tags (from imagegen.lineage), per-epoch logging.
 
 With MLFLOW_TRACKING_URI unset, runs go to MLflow's own default store, sqlite:///mlflow.db with
 artifacts in ./mlruns (both beside params.yaml), so plain `mlflow ui`, `mlflow server` and
@@ -14,28 +14,24 @@ that fails ends its run FAILED (KILLED when interrupted).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
 import os
 import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 
+from imagegen import lineage
 from imagegen.errors import ImagegenError
 from imagegen.layout import data_version
 
-PIPELINE_RUN_ENV = "IMAGEGEN_PIPELINE_RUN"  # set by an orchestrator to group one pipeline run's stages
 PIPELINE_NAME_ENV = "IMAGEGEN_PIPELINE_NAME"  # the parent run's name (optional)
 PARENT_RUN_ENV = "IMAGEGEN_PARENT_RUN_ID"  # an MLflow run id to nest stage runs under
 SYSTEM_METRICS_INTERVAL_S = 5  # MLflow's default, 10 s, leaves a one-minute GPU run with five points
@@ -47,9 +43,6 @@ OLD_EMBEDDED_DB = "mlruns.db"  # this project's store before it used MLflow's de
 # An experiment's kind: earlier MLflow 3 UIs open a custom_model_development experiment on its runs table;
 # 3.17 decides by its GenAI / Model training switch (URL ?workflowType=machine_learning), see README.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
-# Set by DVC in a stage's environment: every stage (DVC_STAGE), `dvc exp run` (the other two).
-DVC_STAGE_ENV, DVC_EXP_NAME_ENV, DVC_EXP_BASELINE_ENV = "DVC_STAGE", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"
-STANDALONE = "standalone"  # the pipeline_run tag of a stage run outside any pipeline
 PROCESS_TAG = "imagegen.process"  # host:pid:start-time of the process that owns a RUNNING run
 WORKDIR_TAG = "imagegen.workdir"  # the project folder it runs in
 DB_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
@@ -60,8 +53,6 @@ STAGE_TAG = "stage"  # the bare stage name of a stage run (its run name also nam
 HEADLINE_METRICS = {"gan_fid": ("gan", "fid"), "vae_fid": ("vae", "fid"), "vae_nll": ("vae", "nll_iwae")}
 VARIANT_PARAMS = ("train.limit", "gan.images", "gan.epochs", "gan.lr_g", "gan.augment", "vae.images", "vae.epochs", "vae.beta",
                   "vae.prior")
-# The stages that log a run; the pipeline run lists which of them ran and which DVC skipped.
-RUN_STAGES = ("train-features", "train-gan", "train-vae", "evaluate", "register")
 # A saved view of the runs table with the headline columns (MLflow >= 3.15 keeps saved views as experiment tags
 # mlflow.sharedViewState.<key>); the README's link opens it: #/experiments/<id>/runs?viewStateShareKey=headline
 VIEW_KEY, VIEW_NAME = "headline", "Headline metrics"
@@ -133,95 +124,6 @@ def saved_view() -> str:
     return json.dumps({"name": VIEW_NAME, "createdAt": now, "updatedAt": now, "state": view_state()})
 
 
-def lineage_tags(root: Path, params: dict, device: str) -> dict[str, str]:
-    commit = git_commit(root)
-    params_hash = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return {
-        "git_commit": commit,
-        "params_hash": params_hash,
-        "dvc_data_md5": data_version(root),
-        "device": device,
-        "pipeline_run": pipeline_key(root) or STANDALONE,
-        **dvc_exp_tags(),
-        **data_lineage_tags(root),
-    }
-
-
-LINEAGE_TAGS = {"images": "data_images", "images_per_class": "data_images_per_class",
-                "images_added": "data_images_added", "added_per_class": "data_added_per_class",
-                "previous_data_version": "data_previous_version"}
-
-
-def data_lineage_tags(root: Path) -> dict[str, str]:
-    """The data version's lineage as the validate stage recorded it (metrics/drift.json `lineage`,
-    see data/drift.py): images in all, per class, and added since the previous accepted version
-    (per-class values as JSON); {} before validate has run."""
-    try:
-        lineage = json.loads((root / "metrics" / "drift.json").read_text()).get("lineage")
-    except (OSError, ValueError, AttributeError):
-        return {}
-    if not isinstance(lineage, dict):
-        return {}
-    return {tag: (json.dumps(lineage[key], sort_keys=True) if isinstance(lineage[key], dict)
-                  else str(lineage[key]))[:4000]
-            for key, tag in LINEAGE_TAGS.items() if key in lineage}
-
-
-def dvc_exp_tags() -> dict[str, str]:
-    """`dvc exp run` puts the experiment's name and baseline commit in each stage's environment."""
-    return {tag: os.environ[env] for tag, env in (("dvc_exp_name", DVC_EXP_NAME_ENV),
-                                                  ("dvc_exp_baseline_rev", DVC_EXP_BASELINE_ENV))
-            if os.environ.get(env)}
-
-
-def pipeline_key(root: Path) -> str | None:
-    """What the stage runs of one pipeline run share, or None for a stage run on its own.
-
-    An orchestrator says it (IMAGEGEN_PIPELINE_RUN; the Prefect flow sets `prefect-<flow run id>`).
-    Under DVC (DVC_STAGE is set) it is the `dvc repro` / `dvc exp run` process that runs the stages:
-    its pid and start time, found by walking up the process tree (Linux /proc). Where that is not
-    possible, the git commit and a hash of params.yaml, which groups the stages of one configuration.
-    """
-    if key := os.environ.get(PIPELINE_RUN_ENV):
-        return key.replace("'", "_")  # it goes into MLflow search filters
-    if not os.environ.get(DVC_STAGE_ENV):
-        return None
-    if found := dvc_process():
-        return f"dvc-{found}"
-    try:
-        params = hashlib.sha256((root / "params.yaml").read_bytes()).hexdigest()[:8]
-    except OSError:
-        params = "none"
-    return f"dvc-{git_commit(root)[:10]}-{params}"
-
-
-def dvc_process() -> str | None:
-    """'<pid>-<start time>' of the nearest ancestor process running DVC, from /proc; None if not found."""
-    pid = os.getppid()
-    for _ in range(8):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return None
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-        words = [Path(a.decode(errors="replace")).name for a in argv[:3]]
-        if "dvc" in words:
-            return f"{pid}-{fields[19]}"  # field 22 of stat: start time in clock ticks since boot
-        pid = int(fields[1])
-        if pid <= 1:
-            return None
-    return None
-
-
-def git_commit(root: Path) -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
-
-
 def check_store(root: Path) -> str:
     """The tracking URI (configured for this project), once its store answers; see check_uri."""
     return check_uri(configure(root))
@@ -262,11 +164,8 @@ def process_tag(pid: int | None = None) -> str:
 
 
 def process_start(pid: int) -> str:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rsplit(")", 1)[-1].split()[19]  # field 22, counted after the command name
+    fields = lineage.proc_stat(pid)
+    return fields[19] if fields else ""
 
 
 def process_gone(tag: str) -> bool:
@@ -374,7 +273,7 @@ def stage_run_name(client, parent: str | None, stage: str) -> str:
     compare views (the `dvc exp run` experiment's name, else the parent run's); the stage alone without one."""
     if not parent:
         return stage
-    label = os.environ.get(DVC_EXP_NAME_ENV) or client.get_run(parent).info.run_name
+    label = os.environ.get(lineage.DVC_EXP_NAME_ENV) or client.get_run(parent).info.run_name
     return f"{label} · {stage}"
 
 
@@ -411,7 +310,7 @@ def pipeline_parent(exp_id: str, key: str | None, root: Path) -> str | None:
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
-    if not key or key == STANDALONE:
+    if not key or key == lineage.STANDALONE:
         return None
     client = MlflowClient()
     found = client.search_runs([exp_id], f"tags.pipeline_run = '{key}' and tags.run_kind = 'pipeline'",
@@ -422,11 +321,11 @@ def pipeline_parent(exp_id: str, key: str | None, root: Path) -> str | None:
         for tag, value in owner.items():
             client.set_tag(found[0].info.run_id, tag, value)
         return found[0].info.run_id
-    exp = dvc_exp_tags()
+    exp = lineage.dvc_exp_tags()
     name = (os.environ.get(PIPELINE_NAME_ENV) or (f"dvc exp {exp['dvc_exp_name']}" if exp else None)
             or f"dvc repro {time.strftime('%Y-%m-%d %H:%M')}")
-    tags = {"pipeline_run": key, "run_kind": "pipeline", "git_commit": git_commit(root), **exp,
-            "dvc_data_md5": data_version(root), **data_lineage_tags(root),
+    tags = {"pipeline_run": key, "run_kind": "pipeline", "git_commit": lineage.git_commit(root), **exp,
+            "dvc_data_md5": data_version(root), **lineage.data_lineage_tags(root),
             "mlflow.note.content": "One pipeline run: its stages are the nested runs below.", **owner}
     run = client.create_run(exp_id, run_name=name, tags=tags)
     try:
@@ -450,11 +349,11 @@ def update_pipeline(root: Path, parent: str, final: bool = False) -> None:
         metrics = [Metric(k, v, now, 0) for k, v in headline_metrics(root).items()]
         ran = {r.data.tags.get(STAGE_TAG) for r in client.search_runs(
             [client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=100)}
-        changes = dvc_changes(root, [s for s in RUN_STAGES if s not in ran]) if final else None
-        summary = stage_summary(ran, changes)
+        changes = lineage.dvc_changes(root, [s for s in lineage.RUN_STAGES if s not in ran]) if final else None
+        summary = lineage.stage_summary(ran, changes)
         tags = [RunTag("stages_ran", ", ".join(summary["ran"]) or "none"),
                 RunTag("stages_skipped", ", ".join(summary["skipped"]) or "none"),
-                RunTag("mlflow.note.content", pipeline_note(summary))]
+                RunTag("mlflow.note.content", lineage.pipeline_note(summary))]
         client.log_batch(parent, metrics=metrics, tags=tags)
     except Exception as exc:
         log.warning("could not update the pipeline run %s: %s: %s", parent, type(exc).__name__, str(exc)[:200])
@@ -466,7 +365,7 @@ def finish_pipeline(root: Path, experiment: str) -> None:
     DVC locks the running stage's outputs, and `dvc status` of a stage that reads them waits on that lock."""
     import mlflow
 
-    key = pipeline_key(root)
+    key = lineage.pipeline_key(root)
     if not key or os.environ.get(PARENT_RUN_ENV):
         return
     try:
@@ -495,136 +394,12 @@ def headline_metrics(root: Path) -> dict[str, float]:
     return found
 
 
-def dvc_changes(root: Path, stages: list[str]) -> dict[str, list] | None:
-    """`dvc status --json STAGES`: those of `stages` that are not up to date and why ({} for none), or None
-    outside a DVC stage or when it fails. (DVC unlocks the repository while a stage's command runs.)"""
-    if not os.environ.get(DVC_STAGE_ENV):
-        return None
-    if not stages:
-        return {}
-    try:
-        done = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", *stages], cwd=root,
-                              capture_output=True, text=True, timeout=120)
-        changes = json.loads(done.stdout) if done.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired, ValueError):
-        return None
-    if changes is None:
-        log.warning("dvc status failed, the pipeline run does not say which stages DVC skipped: %s",
-                    (done.stdout + done.stderr).strip().splitlines()[:1])
-    return changes if isinstance(changes, dict) else None
-
-
-def stage_summary(ran: set, changes: dict | None) -> dict[str, list[str]]:
-    """Which RUN_STAGES ran in this pipeline run (they have a run under it), which DVC skipped as unchanged,
-    and which are still to run with DVC's reason (the stages `dvc status` lists); unknown without `changes`."""
-    ran_now = [s for s in RUN_STAGES if s in ran]
-    if changes is None:
-        return {"ran": ran_now, "skipped": [], "pending": [], "unknown": [s for s in RUN_STAGES if s not in ran]}
-    pending = [f"{stage} ({change_reason(why)})" for stage, why in changes.items() if stage not in ran]
-    skipped = [s for s in RUN_STAGES if s not in ran and s not in changes]
-    return {"ran": ran_now, "skipped": skipped, "pending": pending, "unknown": []}
-
-
-def change_reason(entries) -> str:
-    """DVC's status entries of a stage, e.g. [{"changed deps": {"params.yaml": {"gan.epochs": "modified"}}}],
-    as one phrase: "changed deps: params.yaml gan.epochs modified"."""
-    def words(value) -> str:
-        if isinstance(value, dict):
-            return ", ".join(f"{key} {words(inner)}" for key, inner in value.items())
-        return str(value)
-
-    entries = entries if isinstance(entries, list) else [entries]
-    parts = [f"{what}: {words(items)}" for entry in entries if isinstance(entry, dict) for what, items in entry.items()]
-    parts += [str(entry) for entry in entries if not isinstance(entry, dict)]  # e.g. "always changed"
-    return "; ".join(parts)[:300] or "changed"
-
-
-def pipeline_note(summary: dict[str, list[str]]) -> str:
-    """The parent run's description: what ran and what DVC skipped, so a row with few stages explains itself."""
-    lines = ["One pipeline run: its stages are the nested runs below.", "",
-             f"- **Ran:** {', '.join(summary['ran']) or 'none'}"]
-    if summary["skipped"]:
-        lines.append(f"- **Skipped by DVC, up to date** (\"didn't change\": deps, params and outputs match "
-                     f"dvc.lock): {', '.join(summary['skipped'])}")
-    if summary["pending"]:
-        lines.append(f"- **Still to run** (DVC status): {'; '.join(summary['pending'])}")
-    if summary["unknown"]:
-        lines.append(f"- **No run (yet):** {', '.join(summary['unknown'])} (the report stage, last in the pipeline, "
-                     "asks DVC which of them it skipped)")
-    lines += ["", "The headline metrics are those of the current outputs (metrics/evaluate.json), also when "
-              "evaluate was up to date."]
-    return "\n".join(lines)
-
-
 def end_pipeline_stage(parent: str, status: str) -> None:
     """A stage of the pipeline ended: the parent takes its status and end time (best effort)."""
     from mlflow import MlflowClient
 
     with contextlib.suppress(Exception):
         MlflowClient().set_terminated(parent, status)
-
-
-def log_dataset(root: Path, dataset: str, context: str, limit: int | None = None) -> None:
-    """The prepared data as the active run's dataset input: digest = its DVC hash (dvc.lock), source =
-    the folder, profile = images per split and class, schema = the per-image manifest's columns.
-    `limit` (train.limit): only the first N training images count, in the profile and, for a training run,
-    in its tags data_images / data_images_per_class (what it was trained on)."""
-    import mlflow
-    import pandas as pd
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.pandas_dataset import PandasDataset
-
-    from imagegen.data.prepared import read_info
-    from imagegen.layout import MANIFEST, PREPARED_DIR
-
-    folder = (root / PREPARED_DIR).resolve()
-    try:
-        manifest = pd.read_parquet(folder / MANIFEST)
-    except (OSError, ValueError):  # no manifest (a hand-made folder): count the labels of the arrays
-        import numpy as np
-
-        frames = []
-        for split in ("train", "test"):
-            with contextlib.suppress(OSError, KeyError, ValueError), np.load(folder / f"{split}.npz") as f:
-                frames.append(pd.DataFrame({"split": split, "label": f["labels"], "index": range(len(f["labels"]))}))
-        manifest = (pd.concat(frames, ignore_index=True) if frames
-                    else pd.DataFrame({"split": [], "label": [], "index": []}))
-    if limit:  # load_split's first `limit` images of the train split
-        manifest = manifest[(manifest["split"] != "train") | (manifest["index"] < limit)]
-    try:
-        classes = read_info(folder, dataset).classes
-    except ImagegenError:  # no dataset.json and not a built-in: label numbers
-        classes = ()
-    per_class = {split: {(classes[int(label)] if int(label) < len(classes) else str(label)): int(n)
-                         for label, n in group["label"].value_counts().sort_index().items()}
-                 for split, group in manifest.groupby("split", sort=False)}
-    digest = data_version(root)
-    profile = {"images": {split: sum(counts.values()) for split, counts in per_class.items()},
-               "images_per_class": per_class, "dvc_md5": digest, **({"train_limit": limit} if limit else {})}
-    if digest == "untracked":
-        digest = "untracked-" + hashlib.sha256(json.dumps(profile, sort_keys=True).encode()).hexdigest()[:26]
-    if context == "training":
-        trained = per_class.get("train", {})
-        mlflow.set_tags({"data_images": str(sum(trained.values())),
-                         "data_images_per_class": json.dumps(trained, sort_keys=True)[:4000]})
-
-    class ImageData(PandasDataset):
-        @property
-        def profile(self):
-            return profile
-
-    with warnings.catch_warnings():  # "can be interpreted in multiple ways", "integer columns" hints
-        warnings.simplefilter("ignore")
-        data = ImageData(df=manifest, source=resolve_dataset_source(str(folder)),  # MLflow keeps one profile per
-                         name=f"{dataset}-prepared" + (f"-first{limit}" if limit else ""), digest=digest[:36])  # name
-        mlflow.log_input(data, context=context)
-    run = mlflow.active_run()
-    parent = mlflow.get_run(run.info.run_id).data.tags.get("mlflow.parentRunId") if run else None
-    if parent:  # the pipeline's row in the runs table shows its data version too
-        from mlflow.entities import DatasetInput, InputTag
-
-        mlflow.MlflowClient().log_inputs(parent, [DatasetInput(data._to_mlflow_entity(),
-                                                               [InputTag("mlflow.data.context", "pipeline")])])
 
 
 def log_summary(metrics: dict, per_epoch) -> None:

@@ -17,7 +17,7 @@ from imagegen.config import load_config
 from imagegen.data import drift
 from imagegen.data.datasets import DATASETS
 from imagegen.data.prepare import builtin_sources, manifest_rows
-from imagegen.data.prepared import as_nchw
+from imagegen.data.arrays import as_nchw
 from imagegen.data.validate import run_validate
 from imagegen.errors import ImagegenError
 from tests.conftest import REPO_ROOT, set_params
@@ -268,7 +268,7 @@ def png_folder(folder: Path, fashion, classes: dict[str, int], per_class: int, s
 def test_a_new_class_fails_until_accepted_and_then_the_shared_classes_still_catch_a_bad_batch(root, fashion):
     from imagegen.data.accepted import CLASS_ORDER
     from imagegen.data.prepare import run_prepare
-    from imagegen.data.prepared import read_info
+    from imagegen.data.arrays import read_info
 
     folder = root / "images"
     set_params(root, data={"dataset": "digits", "folder": str(folder)}, validate={"min_images_per_class": 20})

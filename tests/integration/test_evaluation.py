@@ -20,7 +20,7 @@ from imagegen.evaluation import metrics as m
 from imagegen.evaluation.features import embed, load_features, run_train_features
 from imagegen.evaluation.vae_metrics import vae_test_metrics
 from imagegen.models.vae import VAE, negative_elbo
-from imagegen.data.prepared import load_split
+from imagegen.data.arrays import load_split
 from imagegen.models.description import ModelDescription
 from tests.helpers import CLASSES, make_model, mark_validated, needs_fashion_mnist
 

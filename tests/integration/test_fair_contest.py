@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 
 from imagegen import tracking
 from imagegen.config import load_config
-from imagegen.data.validated import HASH_KEY, RECORD
+from imagegen.data.integrity import HASH_KEY, RECORD
 from imagegen.evaluation.features import FEATURES_DIR, REFERENCE, embed
 from imagegen.evaluation.sampling import generate
 from imagegen.evaluation.stage import Scorer, rounded
@@ -26,7 +26,7 @@ from imagegen.fsutil import sha256_file
 from imagegen.models.description import ModelDescription
 from imagegen.models.features import FeatureNet
 from imagegen.models.io import load_model, save_model
-from imagegen.registered import load_registered
+from imagegen.registry_reader import load_registered
 from imagegen.registry import run_register
 from imagegen.training.tasks import GANTask, VAETask
 from imagegen.training.warm import warm_start

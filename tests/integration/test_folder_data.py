@@ -15,7 +15,7 @@ import pytest
 from imagegen.config import Config, DataConfig
 from imagegen.data.folder import SCAN
 from imagegen.data.prepare import MANIFEST_COLUMNS, run_prepare
-from imagegen.data.prepared import DatasetInfo, load_split, read_info
+from imagegen.data.arrays import DatasetInfo, load_split, read_info
 from imagegen.data.validate import METRICS_FILE, REPORT_DIR, run_validate
 from imagegen.errors import ImagegenError
 from imagegen.layout import MANIFEST, PREPARED_DIR

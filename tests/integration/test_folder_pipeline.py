@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagegen.data.prepared import load_split, read_info
+from imagegen.data.arrays import load_split, read_info
 from tests.conftest import set_params
 from tests.helpers import cli_env, make_image_folder
 from tests.tiny import TINY_TRAINING

@@ -25,7 +25,7 @@ from imagegen.config import load_config
 from imagegen.errors import ImagegenError
 from imagegen.evaluation.sampling import generate
 from imagegen.models.io import load_model
-from imagegen.registered import load_registered
+from imagegen.registry_reader import load_registered
 from imagegen.registry import lock_path, run_register
 from tests.helpers import cli_env, free_port, make_project
 

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from imagegen import tracking
-from imagegen.data.validated import HASH_KEY, RECORD
+from imagegen.data.integrity import HASH_KEY, RECORD
 from imagegen.layout import data_version
 from tests.conftest import REPO_ROOT, set_params
 from tests.helpers import cli_env, needs_fashion_mnist

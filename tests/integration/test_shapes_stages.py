@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 
 from imagegen.config import Config
-from imagegen.data.prepared import DatasetInfo, write_info
+from imagegen.data.arrays import DatasetInfo, write_info
 from imagegen.errors import ImagegenError
 from tests.helpers import mark_validated
 from tests.tiny import write_prepared

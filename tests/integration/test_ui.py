@@ -3,7 +3,7 @@
 
 Headless Chromium from the Debian package `chromium`, driven by Playwright (no browser download).
 Every request to an address other than 127.0.0.1 is blocked and recorded; the tests assert none was
-attempted. Set IMAGEGEN_SCREENSHOTS=DIR to keep the screenshots (the README's come from here).
+attempted. Set IMAGEGEN_SCREENSHOTS=DIR to keep the screenshots (docs/screenshots/ come from here).
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def test_dvc_exp_runs_carry_the_experiment_name_and_baseline(pipeline, runs, cli
     assert exp.info.run_name == f"dvc exp {names[0]}"
     assert {r.info.run_name for r in children(runs, exp)} == {f"{names[0]} · {s}" for s in ("train-vae", "evaluate",
                                                                                            "register")}
-    # the README's search filter finds the experiment's pipeline run and its three stage runs
+    # the search filter of docs/compare.md finds the experiment's pipeline run and its three stage runs
     found = client.search_runs([exp.info.experiment_id], f"tags.dvc_exp_name = '{names[0]}'")
     assert len(found) == 4 and all(r.data.tags["dvc_exp_baseline_rev"] == head for r in found)
     repro, _ = parents(runs)

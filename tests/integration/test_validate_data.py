@@ -14,7 +14,7 @@ from imagegen.data.prepare import run_prepare
 from imagegen.layout import MANIFEST, PREPARED_DIR
 from imagegen.fsutil import sha256_file
 from imagegen.data.validate import METRICS_FILE, REPORT_DIR, run_validate
-from imagegen.data.validated import split_hash
+from imagegen.data.integrity import split_hash
 from imagegen.errors import ImagegenError
 from tests.tiny import tiny_arrays, write_mirror
 
@@ -174,7 +174,7 @@ def test_missing_column_and_missing_file(tmp_path):
 
 def test_dataset_json_changed_after_validation_is_refused_by_the_stages_that_read_it(tmp_path):
     """dataset.json (class names, shape) is covered by the validated hash like the arrays."""
-    from imagegen.data.validated import require_validated
+    from imagegen.data.integrity import require_validated
 
     root = prepared(tmp_path)
     run_validate(config(), root)

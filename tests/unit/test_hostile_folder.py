@@ -23,7 +23,7 @@ from imagegen.config import Config
 from imagegen.data.folder import SCAN, folder_name_problem, scan_folder
 from imagegen.data.prepare import run_prepare
 from imagegen.layout import MANIFEST, PREPARED_DIR
-from imagegen.data.prepared import read_info
+from imagegen.data.arrays import read_info
 from imagegen.errors import ImagegenError
 
 CAFE_NFC = unicodedata.normalize("NFC", "café")

@@ -15,7 +15,7 @@ from imagegen.data.fetch import RAW_DIR
 from imagegen.data.datasets import DATASETS
 from imagegen.data.prepare import MANIFEST_COLUMNS, run_prepare
 from imagegen.layout import MANIFEST, PREPARED_DIR
-from imagegen.data.prepared import DatasetInfo, read_info
+from imagegen.data.arrays import DatasetInfo, read_info
 from imagegen.errors import ImagegenError
 from tests.helpers import write_idx
 from tests.tiny import tiny_arrays, write_mirror

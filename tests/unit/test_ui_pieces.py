@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from imagegen import tracking
+from imagegen import lineage, tracking
 
 
 @pytest.fixture
@@ -21,18 +21,18 @@ def clean_env(monkeypatch):
 
 
 def test_pipeline_key_orchestrator_first_then_dvc_then_standalone(clean_env, tmp_path):
-    assert tracking.pipeline_key(tmp_path) is None  # `imagegen train-gan` on its own
+    assert lineage.pipeline_key(tmp_path) is None  # `imagegen train-gan` on its own
     clean_env.setenv("DVC_STAGE", "train-gan")
-    under_dvc = tracking.pipeline_key(tmp_path)
+    under_dvc = lineage.pipeline_key(tmp_path)
     assert under_dvc.startswith("dvc-")
     clean_env.setenv("IMAGEGEN_PIPELINE_RUN", "prefect-123")
-    assert tracking.pipeline_key(tmp_path) == "prefect-123"
+    assert lineage.pipeline_key(tmp_path) == "prefect-123"
 
 
 def test_stages_of_one_dvc_process_share_a_key_and_another_process_differs(tmp_path):
     """Two `imagegen`-like children of one `dvc` process get the same key; a second `dvc` process another."""
     probe = ("import os, sys; from pathlib import Path; sys.path[:0] = os.environ['PROBE_PATH'].split(':');"
-             "from imagegen.tracking import pipeline_key; print(pipeline_key(Path('.')))")
+             "from imagegen.lineage import pipeline_key; print(pipeline_key(Path('.')))")
     fake_dvc = tmp_path / "dvc"  # a process whose argv names dvc, running two stages one after the other
     fake_dvc.write_text(f"#!{sys.executable}\nimport subprocess, sys\n"
                         f"for _ in range(2): subprocess.run([sys.executable, '-c', {probe!r}], check=True)\n")
@@ -46,10 +46,10 @@ def test_stages_of_one_dvc_process_share_a_key_and_another_process_differs(tmp_p
 
 
 def test_dvc_exp_tags_come_from_the_stage_environment(clean_env):
-    assert tracking.dvc_exp_tags() == {}
+    assert lineage.dvc_exp_tags() == {}
     clean_env.setenv("DVC_EXP_NAME", "hefty-moth")
     clean_env.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
-    assert tracking.dvc_exp_tags() == {"dvc_exp_name": "hefty-moth", "dvc_exp_baseline_rev": "a" * 40}
+    assert lineage.dvc_exp_tags() == {"dvc_exp_name": "hefty-moth", "dvc_exp_baseline_rev": "a" * 40}
 
 
 def test_png_grid_scales_tiles_with_nearest_neighbour():
@@ -178,14 +178,14 @@ def test_stage_runs_are_named_after_their_pipeline_run(clean_env, tmp_path):
 def test_the_pipeline_note_lists_what_ran_what_dvc_skipped_and_what_is_still_to_run():
     status = {"report": [{"changed deps": {"metrics/train-gan.json": "modified"}}],
               "train-gan": [{"changed deps": {"params.yaml": {"gan.epochs": "modified"}}}]}
-    summary = tracking.stage_summary({"train-gan", None}, status)
+    summary = lineage.stage_summary({"train-gan", None}, status)
     assert summary == {"ran": ["train-gan"], "skipped": ["train-features", "train-vae", "evaluate", "register"],
                        "pending": ["report (changed deps: metrics/train-gan.json modified)"], "unknown": []}
-    note = tracking.pipeline_note(summary)
+    note = lineage.pipeline_note(summary)
     assert "**Ran:** train-gan" in note
     assert "didn't change" in note and "train-features, train-vae, evaluate, register" in note
-    assert tracking.change_reason(status["train-gan"]) == "changed deps: params.yaml gan.epochs modified"
-    unknown = tracking.stage_summary({"evaluate"}, None)  # not under DVC: no reason known
+    assert lineage.change_reason(status["train-gan"]) == "changed deps: params.yaml gan.epochs modified"
+    unknown = lineage.stage_summary({"evaluate"}, None)  # not under DVC: no reason known
     assert unknown["skipped"] == [] and "train-gan" in unknown["unknown"]
 
 

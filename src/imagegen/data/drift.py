@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imagegen.data import prepared
+from imagegen.data import arrays
 from imagegen.data.accepted import PROFILE, PROFILE_DIR, ClassOrder, read_order
 from imagegen.data.datasets import SPLITS
 from imagegen.errors import ImagegenError
@@ -218,11 +218,11 @@ def build_profile(root: Path, dataset: str, splits: dict, hashes: dict, sample: 
     """The profile of the data in root/data/prepared (`splits`: its arrays, split -> (images, labels), as validate
     loaded them; `hashes`: split -> each image's hex content hash), embedded with `net`; and the indices of the
     embedded sample."""
-    from imagegen.data.validated import array_hash
+    from imagegen.data.integrity import array_hash
 
     folder = root / PREPARED_DIR
-    info = prepared.read_info(folder, dataset)
-    splits = {split: (prepared.as_nchw(images), labels) for split, (images, labels) in splits.items()}
+    info = arrays.read_info(folder, dataset)
+    splits = {split: (arrays.as_nchw(images), labels) for split, (images, labels) in splits.items()}
     images = np.concatenate([splits[s][0] for s in SPLITS])
     names = list(info.classes)
     counts = {split: {name: int((labels == i).sum()) for i, name in enumerate(names)}
@@ -311,7 +311,7 @@ def run_gate(cfg, root: Path, report_dir: Path, splits: dict, hashes: dict, base
     store; else data/profile), write the HTML page."""
     drift = cfg.validate_.drift
     old = load_profile(baseline or root / PROFILE_DIR)
-    channels = prepared.as_nchw(splits[SPLITS[0]][0]).shape[1]
+    channels = arrays.as_nchw(splits[SPLITS[0]][0]).shape[1]
     same_dataset = old is not None and old.info["dataset"] == cfg.data.dataset
     net = embedding_net(channels)
     if same_dataset and old.info["shape"][0] == channels:
@@ -332,7 +332,7 @@ def run_gate(cfg, root: Path, report_dir: Path, splits: dict, hashes: dict, base
                                    if class_list.get("record") else [])]
     checks, batch = [], None
     if reference is not None:
-        images = np.concatenate([prepared.as_nchw(splits[s][0]) for s in SPLITS])
+        images = np.concatenate([arrays.as_nchw(splits[s][0]) for s in SPLITS])
         labels = np.concatenate([splits[s][1] for s in SPLITS])
         if reference.hashes is not None:
             batch = added_images([h for s in SPLITS for h in hashes[s]], reference.hashes)

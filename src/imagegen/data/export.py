@@ -38,7 +38,7 @@ class ExportResult:
 def builtin_arrays(dataset: str, data: DataConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(images N x 28 x 28, labels) per split of a built-in dataset, fetched from data.sources (verified)."""
     from imagegen.data.fetch import expand_sources, fetch_file
-    from imagegen.data.prepare import load_split
+    from imagegen.data.prepare import read_raw_split
 
     if dataset not in DATASETS:
         raise ImagegenError(f"--dataset: {dataset!r} is not a built-in dataset; expected one of {', '.join(DATASETS)}")
@@ -47,7 +47,7 @@ def builtin_arrays(dataset: str, data: DataConfig) -> dict[str, tuple[np.ndarray
     with tempfile.TemporaryDirectory(prefix="imagegen-export-") as tmp:
         for key, file_spec in spec.files.items():
             fetch_file(file_spec, expand_sources(data), Path(tmp), data, dataset, spec.file_size(key))
-        return {split: load_split(Path(tmp), spec, split) for split in SPLITS}
+        return {split: read_raw_split(Path(tmp), spec, split) for split in SPLITS}
 
 
 def image_name(dataset: str, split: str, index: int) -> str:

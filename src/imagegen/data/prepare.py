@@ -24,7 +24,7 @@ from imagegen.data.accepted import numbering, read_order
 from imagegen.data.datasets import DATASETS, SPLITS, DatasetSpec
 from imagegen.data.fetch import RAW_DIR
 from imagegen.data.idx import read_idx
-from imagegen.data.prepared import DatasetInfo, write_info
+from imagegen.data.arrays import DatasetInfo, write_info
 from imagegen.errors import ImagegenError
 from imagegen.fsutil import atomic_dir
 from imagegen.layout import MANIFEST, PREPARED_DIR
@@ -52,7 +52,7 @@ def run_prepare(cfg: Config, root: Path = Path("."), processes: int | None = Non
     with atomic_dir(out_dir) as tmp:
         counts = {}
         for split in SPLITS:
-            images, labels = load_split(root / RAW_DIR, spec, split)
+            images, labels = read_raw_split(root / RAW_DIR, spec, split)
             images = images[:, None]  # N x 1 x 28 x 28
             write_npz(tmp / f"{split}.npz", images, labels)
             manifests.append(manifest_rows(images, labels, split, builtin_sources(spec, split, images)))
@@ -204,7 +204,7 @@ def check_readable(folder: Path, scan, classes: tuple[str, ...], skipped: list[d
                                 "to hold images (add images or change data.test_fraction)")
 
 
-def load_split(raw_dir: Path, spec: DatasetSpec, split: str) -> tuple[np.ndarray, np.ndarray]:
+def read_raw_split(raw_dir: Path, spec: DatasetSpec, split: str) -> tuple[np.ndarray, np.ndarray]:
     images_path = raw_dir / spec.files[f"{split}-images"].name
     labels_path = raw_dir / spec.files[f"{split}-labels"].name
     images = read_idx(images_path, ndim=3)

@@ -9,7 +9,7 @@ its own suite: skipped fraction (the notes count them per reason), images per cl
 (a failure level, and a warning level whose expectations have severity "warning": reported, not
 failing), and the original sizes and modes as observed values in the Data Docs.
 The content hash of each split goes to metrics/validate.json, so that the stages reading the
-data can tell that these very arrays passed (imagegen.data.validated). Results and Data
+data can tell that these very arrays passed (imagegen.data.integrity). Results and Data
 Docs go to reports/validation/, a summary to metrics/validate.json. Any failed expectation
 fails the stage, naming each one and what was observed.
 """
@@ -28,8 +28,8 @@ from imagegen.config import Config, DataConfig, ValidateConfig
 from imagegen.data import drift
 from imagegen.data.datasets import DATASETS, SPLITS
 from imagegen.data.prepare import MANIFEST_COLUMNS, image_hashes
-from imagegen.data.prepared import read_info
-from imagegen.data.validated import HASH_KEY, RECORD, content_hashes
+from imagegen.data.arrays import read_info
+from imagegen.data.integrity import HASH_KEY, RECORD, content_hashes
 from imagegen.errors import ImagegenError
 from imagegen.fsutil import atomic_dir, write_json
 from imagegen.layout import MANIFEST, PREPARED_DIR

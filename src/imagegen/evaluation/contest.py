@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from imagegen.config import Config
-from imagegen.data.validated import HASH_KEY, RECORD
+from imagegen.data.integrity import HASH_KEY, RECORD
 from imagegen.device import select_device
 from imagegen.errors import ImagegenError
 from imagegen.evaluation.features import FEATURES_DIR
@@ -17,7 +17,7 @@ from imagegen.evaluation.stage import Scorer, rounded
 from imagegen.fsutil import sha256_file
 from imagegen.layout import PREPARED_DIR, data_version
 from imagegen.models.io import WEIGHTS
-from imagegen.registered import load_registered, tag_float
+from imagegen.registry_reader import load_registered, tag_float
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from imagegen.config import Config
-from imagegen.data.prepared import DatasetInfo, as_nchw, load_split, read_info
-from imagegen.data.validated import require_validated
+from imagegen.data.arrays import DatasetInfo, as_nchw, load_split, read_info
+from imagegen.data.integrity import require_validated
 from imagegen.device import select_device
 from imagegen.errors import ImagegenError
 from imagegen.fsutil import atomic_dir, atomic_file, write_json
@@ -86,14 +86,14 @@ def tracked_run(cfg: Config, root: Path, device) -> Iterator[Callable[[dict | No
         return
     import mlflow
 
-    from imagegen import tracking
+    from imagegen import dataset_input, lineage, tracking
     from imagegen.config import flat_section
 
     params = {"data.dataset": cfg.data.dataset, "train.seed": cfg.train.seed, "train.limit": cfg.train.limit,
               **flat_section("features", cfg.features)}
-    tags = tracking.lineage_tags(root, params, str(device))
+    tags = lineage.lineage_tags(root, params, str(device))
     with tracking.stage_run(root, experiment_name(cfg.data.dataset), "train-features", params, tags):
-        tracking.log_dataset(root, cfg.data.dataset, "training", cfg.train.limit)
+        dataset_input.log_dataset(root, cfg.data.dataset, "training", cfg.train.limit)
 
         def on_epoch(row: dict | None, final: dict) -> None:
             if row is not None:

@@ -66,7 +66,7 @@ def fid_inception(weights: Path) -> nn.Module:
 @torch.no_grad()
 def inception_features(net: nn.Module, images: np.ndarray, device, batch_size: int = 100) -> np.ndarray:
     """2048-d features of uint8 N x C x H x W images (C = 1 or 3; N x H x W: grey)."""
-    from imagegen.data.prepared import as_nchw
+    from imagegen.data.arrays import as_nchw
 
     images = as_nchw(images)
     net = net.to(device)

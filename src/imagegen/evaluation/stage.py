@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from imagegen.config import MIN_EVAL_SAMPLES, Config, flat_section
-from imagegen.data.prepared import load_split
-from imagegen.data.validated import require_validated
+from imagegen.data.arrays import load_split
+from imagegen.data.integrity import require_validated
 from imagegen.device import select_device
 from imagegen.errors import ImagegenError
 from imagegen.evaluation import metrics as m
@@ -221,16 +221,16 @@ def tracked_run(cfg: Config, root: Path) -> Iterator[bool]:
     if not cfg.train.mlflow:
         yield False
         return
-    from imagegen import tracking
+    from imagegen import dataset_input, lineage, tracking
 
     params = flat_section("eval", cfg.eval)
-    tags = tracking.lineage_tags(root, params, str(select_device(cfg.train.device)))
+    tags = lineage.lineage_tags(root, params, str(select_device(cfg.train.device)))
     for kind in GENERATORS:  # the register stage links a version's model card to this run by these tags
         weights = root / "models" / kind / WEIGHTS
         if weights.is_file():
             tags[f"{kind}_weights_sha256"] = sha256_file(weights)
     with tracking.stage_run(root, experiment_name(cfg.data.dataset), "evaluate", params, tags):
-        tracking.log_dataset(root, cfg.data.dataset, "evaluation")
+        dataset_input.log_dataset(root, cfg.data.dataset, "evaluation")
         yield True
 
 

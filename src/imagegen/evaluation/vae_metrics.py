@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from imagegen.data.prepared import as_nchw
+from imagegen.data.arrays import as_nchw
 from imagegen.models.vae import VAE, negative_elbo
 
 PER_DIM = ("recon_bce", "nelbo", "nll_iwae", "nll_iwae_prior")  # also reported per dimension

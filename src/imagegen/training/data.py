@@ -1,4 +1,4 @@
-"""The whole uint8 training set (N x C x H x W, as prepared.load_split reads it) lives on the device;
+"""The whole uint8 training set (N x C x H x W, as arrays.load_split reads it) lives on the device;
 batches are index slices of it.
 
 60k x 28 x 28 bytes is 47 MB (10k x 3 x 64 x 64, 123 MB): a DataLoader would only add worker overhead. Each epoch's order
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from imagegen.data.prepared import as_nchw
+from imagegen.data.arrays import as_nchw
 from imagegen.errors import ImagegenError
 
 

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from imagegen.config import Config, model_params
-from imagegen.data.prepared import DatasetInfo, load_split, read_info
-from imagegen.data.validated import require_validated
+from imagegen.data.arrays import DatasetInfo, load_split, read_info
+from imagegen.data.integrity import require_validated
 from imagegen.errors import ImagegenError
 from imagegen.fsutil import atomic_dir, atomic_file, remove_partials, sha256_file, write_json
 from imagegen.layout import PREPARED_DIR, experiment_name
@@ -109,13 +109,13 @@ def run_train(cfg: Config, kind: str, root: Path = Path(".")) -> TrainResult:
         if not cfg.train.mlflow:
             history = train(task, data, loop_cfg, runtime, Chain(probe, grids), state)
             return finish(task, history, cfg, kind, runtime, out, data, info, loop_cfg)
-        from imagegen import tracking
+        from imagegen import dataset_input, lineage, tracking
 
-        tags = tracking.lineage_tags(root, params, str(runtime.device))
+        tags = lineage.lineage_tags(root, params, str(runtime.device))
         previous_run = (state or {}).get("run", {}).get("mlflow_run_id")
         with tracking.stage_run(root, experiment_name(cfg.data.dataset), f"train-{kind}", params, tags,
                                 system_metrics=cfg.train.system_metrics, resume_run_id=previous_run) as run:
-            tracking.log_dataset(root, cfg.data.dataset, "training", cfg.train.limit)
+            dataset_input.log_dataset(root, cfg.data.dataset, "training", cfg.train.limit)
             loop_cfg = replace(loop_cfg, run_info={"mlflow_run_id": run.info.run_id})
             history = train(task, data, loop_cfg, runtime, Chain(probe, grids, MlflowLogger(grids)), state)
             result = finish(task, history, cfg, kind, runtime, out, data, info, loop_cfg)

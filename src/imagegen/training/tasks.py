@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 def fast_bf16(device: torch.device) -> bool:
     """Whether bf16 autocast speeds training up here: on CUDA, and on CPUs that do bf16 maths in
-    hardware (AVX512-BF16 or AMX; on a 2-core Zen 4 EPYC a GAN epoch is about 1.25x faster: bench/README.md).
+    hardware (AVX512-BF16 or AMX; on a 2-core Zen 4 EPYC a GAN epoch is about 1.25x faster: docs/performance.md).
     Elsewhere a CPU emulates bf16, slower than float32."""
     if device.type == "cuda":
         return True

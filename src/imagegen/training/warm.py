@@ -26,12 +26,12 @@ def warm_start(cfg: Config, kind: str, task, root: Path) -> dict:
     ({"init_from": "champion", "init_version": N, "init_weights_sha256": ...} or {"init_from": "none", ...})."""
     if cfg.train.init_from != "champion":
         return {"init_from": "none"}
-    from imagegen import registered, tracking
+    from imagegen import registry_reader, tracking
 
     tracking.configure(root)  # the project's tracking store (MLFLOW_TRACKING_URI, else its embedded one)
     uri = f"models:/{registered_model_name(cfg.data.dataset, kind)}@champion"
     try:
-        module, _, version = registered.load_registered(uri, "cpu", with_version=True)
+        module, _, version = registry_reader.load_registered(uri, "cpu", with_version=True)
     except ImagegenError as exc:
         log.warning("train-%s: train.init_from champion: %s; starting from scratch", kind, exc)
         return {"init_from": "none", "init_note": f"no champion to start from ({str(exc)[:200]})"}

@@ -1,4 +1,4 @@
-"""The data gate of the stages that read the prepared arrays (train-*, evaluate).
+"""Data integrity: the gate of the stages that read the prepared arrays (train-*, evaluate).
 
 `validate` records in metrics/validate.json whether the suite passed and the content hash of
 each split it validated; a stage that reads the prepared data recomputes the hashes and refuses
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imagegen.data.prepared import INFO
+from imagegen.data.arrays import INFO
 
 from imagegen.errors import ImagegenError
 from imagegen.fsutil import sha256_file
