@@ -18,8 +18,8 @@ Real servers, all bound to 127.0.0.1:
 
 State lives in IMAGEGEN_STACK_DIR (default `<checkout>/.stack`, git-ignored): data, logs, PID files,
 and `config.json` + `env` with credentials generated at the first `up` (mode 600). Ports come from
-IMAGEGEN_STACK_PORT_<SERVICE> at the first `up` (defaults in PORTS) and are kept in config.json.
-Every door wants credentials (README "Team setup", Security): roles `admin`, `pipeline` (the env file:
+IMAGEGEN_STACK_PORT_<NAME> at the first `up` (defaults in SERVICES) and are kept in config.json.
+Every door wants credentials (docs/team.md, Security): roles `admin`, `pipeline` (the env file:
 the worker, `imagegen register`) and `reader` in MLflow and S3; one Prefect auth string; mutual TLS
 and JWTs inside SeaweedFS. No secret is ever on a command line or in a log.
 """
@@ -41,14 +41,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from imagegen.errors import redact
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PORTS = {"postgres": 15432, "s3": 8333, "mlflow": 5000, "prefect": 4200,
-         "weed_master": 9333, "weed_volume": 9340, "weed_filer": 9350}  # weed also uses each port + 10000 (gRPC)
 HOST = "127.0.0.1"
 DB_USER = "imagegen"
 DATABASES = ("mlflow", "mlflow_auth", "prefect")
@@ -56,7 +55,6 @@ BUCKETS = {"mlflow": "imagegen-mlflow", "dvc": "imagegen-dvc"}
 MLFLOW_USER = "pipeline"  # the worker's and `imagegen register`'s user: the only one that moves aliases
 POOL = os.environ.get("IMAGEGEN_WORK_POOL", "imagegen")
 DVC_REMOTE = "stack"
-SERVICES = ("postgres", "s3", "mlflow", "prefect", "worker")  # start order; stopped in reverse
 
 
 class StackError(RuntimeError):
@@ -83,8 +81,10 @@ class Stack:
         elif not create:
             raise StackError(f"no stack at {folder} (run: python -m pipelines.stack up)")
         else:
-            config = {"ports": {name: env_port(name, default) for name, default in PORTS.items()}}
-        missing = {key: make() for key, make in SECRETS.items() if key not in config}  # a stack from before them
+            config = {"ports": {name: env_port(name, default) for service in SERVICES
+                                for name, default in service.ports.items()}}
+        missing = {key: make() for service in SERVICES for key, make in service.credentials.items()
+                   if key not in config}  # a stack from before them
         if missing:
             make_private_dir(folder)
             config.update(missing)
@@ -95,8 +95,7 @@ class Stack:
         return int(self.config["ports"][name])
 
     def url(self, name: str) -> str:
-        scheme = "postgresql" if name == "postgres" else "http"
-        return f"{scheme}://{HOST}:{self.port(name)}" + ("/api" if name == "prefect" else "")
+        return f"http://{HOST}:{self.port(name)}" + ("/api" if name == "prefect" else "")
 
     def db_url(self, database: str, driver: str = "postgresql") -> str:
         return f"{driver}://{DB_USER}:{self.config['postgres_password']}@{HOST}:{self.port('postgres')}/{database}"
@@ -123,23 +122,6 @@ class Stack:
 
     def path(self, *parts: str) -> Path:
         return self.dir.joinpath(*parts)
-
-
-SECRETS = {  # generated at the first `up`, kept in config.json (mode 600)
-    "postgres_password": lambda: secrets.token_hex(16),
-    "s3_access_key": lambda: "IMG" + secrets.token_hex(8).upper(),
-    "s3_secret_key": lambda: secrets.token_urlsafe(30),
-    "mlflow_admin_password": lambda: secrets.token_urlsafe(18),
-    "mlflow_password": lambda: secrets.token_urlsafe(18),
-    "mlflow_secret_key": lambda: secrets.token_hex(24),
-    "prefect_auth_string": lambda: "imagegen:" + secrets.token_urlsafe(24),
-    "s3_admin_access_key": lambda: "IMG" + secrets.token_hex(8).upper(),
-    "s3_admin_secret_key": lambda: secrets.token_urlsafe(30),
-    "s3_reader_access_key": lambda: "IMG" + secrets.token_hex(8).upper(),
-    "s3_reader_secret_key": lambda: secrets.token_urlsafe(30),
-    **{key: lambda: secrets.token_hex(32)
-       for key in ("weed_jwt_write", "weed_jwt_read", "weed_filer_jwt_write", "weed_filer_jwt_read")},
-}
 
 
 def env_port(name: str, default: int) -> int:
@@ -197,8 +179,8 @@ def ours(pid: int, marker: str) -> bool:
 
 def running_pid(stack: Stack, name: str) -> int | None:
     """The PID of the stack's `name` service when it is running, else None."""
-    if name == "postgres":
-        path, marker = stack.path("postgres", "data", "postmaster.pid"), str(stack.path("postgres", "data"))
+    if own := BY_NAME[name].pid_path:  # written by the program itself, whose command line names its folder
+        path, marker = stack.path(own), str(stack.path(own).parent)
     else:
         path, marker = pid_file(stack, name), f"IMAGEGEN_STACK_SERVICE={stack.dir}:{name}"
     try:
@@ -210,7 +192,7 @@ def running_pid(stack: Stack, name: str) -> int | None:
 
 def spawn(stack: Stack, name: str, cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> int:
     """Start `cmd` in its own process group with its output in logs/NAME.log; record its PID."""
-    log_path = stack.path("logs", f"{name}.log")
+    log_path = BY_NAME[name].log_path(stack)
     log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     full_env = {**os.environ, **env, "IMAGEGEN_STACK_SERVICE": f"{stack.dir}:{name}"}
     with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
@@ -359,9 +341,8 @@ def start_postgres(stack: Stack) -> None:
     if not (data / "PG_VERSION").exists():
         run(as_owner([pg_bin("initdb"), "-D", str(data), "-U", owner, "-E", "UTF8", "--no-locale",
                       "--auth-local=peer", "--auth-host=scram-sha-256"]), "initdb")
-    require_free(stack.port("postgres"), "postgres")
     options = f"-c listen_addresses={HOST} -p {stack.port('postgres')} -k {folder}"
-    run(as_owner([pg_bin("pg_ctl"), "-D", str(data), "-l", str(folder / "postgres.log"), "-w", "-t", "60",
+    run(as_owner([pg_bin("pg_ctl"), "-D", str(data), "-l", str(BY_NAME["postgres"].log_path(stack)), "-w", "-t", "60",
                   "-o", options, "start"]), "pg_ctl start")
     setup_databases(stack, owner)
 
@@ -414,8 +395,6 @@ def start_s3(stack: Stack) -> int:
     data = stack.path("s3")
     data.mkdir(mode=0o700, parents=True, exist_ok=True)
     data.chmod(0o700)  # the raw volume files: the owner's only
-    for name in ("s3", "weed_master", "weed_volume", "weed_filer"):
-        require_free(stack.port(name), name)
     ports = stack.config["ports"]
     cmd = [weed, "server", f"-ip={HOST}", f"-ip.bind={HOST}", f"-dir={data}", "-master.telemetry=false",
            f"-master.port={ports['weed_master']}", f"-volume.port={ports['weed_volume']}",
@@ -530,7 +509,6 @@ def start_mlflow(stack: Stack) -> int:
         "[mlflow]", "default_permission = READ", f"database_uri = {auth_db}", "admin_username = admin",
         f"admin_password = {stack.config['mlflow_admin_password']}",
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth", ""]))
-    require_free(stack.port("mlflow"), "mlflow")
     env = {
         "MLFLOW_BACKEND_STORE_URI": stack.db_url("mlflow"),  # in the environment, not on the command line
         "MLFLOW_AUTH_CONFIG_PATH": str(stack.path("mlflow-auth.ini")),
@@ -601,9 +579,8 @@ def prefect_env(stack: Stack) -> dict[str, str]:
 
 
 def start_prefect(stack: Stack) -> int:
-    require_free(stack.port("prefect"), "prefect")
     env = {**prefect_env(stack), "PREFECT_API_DATABASE_CONNECTION_URL": stack.db_url("prefect", "postgresql+asyncpg"),
-           # basic auth on every request but GET /api/health (the events websocket excepted: see README)
+           # basic auth on every request but GET /api/health (the events websocket excepted: see docs/team.md)
            "PREFECT_SERVER_API_AUTH_STRING": stack.config["prefect_auth_string"],
            "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true"}
     env.pop("PREFECT_API_URL")
@@ -623,7 +600,8 @@ def deploy(stack: Stack) -> None:
 
 
 def start_worker(stack: Stack) -> int:
-    """A worker polling the pool; its flow runs inherit the stack environment (MLflow, S3 keys)."""
+    """The deployment, then a worker polling the pool; its flow runs inherit the stack environment (MLflow, S3 keys)."""
+    deploy(stack)
     cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process",
            "--name", worker_name(stack)]
     return spawn(stack, "worker", cmd, {**stack.user_env(), **prefect_env(stack)}, cwd=stack.repo)
@@ -714,12 +692,94 @@ def configure_dvc_remote(stack: Stack) -> None:
         cwd=stack.repo, env=env)
 
 
+# --- the services: one table that up, status and down read
+
+def access_key() -> str:
+    """An S3 access key ID (a name, not a secret)."""
+    return "IMG" + secrets.token_hex(8).upper()
+
+
+def http_requires_auth(url: str) -> bool | None:
+    """Whether a request without credentials is refused; None when the probe is inconclusive."""
+    try:
+        urllib.request.urlopen(url, timeout=5).close()
+    except urllib.error.HTTPError as exc:
+        return True if exc.code in (401, 403) else None
+    except (urllib.error.URLError, OSError):
+        return None
+    return False
+
+
+def postgres_requires_auth(stack: Stack) -> bool | None:
+    import psycopg2
+
+    try:
+        psycopg2.connect(host=HOST, port=stack.port("postgres"), user=DB_USER, dbname="mlflow",
+                         connect_timeout=3).close()
+    except psycopg2.OperationalError as exc:
+        return "password" in str(exc) or None
+    return False
+
+
+@dataclass(frozen=True)
+class Service:
+    """One row of the table: what up, status and down know of a service."""
+
+    name: str
+    start: Callable[[Stack], int | None]  # its ports checked free first; the PID it spawned (None: none to wait on)
+    healthy: Callable[[Stack], bool]
+    timeout_s: int  # to become healthy
+    describe: Callable[[Stack], str]  # where it is, for up's and status's lines
+    ports: dict[str, int] = field(default_factory=dict)  # default port per IMAGEGEN_STACK_PORT_<NAME>
+    credentials: dict[str, Callable[[], str]] = field(default_factory=dict)  # made at the first up, in config.json
+    requires_auth: Callable[[Stack], bool | None] = lambda stack: None  # None: no port of its own, or inconclusive
+    ready: Callable[[Stack], None] = lambda stack: None  # set-up once healthy (buckets, the MLflow user)
+    stop: Callable[[int], None] = stop_pid
+    log: str = ""  # under the stack dir; default logs/NAME.log
+    pid_path: str = ""  # a PID file the program writes itself; default run/NAME.pid (spawn's)
+    late: bool = False  # started once the ones before it are healthy, and only when not running (then waited for)
+
+    def log_path(self, stack: Stack) -> Path:
+        return stack.path(self.log or f"logs/{self.name}.log")
+
+
+SERVICES = (  # start order; stopped in reverse
+    Service("postgres", start_postgres, postgres_healthy, 60,
+            lambda stack: f"{HOST}:{stack.port('postgres')} (databases {', '.join(DATABASES)}, user {DB_USER})",
+            ports={"postgres": 15432}, credentials={"postgres_password": lambda: secrets.token_hex(16)},
+            requires_auth=postgres_requires_auth,
+            stop=lambda pid: stop_pid(pid, signal.SIGINT, group=False, timeout=60),  # SIGINT: fast shutdown
+            log="postgres/postgres.log", pid_path="postgres/data/postmaster.pid"),
+    Service("s3", start_s3, s3_healthy, 60,
+            lambda stack: f"{stack.url('s3')} (buckets {', '.join(BUCKETS.values())})",
+            # SeaweedFS's own servers behind the S3 gateway; weed also uses each port + 10000 (gRPC)
+            ports={"s3": 8333, "weed_master": 9333, "weed_volume": 9340, "weed_filer": 9350},
+            credentials={"s3_access_key": access_key, "s3_secret_key": lambda: secrets.token_urlsafe(30),
+                         "s3_admin_access_key": access_key, "s3_admin_secret_key": lambda: secrets.token_urlsafe(30),
+                         "s3_reader_access_key": access_key, "s3_reader_secret_key": lambda: secrets.token_urlsafe(30),
+                         **{key: lambda: secrets.token_hex(32) for key in (
+                             "weed_jwt_write", "weed_jwt_read", "weed_filer_jwt_write", "weed_filer_jwt_read")}},
+            requires_auth=lambda stack: http_requires_auth(f"{stack.url('s3')}/"), ready=ensure_buckets),
+    Service("mlflow", start_mlflow, mlflow_healthy, 180,
+            lambda stack: f"{stack.url('mlflow')} (basic auth; user {MLFLOW_USER})",
+            ports={"mlflow": 5000},
+            credentials={"mlflow_admin_password": lambda: secrets.token_urlsafe(18),
+                         "mlflow_password": lambda: secrets.token_urlsafe(18),
+                         "mlflow_secret_key": lambda: secrets.token_hex(24)},
+            requires_auth=lambda stack: http_requires_auth(
+                f"{stack.url('mlflow')}/api/2.0/mlflow/experiments/search"), ready=ensure_mlflow_user,
+            stop=lambda pid: stop_pid(pid, timeout=10)),  # the MLflow server keeps no state: no need to wait long
+    Service("prefect", start_prefect, prefect_healthy, 180,
+            lambda stack: f"{stack.url('prefect')} (UI http://{HOST}:{stack.port('prefect')})",
+            ports={"prefect": 4200}, credentials={"prefect_auth_string": lambda: "imagegen:" + secrets.token_urlsafe(24)},
+            requires_auth=lambda stack: http_requires_auth(f"{stack.url('prefect')}/admin/version")),
+    Service("worker", start_worker, worker_healthy, 90, lambda stack: f"pool '{POOL}' (concurrency limit 1)",
+            stop=stop_worker, late=True),  # late: its deployment needs Prefect; a running one may not poll yet
+)
+BY_NAME = {service.name: service for service in SERVICES}
+
+
 # --- the commands
-
-HEALTH = {"postgres": postgres_healthy, "s3": s3_healthy, "mlflow": mlflow_healthy, "prefect": prefect_healthy,
-          "worker": worker_healthy}
-TIMEOUTS = {"postgres": 60, "s3": 60, "mlflow": 180, "prefect": 180, "worker": 90}
-
 
 def write_env_file(stack: Stack) -> Path:
     lines = ["# The imagegen team stack (python -m pipelines.stack). Use it with:  . .stack/env"]
@@ -732,20 +792,10 @@ def write_env_file(stack: Stack) -> Path:
 def up(stack: Stack) -> int:
     """Start what is not running: the servers together (MLflow's and Prefect's database migrations
     overlap), then wait for each in order; the deployment and the worker last."""
-    starters = {"postgres": start_postgres, "s3": start_s3, "mlflow": start_mlflow, "prefect": start_prefect}
     make_private_dir(stack.dir)  # also a stack dir made before this rule
-    started: dict[str, tuple[int | None, float]] = {}  # name -> (pid, start time), for what this call starts
-    for name, start in starters.items():
-        if running_pid(stack, name) is None or not HEALTH[name](stack):
-            began = time.monotonic()
-            started[name] = (start(stack), began)  # postgres: pg_ctl itself waits until it is up
-    for name in starters:
-        report(stack, name, started.get(name))
-    if running_pid(stack, "worker") is None:
-        deploy(stack)
-        began = time.monotonic()
-        started["worker"] = (start_worker(stack), began)
-    report(stack, "worker", started.get("worker"))
+    started = {service.name: start_if_down(stack, service) for service in SERVICES if not service.late}
+    for service in SERVICES:  # waited for in order; a late one started once those before it are healthy
+        report(stack, service, start_if_down(stack, service) if service.late else started[service.name])
     configure_dvc_remote(stack)
     env_path = write_env_file(stack)
     print(f"\nDVC remote '{DVC_REMOTE}': s3://{BUCKETS['dvc']}/store (in {stack.repo / '.dvc' / 'config.local'})")
@@ -758,71 +808,35 @@ def up(stack: Stack) -> int:
     return 0
 
 
-def report(stack: Stack, name: str, started: tuple[int | None, float] | None) -> None:
+def start_if_down(stack: Stack, service: Service) -> tuple[int | None, float] | None:
+    """Start the service unless it runs (and, but for a late one, is healthy): (PID, start time), else None."""
+    if running_pid(stack, service.name) is not None and (service.late or service.healthy(stack)):
+        return None
+    for name in service.ports:
+        require_free(stack.port(name), name)
+    began = time.monotonic()
+    return service.start(stack), began  # postgres: pg_ctl itself waits until it is up
+
+
+def report(stack: Stack, service: Service, started: tuple[int | None, float] | None) -> None:
     """Wait until the service is healthy, do its set-up (buckets, MLflow user), print one line."""
-    log = stack.path("postgres", "postgres.log") if name == "postgres" else stack.path("logs", f"{name}.log")
-    if started is None:
-        if name == "worker":
-            wait_until(lambda: worker_healthy(stack), name, TIMEOUTS[name], log)
-        state = "already running"
-    else:
-        pid, began = started
-        wait_until(lambda: HEALTH[name](stack), name, TIMEOUTS[name], log, None if name == "postgres" else pid)
-        state = f"started in {time.monotonic() - began:.1f} s"
-    if name == "s3":
-        ensure_buckets(stack)
-    elif name == "mlflow":
-        ensure_mlflow_user(stack)
-    print(f"{name:9} {state:24} {describe(stack, name)}", flush=True)
-
-
-def describe(stack: Stack, name: str) -> str:
-    if name == "postgres":
-        return f"{HOST}:{stack.port('postgres')} (databases {', '.join(DATABASES)}, user {DB_USER})"
-    if name == "s3":
-        return f"{stack.url('s3')} (buckets {', '.join(BUCKETS.values())})"
-    if name == "mlflow":
-        return f"{stack.url('mlflow')} (basic auth; user {MLFLOW_USER})"
-    if name == "prefect":
-        return f"{stack.url('prefect')} (UI http://{HOST}:{stack.port('prefect')})"
-    return f"pool '{POOL}' (concurrency limit 1)"
-
-
-def requires_auth(stack: Stack, name: str) -> bool | None:
-    """Whether the service refuses a request without credentials; None when it has no port of its own
-    (the worker) or the probe is inconclusive."""
-    if name == "postgres":
-        import psycopg2
-
-        try:
-            psycopg2.connect(host=HOST, port=stack.port(name), user=DB_USER, dbname="mlflow",
-                             connect_timeout=3).close()
-        except psycopg2.OperationalError as exc:
-            return "password" in str(exc) or None
-        return False
-    probes = {"s3": f"{stack.url('s3')}/", "mlflow": f"{stack.url('mlflow')}/api/2.0/mlflow/experiments/search",
-              "prefect": f"{stack.url('prefect')}/admin/version"}
-    if name not in probes:
-        return None
-    try:
-        urllib.request.urlopen(probes[name], timeout=5).close()
-    except urllib.error.HTTPError as exc:
-        return True if exc.code in (401, 403) else None
-    except (urllib.error.URLError, OSError):
-        return None
-    return False
+    pid, began = started or (None, 0.0)
+    wait_until(lambda: service.healthy(stack), service.name, service.timeout_s, service.log_path(stack), pid)
+    service.ready(stack)
+    state = "already running" if started is None else f"started in {time.monotonic() - began:.1f} s"
+    print(f"{service.name:9} {state:24} {service.describe(stack)}", flush=True)
 
 
 def status(stack: Stack) -> int:
     healthy = True
-    for name in SERVICES:
-        pid = running_pid(stack, name)
-        ok = pid is not None and HEALTH[name](stack)
+    for service in SERVICES:
+        pid = running_pid(stack, service.name)
+        ok = pid is not None and service.healthy(stack)
         healthy &= ok
         state = f"up (pid {pid})" if ok else ("unhealthy (pid %d)" % pid if pid else "down")
-        locked = requires_auth(stack, name) if ok else None
+        locked = service.requires_auth(stack) if ok else None
         auth = "-" if locked is None else "required" if locked else "NONE (open to anyone)"
-        print(f"{name:9} {state:20} auth: {auth:9} {describe(stack, name)}")
+        print(f"{service.name:9} {state:20} auth: {auth:9} {service.describe(stack)}")
     workers = online_workers(stack)
     if workers is None:
         print(f"workers: unknown (Prefect API at {stack.url('prefect')} not reachable)")
@@ -834,20 +848,15 @@ def status(stack: Stack) -> int:
 
 
 def down(stack: Stack) -> int:
-    for name in reversed(SERVICES):
-        pid = running_pid(stack, name)
+    for service in reversed(SERVICES):
+        pid = running_pid(stack, service.name)
         if pid is None:
-            print(f"{name:9} not running")
+            print(f"{service.name:9} not running")
             continue
         started = time.monotonic()
-        if name == "postgres":
-            stop_pid(pid, signal.SIGINT, group=False, timeout=60)  # SIGINT: PostgreSQL's fast shutdown
-        elif name == "worker":
-            stop_worker(pid)
-        else:  # the MLflow server keeps no state of its own: no need to wait long for it
-            stop_pid(pid, timeout=10 if name == "mlflow" else 40)
-        pid_file(stack, name).unlink(missing_ok=True)
-        print(f"{name:9} stopped (pid {pid}) in {time.monotonic() - started:.1f} s")
+        service.stop(pid)
+        pid_file(stack, service.name).unlink(missing_ok=True)
+        print(f"{service.name:9} stopped (pid {pid}) in {time.monotonic() - started:.1f} s")
     print(f"data kept in {stack.dir}")
     return 0
 
