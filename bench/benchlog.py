@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -62,7 +63,7 @@ def record(script: str, columns: list[str], rows: list[list], note: str = "", co
         raise ValueError(f"{script}: every row needs {len(columns)} cells ({', '.join(columns)})")
     run = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "commit": commit(), "machine": machine(),
-           "command": command or " ".join(["python", f"bench/{script}.py", *sys.argv[1:]]),
+           "command": command or shlex.join(["python", f"bench/{script}.py", *sys.argv[1:]]),
            "columns": list(columns), "rows": [["" if cell is None else str(cell) for cell in row] for row in rows],
            "note": note}
     print(table(run["columns"], run["rows"]))
