@@ -183,7 +183,10 @@ def process_gone(tag: str) -> bool:
         return True
     except PermissionError:
         pass  # it exists, under another user
-    return bool(start) and process_start(pid) != start
+    fields = lineage.proc_stat(pid)
+    if fields and fields[0] == "Z":  # exited, not yet reaped (its parent died too: init reaps it when it gets to it)
+        return True
+    return bool(start) and (fields[19] if fields else "") != start
 
 
 def end_abandoned_runs(client, experiment_id: str, root: Path, keep: str | None = None) -> list[str]:

@@ -287,3 +287,14 @@ def test_a_run_is_judged_abandoned_only_when_its_process_is_gone():
     assert process_gone(f"{host}:{os.getpid()}:{int(start) + 1 if start else 1}") == bool(start)  # pid reused
     assert not process_gone(f"other-host:{int(ended.stdout)}:{start}")  # another machine's: never judged
     assert not process_gone("") and not process_gone("garbage")
+    # a killed flow process whose parent (the worker) died too waits, unreaped, for init: it has ended all the same
+    child = subprocess.Popen(["sleep", "60"])
+    tag = process_tag(child.pid)
+    assert not process_gone(tag)
+    child.kill()
+    for _ in range(100):  # until the kernel has made it a zombie (we do not reap it yet)
+        if Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            break
+        time.sleep(0.05)
+    assert process_gone(tag)
+    child.wait()
