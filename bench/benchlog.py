@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from imagegen.fsutil import atomic_file
+
 REPO = Path(__file__).resolve().parents[1]
 LOG = REPO / "bench" / "log"
 PAGE = REPO / "docs" / "benchmarks.md"
@@ -76,10 +78,8 @@ def record(script: str, columns: list[str], rows: list[list], note: str = "", co
 
 
 def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+    with atomic_file(path) as partial:
+        partial.write_text(text)
 
 
 def about(script: str) -> tuple[str, str]:
