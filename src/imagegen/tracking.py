@@ -164,8 +164,10 @@ def process_tag(pid: int | None = None) -> str:
 
 
 def process_start(pid: int) -> str:
+    """The start time of a running process; "" once it has ended, zombies included (a killed flow process
+    whose worker died too waits, unreaped, until init gets to it)."""
     fields = lineage.proc_stat(pid)
-    return fields[19] if fields else ""
+    return fields[19] if fields and fields[0] != "Z" else ""
 
 
 def process_gone(tag: str) -> bool:
@@ -183,10 +185,7 @@ def process_gone(tag: str) -> bool:
         return True
     except PermissionError:
         pass  # it exists, under another user
-    fields = lineage.proc_stat(pid)
-    if fields and fields[0] == "Z":  # exited, not yet reaped (its parent died too: init reaps it when it gets to it)
-        return True
-    return bool(start) and (fields[19] if fields else "") != start
+    return bool(start) and process_start(pid) != start
 
 
 def end_abandoned_runs(client, experiment_id: str, root: Path, keep: str | None = None) -> list[str]:

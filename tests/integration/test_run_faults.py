@@ -278,6 +278,7 @@ def test_stages_refuse_data_that_failed_validation_or_was_validated_as_other_dat
 
 
 def test_a_run_is_judged_abandoned_only_when_its_process_is_gone():
+    from imagegen.lineage import proc_stat
     from imagegen.tracking import process_gone, process_tag
 
     assert not process_gone(process_tag())  # this process: alive
@@ -293,7 +294,7 @@ def test_a_run_is_judged_abandoned_only_when_its_process_is_gone():
     assert not process_gone(tag)
     child.kill()
     for _ in range(100):  # until the kernel has made it a zombie (we do not reap it yet)
-        if Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+        if (proc_stat(child.pid) or ["Z"])[0] == "Z":
             break
         time.sleep(0.05)
     assert process_gone(tag)
